@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from ranapass.kernels.reference import neuron_adapter_reference, rank_adapter_reference
+from ranapass.kernels.reference import gated_activation, neuron_adapter_reference, rank_adapter_reference
 
-__all__ = ["rank_adapter", "neuron_adapter"]
+__all__ = ["rank_adapter", "neuron_adapter", "gated_neuron_adapter"]
 
 
 @torch.library.triton_op("ranapass::rank_adapter", mutates_args=())
@@ -35,3 +35,16 @@ def neuron_adapter(
 ) -> torch.Tensor:
     """``y = (keep * x) Wt + bias`` with ``keep = |x| >= thresholds``; see kernels/reference.py."""
     return neuron_adapter_reference(x, Wt, thresholds, bias)
+
+
+@torch.library.triton_op("ranapass::gated_neuron_adapter", mutates_args=())
+def gated_neuron_adapter(
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    Wt: torch.Tensor,
+    thresholds: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str,
+) -> torch.Tensor:
+    """Neuron adapter on ``h = act(gate) * up``: the down projection of a gated MLP with its middle fused."""
+    return neuron_adapter_reference(gated_activation(gate, up, activation), Wt, thresholds, bias)
