@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 from torch._dynamo.source import ConstantSource
+from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
 
 from ranapass.attach import AdapterRef, lookup
 from ranapass.cost_model import flops as flops_model
@@ -255,7 +256,7 @@ def _should_rewrite(site: LinearSite) -> tuple[bool, str]:
                        f"was bound for {like.dtype} on {like.device}; attach the plan again after moving the model")
     x, out = _value(site.input), _value(site.node)
     if isinstance(x, torch.Tensor):
-        if x.dim() == 0 or x.shape[-1] != adapter.spec.in_features:
+        if x.dim() == 0 or not statically_known_true(sym_eq(x.shape[-1], adapter.spec.in_features)):
             return False, f"input_shape: input {tuple(x.shape)} does not end in {adapter.spec.in_features}"
         if x.dtype != like.dtype or x.device != like.device:
             return False, f"input_dtype: input is {x.dtype} on {x.device}, the adapter {like.dtype} on {like.device}"
@@ -285,10 +286,15 @@ def _gated_input(node: fx.Node) -> tuple[fx.Node, fx.Node, str, list[fx.Node]] |
         if name is None or not isinstance(up, fx.Node):
             continue
         vals = [_value(n) for n in (act.args[0], up, node)]
-        if not all(isinstance(v, torch.Tensor) for v in vals) or len({tuple(v.shape) for v in vals}) != 1:
+        if not all(isinstance(v, torch.Tensor) for v in vals) or not all(_same_shape(v, vals[0]) for v in vals):
             return None  # broadcasting or unknown shapes: not the plain gated MLP
         return act.args[0], up, name, [node, act]
     return None
+
+
+def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Shapes provably equal, without adding a guard on symbolic sizes."""
+    return a.dim() == b.dim() and all(statically_known_true(sym_eq(x, y)) for x, y in zip(a.shape, b.shape))
 
 
 def _activation(node: Any) -> str | None:
