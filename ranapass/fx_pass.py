@@ -103,11 +103,12 @@ class OpRewrite:
 
 @dataclasses.dataclass
 class LeftDense:
-    """A linear node the pass left as it was."""
+    """A linear node the pass left as it was, with its dense FLOPs per token (0 if its weight is unknown)."""
 
     node: str
     path: str
     reason: str
+    flops: float = 0.0
 
 
 @dataclasses.dataclass
@@ -181,6 +182,12 @@ class LinearSite:
     @property
     def path(self) -> str:
         return self.ref.path if self.ref is not None else module_path(self.node)
+
+    def left_dense(self, reason: str) -> LeftDense:
+        flops = 0.0
+        if isinstance(self.weight, torch.Tensor) and self.weight.dim() == 2:
+            flops = flops_model.per_token(flops_model.dense_linear(*self.weight.shape))
+        return LeftDense(self.node.name, self.path, reason, flops)
 
 
 def module_path(node: fx.Node) -> str:
@@ -478,10 +485,10 @@ def rewrite_linears(gm: fx.GraphModule, example_inputs: Sequence[Any], *, fuse_g
         if ok:
             groups.setdefault((id(site.ref.adapter), site.input), []).append(site)
         elif reason == NOT_REGISTERED:
-            report.dense.append(LeftDense(site.node.name, site.path, reason))
+            report.dense.append(site.left_dense(reason))
             report.counters["dense_unregistered"] += 1
         else:
-            report.skipped.append(LeftDense(site.node.name, site.path, reason))
+            report.skipped.append(site.left_dense(reason))
             report.counters[f"skipped_{_reason_key(reason)}"] += 1
     report.unfound = _unfound(gm, example_inputs, sites)
     report.counters["skipped_unfound"] += len(report.unfound)
