@@ -8,7 +8,7 @@ from ranapass.adapters import AdapterSpec, NeuronAdapterSpec, RankAdapterSpec, r
 from ranapass.attach import Attachment, FlopMeter, attach, detach
 from ranapass.fingerprint import weights_fingerprint
 from ranapass.plan import Plan, PlanMismatchError, UnitPlan
-from ranapass.profile import Profile, ProfileOptions, profile
+from ranapass.profiling import Profile, ProfileOptions, profile
 
 __all__ = [
     "AdapterSpec",

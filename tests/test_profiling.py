@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import ranapass
-from ranapass.profile import Profile, ProfileOptions, profile
+from ranapass.profiling import Profile, ProfileOptions, profile
 from tiny_models import tiny_llama, token_windows
 
 OPTIONS = ProfileOptions(sample_tokens=512, holdout_windows=4, gradient_windows=4)
