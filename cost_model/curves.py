@@ -95,18 +95,22 @@ def rank_curve(z: torch.Tensor, rank_weight: torch.Tensor, m: int, n: int, *, ra
     r_sorted = order % r
     out = {"rank": [], "tau": [], "kept": [], "error": []}
     for nb in ranks:
-        sel = r_sorted < nb
-        cum = torch.cumsum(e_sorted[sel], 0)
-        s_nb = s_sorted[sel]
-        count = cum.numel()
+        # Entries of ranks < nb, in score order, without materialising the selection:
+        # position[i] = how many of them come at or before sorted entry i.
+        inside = r_sorted < nb
+        position = torch.cumsum(inside, 0)
+        kept_energy = torch.cumsum(torch.where(inside, e_sorted, 0.0), 0)
+        count = int(position[-1])
         for f in fractions:
             k = int(round(f * count))
             if f >= 1.0 or k >= count:
-                tau, kept_e, k = 0.0, float(cum[-1]), count
+                tau, kept_e, k = 0.0, float(kept_energy[-1]), count
             elif k == 0:
-                tau, kept_e = float(s_nb[0]) * 1.0001 + 1e-30, 0.0
+                first = int(torch.searchsorted(position, 1))
+                tau, kept_e = float(s_sorted[first]) * 1.0001 + 1e-30, 0.0
             else:
-                tau, kept_e = float(s_nb[k - 1]), float(cum[k - 1])
+                i = int(torch.searchsorted(position, k))  # the k-th kept entry
+                tau, kept_e = float(s_sorted[i]), float(kept_energy[i])
             out["rank"].append(nb)
             out["tau"].append(tau)
             out["kept"].append(k / N)
