@@ -12,6 +12,7 @@ from ranapass.fingerprint import weights_fingerprint
 from ranapass.fx_pass import RewriteError, RewriteReport
 from ranapass.generation import CompiledGenerator
 from ranapass.plan import Plan, PlanMismatchError, UnitPlan
+from ranapass.profiling import Profile, ProfileOptions, profile
 
 __all__ = [
     "AdapterSpec",
@@ -22,6 +23,8 @@ __all__ = [
     "NeuronAdapterSpec",
     "Plan",
     "PlanMismatchError",
+    "Profile",
+    "ProfileOptions",
     "RanaBackend",
     "RankAdapterSpec",
     "RewriteError",
@@ -30,6 +33,7 @@ __all__ = [
     "attach",
     "detach",
     "diff",
+    "profile",
     "rana_backend",
     "register_adapter",
     "weights_fingerprint",
