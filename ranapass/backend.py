@@ -5,6 +5,10 @@
 captures and compiles the result with Inductor, passing on the user's ``mode`` and ``options``.
 Options for ranapass itself live on a ``RanaBackend`` instance, or in ``options`` under keys
 prefixed ``ranapass.`` (e.g. ``options={"ranapass.strict": True}``), which never reach Inductor.
+(torch.compile accepts ``mode`` or ``options``, not both: with a mode, configure an instance.)
+
+Each compiled graph's ``RewriteReport`` is kept in ``backend.reports``; ``backend.check(model)``
+raises unless every adapted unit of the model's plan was rewritten in some compiled graph.
 """
 
 from __future__ import annotations

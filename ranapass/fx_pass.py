@@ -51,8 +51,8 @@ __all__ = ["rewrite_linears", "RewriteReport", "OpRewrite", "LeftDense", "Rewrit
 log = logging.getLogger(__name__)
 
 LINEAR_TARGETS = (torch._C._nn.linear,)  # F.linear is torch._C._nn.linear
-GATED_ACTIVATIONS = {F.silu: "silu", torch._C._nn.silu: "silu"}  # F.gelu resolves through _gelu_activation
-MUL_TARGETS = (operator.mul, torch.mul, torch.Tensor.mul)
+SILU_TARGETS = (F.silu, torch._C._nn.silu)  # F.gelu is torch._C._nn.gelu; its approximate kwarg names the kind
+MUL_TARGETS = (operator.mul, torch.mul)
 META_KEYS = ("nn_module_stack", "stack_trace", "source_fn_stack")
 VALUE_KEYS = ("example_value", "val")  # Dynamo graphs carry example_value, AOT graphs val
 NOT_REGISTERED = "not_registered"
@@ -286,7 +286,9 @@ def _should_rewrite(site: LinearSite) -> tuple[bool, str]:
 
 def _gated_input(node: fx.Node) -> tuple[fx.Node, fx.Node, str, list[fx.Node]] | None:
     """If ``node`` is ``act(gate) * up`` with a fusable activation: (gate, up, activation, [mul, act])."""
-    if node.op != "call_function" or node.target not in MUL_TARGETS or len(node.args) != 2 or node.kwargs:
+    is_mul = (node.op == "call_function" and node.target in MUL_TARGETS) or \
+        (node.op == "call_method" and node.target == "mul")
+    if not is_mul or len(node.args) != 2 or node.kwargs:
         return None
     for act, up in (node.args, node.args[::-1]):
         name = _activation(act)
@@ -308,8 +310,8 @@ def _activation(node: Any) -> str | None:
     """The gated-activation name of an ``F.silu``/``F.gelu`` call node (no in-place), else None."""
     if not isinstance(node, fx.Node) or node.op != "call_function" or len(node.args) != 1:
         return None
-    if node.target in GATED_ACTIVATIONS and not node.kwargs.get("inplace", False):
-        return GATED_ACTIVATIONS[node.target]
+    if node.target in SILU_TARGETS and not node.kwargs.get("inplace", False):
+        return "silu"
     if node.target is torch._C._nn.gelu and set(node.kwargs) <= {"approximate"}:
         return {"tanh": "gelu_tanh", "none": "gelu"}.get(node.kwargs.get("approximate", "none"))
     return None

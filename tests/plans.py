@@ -4,7 +4,8 @@ Units are the model's linears grouped by shared input (found with forward pre-ho
 gate/up group themselves on any architecture; the output embeddings stay out). Each unit gets:
 
 - a rank adapter from the SVD of its stacked weight ``W = U S V^T``: ``A = U[:, :r]``, ``B = A^T W``,
-  ``At = A^T``, with thresholds at the ``1 - keep`` quantile of ``|B x|`` over the calibration tokens;
+  ``At = A^T`` (or A from the output PCA on the example tokens, ``data_aware=True``), with thresholds
+  at the ``1 - keep`` quantile of ``|B x|`` over the example tokens;
 - or a neuron adapter (where the input is wider than the output, like a down projection), with
   thresholds ``tau / ||W[:, j]||`` at the ``1 - keep`` quantile of ``|x_j| ||W[:, j]||``.
 
@@ -72,11 +73,14 @@ def _quantile(values: torch.Tensor, q: float) -> float:
     return float(torch.quantile(values.float(), q))
 
 
-def _rank_unit(weight: torch.Tensor, x: torch.Tensor, keep: float, rank_fraction: float,
+def _rank_unit(weight: torch.Tensor, x: torch.Tensor, keep: float, rank_fraction: float, data_aware: bool,
                members: list[str], outs: list[int]) -> tuple[RankAdapterSpec, float]:
-    U, _, _ = torch.linalg.svd(weight, full_matrices=False)  # weight: [m, n] float64
-    rank = max(1, round(rank_fraction * U.shape[1]))
-    A = U[:, :rank]
+    rank = max(1, round(rank_fraction * min(weight.shape)))
+    if data_aware:  # top eigenvectors of W C W^T, C = sum x x^T: the output PCA on the calibration tokens
+        _, vecs = torch.linalg.eigh(weight @ (x.t() @ x) @ weight.t())
+        A = vecs.flip(-1)[:, :rank]
+    else:  # left singular vectors of W: exact at full rank whatever the data
+        A = torch.linalg.svd(weight, full_matrices=False)[0][:, :rank]
     B = A.t() @ weight
     z = (x @ B.t()).abs()
     tau = 0.0 if keep >= 1.0 else _quantile(z, 1.0 - keep)
@@ -101,18 +105,21 @@ def _neuron_unit(weight: torch.Tensor, x: torch.Tensor, keep: float,
 
 @torch.no_grad()
 def build_plan(model: torch.nn.Module, example: Any, *, keep: float = 0.5, rank_fraction: float = 1.0,
-               neuron: str = "wide", group: bool = True, dense: Iterable[str] = ()) -> Plan:
+               data_aware: bool = False, neuron: str = "wide", group: bool = True,
+               dense: Iterable[str] = ()) -> Plan:
     """A plan for ``model`` from its weights, thresholds fitted on ``example`` (model inputs).
 
     Args:
         keep: fraction of ranks/inputs kept per token on the example (1.0: thresholds 0).
         rank_fraction: static rank of the rank adapters, as a fraction of ``min(m, n)``.
-        neuron: "wide" (neuron adapter where in > out), "all" or "none" (rank adapters only).
+        data_aware: rank adapters from the output PCA on the example (as RaNA does) instead of the SVD.
+        neuron: where neuron adapters go: "wide" (in > out), "single" (units of one linear), "all" or
+            "none" (rank adapters only).
         group: group linears that read the same input into one unit (else one unit per linear).
         dense: member paths whose unit stays dense.
     """
-    if neuron not in ("wide", "all", "none"):
-        raise ValueError(f"neuron must be 'wide', 'all' or 'none', got {neuron!r}")
+    if neuron not in ("wide", "single", "all", "none"):
+        raise ValueError(f"neuron must be 'wide', 'single', 'all' or 'none', got {neuron!r}")
     groups, inputs = linear_inputs(model, example)
     if not group:
         inputs = {m: inputs[g[0]] for g in groups for m in g}
@@ -127,10 +134,11 @@ def build_plan(model: torch.nn.Module, example: Any, *, keep: float = 0.5, rank_
         if not dense & set(members):
             weight = torch.cat([m.weight.detach().double() for m in modules])
             x = inputs[members[0]]
-            if neuron == "all" or (neuron == "wide" and n > sum(outs)):
+            if neuron == "all" or (neuron == "wide" and n > sum(outs)) or (neuron == "single" and len(members) == 1):
                 unit.adapter, unit.expected_kept = _neuron_unit(weight, x, keep, members, outs)
             else:
-                unit.adapter, unit.expected_kept = _rank_unit(weight, x, keep, rank_fraction, members, outs)
+                unit.adapter, unit.expected_kept = _rank_unit(weight, x, keep, rank_fraction, data_aware,
+                                                              members, outs)
         units.append(unit)
     plan = Plan(units, budget=1.0, allocation="tests", fingerprint=weights_fingerprint(model))
     plan.budget = round(plan.expected_ratio(), 4)
