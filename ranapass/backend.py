@@ -14,7 +14,6 @@ raises unless every adapted unit of the model's plan was rewritten in some compi
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,8 +24,6 @@ from ranapass.attach import attachment_of
 from ranapass.fx_pass import RewriteError, RewriteReport, rewrite_linears
 
 __all__ = ["RanaBackend", "rana_backend", "unrewritten_units"]
-
-log = logging.getLogger(__name__)
 
 COMPILERS = ("inductor", "aot_eager", "eager")
 OPTION_PREFIX = "ranapass."

@@ -10,7 +10,7 @@ import operator
 
 import pytest
 import torch
-from plans import MLP, build_plan, fresh_dynamo, logits, tiny_inputs, tiny_model  # noqa: F401 (fixture)
+from plans import build_plan, fresh_dynamo, logits, tiny_inputs, tiny_model  # noqa: F401 (fixture)
 from torch import fx
 
 import ranapass
