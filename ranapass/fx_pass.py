@@ -501,7 +501,11 @@ def rewrite_linears(gm: fx.GraphModule, example_inputs: Sequence[Any], *, fuse_g
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         rw = _Rewriter(gm)
         for group in groups.values():
-            report.rewrites.append(_rewrite_group(rw, group, order, fuse_gated_mlp))
+            try:
+                report.rewrites.append(_rewrite_group(rw, group, order, fuse_gated_mlp))
+            except Exception as e:
+                raise RewriteError(f"ranapass: rewriting unit {group[0].ref.unit.name!r} at "
+                                   f"{group[0].node.format_node()} failed: {e}") from e
         gm.graph.lint()
         gm.recompile()
     report.counters["rewritten_units"] = report.rewritten
