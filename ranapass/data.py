@@ -7,9 +7,11 @@ Text sources (the ``source`` argument of :func:`load_texts`):
   paragraphs found in more than 20 files dropped (boilerplate such as "New in version 3.x.").
   It is split **by file**: the *evaluation* split is every page under ``tutorial/``, ``howto/`` and
   ``faq/``; the *calibration* split is every other page. No page is in both. The extraction runs
-  once and is cached as JSON lines in the cache dir (:mod:`ranapass.cache`).
+  once and is cached as JSON lines in the cache dir (:mod:`ranapass.cache`). The docs are found
+  in ``/usr/share/doc/python3*/html``, or in ``$RANAPASS_PYTHON_DOCS`` when set.
 - ``"debian-handbook"``: the en-US prose of The Debian Administrator's Handbook (Debian
-  ``debian-handbook``), extracted the same way; out-of-domain text, used whole for every split.
+  ``debian-handbook``), extracted the same way (its paragraphs are ``<div class="para">``);
+  out-of-domain text, used whole for every split.
 - a path to a ``.txt``/``.md``/``.rst`` file or a folder of them (read recursively): used whole for
   every split, so pass different files for calibration and evaluation.
 - a ``datasets`` dataset: a folder written by ``save_to_disk``, or ``"hf:NAME"`` /
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -338,8 +341,8 @@ def tokenize_stream(tokenizer, texts: Sequence[str], separator: str = "\n\n") ->
     kwargs = dict(add_special_tokens=False, return_attention_mask=False, verbose=False)
     docs = tokenizer(list(texts), **kwargs)["input_ids"]
     sep = tokenizer(separator, **kwargs)["input_ids"] if separator else []
-    ids = [t for i, doc in enumerate(docs) for t in (sep + doc if i else doc)]
-    return torch.tensor(ids, dtype=torch.long)
+    pieces = [sep + doc if i else doc for i, doc in enumerate(docs)]
+    return torch.tensor(list(itertools.chain.from_iterable(pieces)), dtype=torch.long)
 
 
 def token_windows(tokenizer, texts: Sequence[str], window: int = 512, num_windows: int = 32, *,
