@@ -6,7 +6,9 @@ The evaluation protocol (what ``ranapass eval`` and ``ranapass demo`` report):
   under ``tutorial/``, ``howto/`` and ``faq/`` of Python's HTML docs; no page is also used for
   calibration);
 - windows: 32 windows of 512 tokens, non-overlapping, evenly spaced over the evaluation token
-  stream (:func:`ranapass.data.token_windows`), no special tokens added;
+  stream: window i starts at token ``floor(i * (L - 512) / 31)`` of the L-token stream (pages
+  tokenized one by one without special tokens, joined by the tokens of ``"\n\n"``; see
+  :func:`ranapass.data.token_windows`);
 - scoring: every window is scored on its 511 next-token predictions (token t+1 given tokens 0..t of
   the same window; the first token of a window is context only), 32 x 511 = 16,352 tokens in all;
 - perplexity = ``exp(mean NLL)`` over all scored tokens, NLL computed in float32 and summed in
@@ -93,7 +95,7 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
         for batch in windows.split(batch_size):
             batch = batch.to(device)
             logits = _logits(model(batch))
-            for row_logits, row in zip(logits, batch):
+            for row_logits, row in zip(logits, batch, strict=True):
                 nll = F.cross_entropy(row_logits[:-1].float(), row[1:], reduction="sum")
                 total_nll += float(nll)
                 total_tokens += row.numel() - 1

@@ -143,7 +143,8 @@ def _page(*paragraphs: str, extra: str = "") -> str:
 def fake_python_docs(tmp_path, monkeypatch, isolated_cache) -> Path:
     root = tmp_path / "html"
     pages = {
-        "tutorial/index.html": _page("The tutorial introduces the <em>basic</em> concepts of the language.", BOILERPLATE),
+        "tutorial/index.html": _page("The tutorial introduces the <em>basic</em> concepts of the language.",
+                                     BOILERPLATE),
         "howto/logging.html": _page("This howto explains how logging is configured in practice.", BOILERPLATE),
         "faq/general.html": _page("Why does Python use indentation for grouping of statements?", BOILERPLATE),
         "library/os.html": _page("This module provides a portable way of using operating system features.",
@@ -182,7 +183,8 @@ def test_python_docs_split_by_folder(fake_python_docs, isolated_cache):
 
 def test_div_para_elements_are_prose(tmp_path):
     html = ('<div class="para">The handbook keeps its prose in div elements <div>with nested</div> content.'
-            '<pre class="screen">$ apt-get install foo</pre></div><div class="note">Not a paragraph at all, really.</div>')
+            '<pre class="screen">$ apt-get install foo</pre></div>'
+            '<div class="note">Not a paragraph at all, really.</div>')
     (tmp_path / "page.html").write_text(html)
     assert data.extract_prose(tmp_path) == [
         ("page.html", "The handbook keeps its prose in div elements with nested content.")]
