@@ -66,7 +66,7 @@ class ProfileOptions:
     """
 
     batch_size: int = 4
-    sample_tokens: int = 4096
+    sample_tokens: int = 2048
     holdout_windows: int = 4
     error_weighting: str = "fisher"
     gradient_windows: int = 16
