@@ -11,6 +11,7 @@ from ranapass.evaluate import PerplexityResult, perplexity
 from ranapass.fingerprint import weights_fingerprint
 from ranapass.models import load_model
 from ranapass.plan import Plan, PlanMismatchError, UnitPlan
+from ranapass.profiling import Profile, ProfileOptions, profile
 
 __all__ = [
     "AdapterSpec",
@@ -20,6 +21,8 @@ __all__ = [
     "PerplexityResult",
     "Plan",
     "PlanMismatchError",
+    "Profile",
+    "ProfileOptions",
     "RankAdapterSpec",
     "UnitPlan",
     "attach",
@@ -29,6 +32,7 @@ __all__ = [
     "load_model",
     "load_texts",
     "perplexity",
+    "profile",
     "register_adapter",
     "token_windows",
     "weights_fingerprint",
