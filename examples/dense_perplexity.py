@@ -1,6 +1,6 @@
 """Perplexity and linear FLOPs per token of the dense default model, with the library API.
 
-    python examples/dense_perplexity.py            # 4 windows: about half a minute on 2 CPU cores
+    python examples/dense_perplexity.py                # 4 windows spread over the evaluation text
     python examples/dense_perplexity.py --windows 32   # the full evaluation protocol
 """
 

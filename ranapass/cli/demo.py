@@ -16,7 +16,10 @@ from ranapass.models import ModelLoadError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="evaluate SmolLM2 on the protocol (offline)", description=__doc__)
+    parser = subparsers.add_parser(
+        "demo", help="evaluate SmolLM2 on the protocol (offline)",
+        description="Load SmolLM2-135M-Instruct (offline) and evaluate it dense on the evaluation protocol: "
+                    "perplexity and linear FLOPs per token.")
     eval_cli.add_model_text_args(parser)
     parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (speed only)")
     add_json_flag(parser)

@@ -24,7 +24,11 @@ __all__ = ["register", "add_model_text_args", "load_inputs", "evaluate_dense", "
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("eval", help="perplexity and linear FLOPs per token", description=__doc__)
+    parser = subparsers.add_parser(
+        "eval", help="perplexity and linear FLOPs per token",
+        description="Perplexity and linear FLOPs per token of a model. The defaults are the evaluation "
+                    "protocol (ranapass/evaluate.py); the options change the model, the text and the "
+                    "windows, and the printed protocol line says what was run.")
     add_model_text_args(parser)
     parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (speed only)")
     add_json_flag(parser)
