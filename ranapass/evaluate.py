@@ -25,7 +25,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-__all__ = ["EVAL_WINDOW", "EVAL_NUM_WINDOWS", "EVAL_SOURCE", "PerplexityResult", "perplexity", "protocol"]
+from ranapass.attach import FlopMeter, running
+from ranapass.plan import Plan
+
+__all__ = ["EVAL_WINDOW", "EVAL_NUM_WINDOWS", "EVAL_SOURCE", "PerplexityResult", "AdaptedResult", "perplexity",
+           "adapted_perplexity", "protocol"]
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +109,37 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
     if not math.isfinite(mean):
         log.warning("the mean NLL is %s: the model produced non-finite logits", mean)
     return PerplexityResult(ppl=_exp(mean), nll=mean, tokens=total_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptedResult:
+    """Perplexity of the eagerly adapted model and the FLOPs its real masks cost on the same windows.
+
+    ``flop_ratio`` is measured FLOPs over dense FLOPs of the block linears (cost_model/flops.py);
+    ``flops_per_token`` the measured block-linear FLOPs per token.
+    """
+
+    perplexity: PerplexityResult
+    flop_ratio: float
+    flops_per_token: float
+    expected_ratio: float
+
+
+def adapted_perplexity(model: torch.nn.Module, plan: Plan, windows: torch.Tensor, batch_size: int = 4, *,
+                       progress: bool = True) -> AdaptedResult:
+    """Perplexity of ``model`` running ``plan`` eagerly, with FLOPs measured from the masks it applies.
+
+    The plan is attached for the call and detached afterwards (a previous attachment is restored).
+
+    Example::
+
+        >>> plan = profile.plan(budget=0.56)  # doctest: +SKIP
+        >>> r = adapted_perplexity(model, plan, evaluation_windows(tokenizer))  # doctest: +SKIP
+        >>> r.perplexity.ppl, r.flop_ratio  # doctest: +SKIP
+    """
+    with running(model, plan), FlopMeter() as meter:
+        result = perplexity(model, windows, batch_size, progress=progress)
+    return AdaptedResult(result, meter.ratio(plan), meter.flops(plan), plan.expected_ratio())
 
 
 def _exp(x: float) -> float:

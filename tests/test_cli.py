@@ -48,3 +48,29 @@ def test_entry_point_lists_the_commands():
     out = subprocess.run([sys.executable, "-m", "ranapass.cli", "--help"], capture_output=True, text=True,
                          check=True).stdout
     assert "eval" in out and "demo" in out
+
+
+CALIB = ["--calib-windows", "16", "--calib-window-len", "32", "--error-weighting", "relative"]
+
+
+def test_profile_plan_and_adapted_eval(capsys, tmp_path, tiny_llama_dir, text_dir, isolated_cache):
+    model = ["--model", str(tiny_llama_dir), "--text", str(text_dir)]
+    assert main(["profile", *model, *CALIB, "--json"]) == 0
+    prof = json.loads(capsys.readouterr().out)
+    assert prof["units"] > prof["sites"] > 0 and len(prof["curve"]) == 7
+
+    out = tmp_path / "plan"
+    assert main(["plan", *model, *CALIB, "--budget", "0.6", "--out", str(out), "--curve", "0.5,0.8", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["expected_ratio"] <= 0.6 and (out / "plan.json").is_file()
+    assert [c["budget"] for c in plan["curve"]] == [0.5, 0.8]
+
+    assert main(["eval", *model, "--windows", "3", "--window-len", "16", "--plan", str(out), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert math.isfinite(rep["adapted"]["ppl"]) and 0 < rep["adapted"]["flop_ratio_measured"] < 1
+
+    assert main(["eval", *model, "--windows", "2", "--window-len", "16", "--budget", "0.7", *CALIB]) == 0
+    assert "adapted    budget 0.700" in capsys.readouterr().out
+
+    assert main(["plan", *model, *CALIB, "--budget", "1.5"]) == 2
+    assert "budget must be in (0, 1]" in capsys.readouterr().err
