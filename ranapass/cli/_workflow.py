@@ -17,7 +17,7 @@ def add_profile_args(parser: argparse.ArgumentParser) -> None:
     """``--calib-windows``, ``--calib-window-len``, ``--error-weighting``, ``--no-cache``."""
     parser.add_argument("--calib-windows", type=int, default=DEFAULT_CALIBRATION_WINDOWS,
                         help=f"calibration windows of 512 tokens from the calibration split of --text "
-                             f"(default {DEFAULT_CALIBRATION_WINDOWS}; 4 are held out to fit thresholds)")
+                             f"(default {DEFAULT_CALIBRATION_WINDOWS}; 2 are held out to fit thresholds)")
     parser.add_argument("--calib-window-len", type=int, default=512, help="tokens per calibration window")
     parser.add_argument("--error-weighting", choices=("fisher", "relative"), default="fisher",
                         help="how errors are made comparable across layers (default: output-gradient weighted)")
