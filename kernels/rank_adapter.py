@@ -1,0 +1,107 @@
+"""Rank adapter ``y = At^T (keep * B x) + bias``, ``keep = |B x| >= thresholds``: kernels and launcher.
+
+Two launches (three when the second one splits K)::
+
+    router_kernel:      zpart[j] = x @ B[:, K_j]^T            # dense, split-K over the input: [S_z, T, nB] fp32
+    masked_gemv_kernel: z = sum_j zpart[j]                    # RANK prologue: fixed-order sum, mask, flags
+                        y = (keep * z) @ At                   # rows of At (ranks) nobody kept are never read
+    split_sum_kernel:   y = sum of the masked GEMV's partials + bias   (only when it split)
+
+The router is always paid (``B`` is read in full: it decides the mask). Its partial sums are summed
+in the masked GEMV's load stage, so the flags cost no launch and no extra pass; shapes never depend
+on the mask (flags, not index lists), so the whole thing is CUDA-graph safe. Prefill uses the same
+kernels with bigger token tiles and no split: decode-identical math.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ranapass.capabilities import triton_interpret
+from ranapass.kernels.configs import KernelConfig, rank_adapter_configs
+from ranapass.kernels.launch import dot_precision, flatten_tokens, launch
+from ranapass.kernels.masked_gemv import PROLOGUE_RANK, masked_gemv
+from ranapass.kernels.primitives import cast, dot_acc
+
+__all__ = ["router_kernel", "rank_adapter"]
+
+
+@triton.jit
+def router_kernel(
+    x_ptr, b_ptr, zpart_ptr,        # x [T, N]; B [R, N] row-major; zpart [S, T, R] fp32
+    T, N, R,
+    K_PER_SPLIT,                    # input columns per split, a multiple of BLOCK_K
+    stride_xt, stride_br,
+    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
+):
+    """``zpart[s, t, r] = sum over this split's inputs k of x[t, k] * B[r, k]`` (fp32 accumulation)."""
+    # ---------------------------------------------------------------- program -> tiles
+    pid_t = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    t_ok = offs_t < T
+    r_ok = offs_r < R
+
+    # ---------------------------------------------------------------- dense reduction over this split
+    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    k_lo = pid_s * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, N)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < k_hi
+        x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        b = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        acc = dot_acc(acc, cast(x, b.dtype, INTERPRETER), tl.trans(b), DOT_PRECISION, INTERPRETER)
+
+    # ---------------------------------------------------------------- store this split's partial z
+    tl.store(zpart_ptr + pid_s * T * R + offs_t[:, None] * R + offs_r[None, :], acc,
+             mask=t_ok[:, None] & r_ok[None, :])
+
+
+def rank_adapter(
+    x: torch.Tensor,
+    B: torch.Tensor,
+    At: torch.Tensor,
+    thresholds: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: tuple[KernelConfig, KernelConfig] | None = None,
+) -> torch.Tensor:
+    """Launch the rank adapter on ``x: [..., n]``; returns ``[..., m]`` in ``x.dtype``.
+
+    Args:
+        x: input, any leading dims; B ``[nB, n]`` and At ``[nB, m]`` in one floating dtype.
+        thresholds: ``[nB]`` float32.
+        bias: ``[m]`` or None.
+        config: (router, masked GEMV) block sizes; default from ``configs.rank_adapter_configs``.
+    """
+    x2, lead = flatten_tokens(x)
+    T, n = x2.shape
+    nB, m = At.shape
+    if B.shape != (nB, n) or thresholds.shape != (nB,):
+        raise ValueError(f"rank_adapter: x [.., {n}], B {tuple(B.shape)}, At {tuple(At.shape)} and thresholds "
+                         f"{tuple(thresholds.shape)} do not agree (want B [nB, n], At [nB, m], thresholds [nB])")
+    if B.stride(-1) != 1 or At.stride(-1) != 1:
+        raise ValueError("rank_adapter: B and At must have a contiguous last dimension")
+    rc, gc = config if config is not None else rank_adapter_configs(T, n, nB, m)
+    precision = dot_precision(B.dtype)
+
+    # z = B x as split-K partials: [S_z, T, nB]
+    k_per_split = triton.cdiv(triton.cdiv(n, rc.splits), rc.block_k) * rc.block_k
+    z_splits = triton.cdiv(n, k_per_split)
+    zpart = torch.empty((z_splits, T, nB), device=x.device, dtype=torch.float32)
+    launch(router_kernel)[(triton.cdiv(T, rc.block_t), triton.cdiv(nB, rc.block_n), z_splits)](
+        x2, B, zpart, T, n, nB, k_per_split, x2.stride(0), B.stride(0),
+        BLOCK_T=rc.block_t, BLOCK_R=rc.block_n, BLOCK_K=rc.block_k, DOT_PRECISION=precision,
+        INTERPRETER=triton_interpret(), num_warps=rc.num_warps, num_stages=rc.num_stages)
+
+    # y = (keep * z) At (+ bias)
+    y = masked_gemv(zpart, None, thresholds, At, bias, x.dtype, gc, PROLOGUE_RANK, in_splits=z_splits)
+    return y.reshape(*lead, m)
+
