@@ -73,11 +73,11 @@ def masked_gemv_kernel(
     w_ptr, bias_ptr, out_ptr,       # W [K, M] row-major; bias [M]; y [T, M] or partials [S, T, M] fp32
     # sizes
     T, K, M,
-    IN_SPLITS,                      # RANK: number of router partials to sum
     # strides (the last dimension of every tensor is contiguous)
     stride_at, stride_bt,           # token stride of the prologue inputs (RANK: K, partials [IN_SPLITS, T, K])
     stride_wk, stride_yt,
     # meta-parameters
+    IN_SPLITS: tl.constexpr,        # RANK: number of router partials to sum
     PROLOGUE: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_OUT: tl.constexpr,
     SPLIT_V: tl.constexpr,          # multiply v as bf16/fp16 hi + lo parts (RANK: z is fp32)
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -102,7 +102,7 @@ def masked_gemv_kernel(
         tk_ok = t_ok[:, None] & k_ok[None, :]
         if PROLOGUE == 0:  # RANK: z = sum of the router's partials, fixed order
             v = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
-            for j in range(IN_SPLITS):
+            for j in tl.static_range(IN_SPLITS):
                 v += tl.load(a_ptr + j * T * K + offs_t[:, None] * stride_at + offs_k[None, :], mask=tk_ok, other=0.0)
         elif PROLOGUE == 1:  # NEURON
             v = tl.load(a_ptr + offs_t[:, None] * stride_at + offs_k[None, :], mask=tk_ok, other=0.0).to(tl.float32)
@@ -135,19 +135,20 @@ def masked_gemv_kernel(
 @triton.jit
 def split_sum_kernel(
     part_ptr, bias_ptr, out_ptr,    # partials [S, T, M] fp32; bias [M]; y [T, M] contiguous
-    TM, M, SPLITS,
-    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, INTERPRETER: tl.constexpr,
+    TM, M,
+    SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK: tl.constexpr,
+    INTERPRETER: tl.constexpr,
 ):
-    """``y = sum_s partials[s] + bias``, summed in split order (deterministic)."""
+    """``y = sum_s partials[s] + bias``: all splits loaded at once, summed in a fixed order."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_s = tl.arange(0, BLOCK_S)
     ok = offs < TM
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(SPLITS):
-        acc += tl.load(part_ptr + s * TM + offs, mask=ok, other=0.0)
+    part = tl.load(part_ptr + offs_s[:, None] * TM + offs[None, :], mask=(offs_s[:, None] < SPLITS) & ok[None, :],
+                   other=0.0)
+    acc = tl.sum(part, axis=0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % M, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, cast(acc, out_ptr.dtype.element_ty, INTERPRETER), mask=ok)
-
 
 def masked_gemv(
     a: torch.Tensor,
@@ -175,14 +176,16 @@ def masked_gemv(
     grid = (triton.cdiv(T, cfg.block_t), triton.cdiv(m, cfg.block_n), splits)
     launch(masked_gemv_kernel)[grid](
         a, b, thresholds, W, W if bias is None else bias, out,
-        T, K, m, in_splits, a.stride(-2), b.stride(-2), W.stride(0), m,
-        PROLOGUE=prologue, ACTIVATION=activation, HAS_BIAS=bias is not None, SPLIT_OUT=splits > 1,
+        T, K, m, a.stride(-2), b.stride(-2), W.stride(0), m,
+        IN_SPLITS=in_splits, PROLOGUE=prologue, ACTIVATION=activation, HAS_BIAS=bias is not None, SPLIT_OUT=splits > 1,
         SPLIT_V=prologue == PROLOGUE_RANK and W.dtype != torch.float32,
         BLOCK_T=cfg.block_t, BLOCK_K=cfg.block_k, BLOCK_M=cfg.block_n, DOT_PRECISION=dot_precision(W.dtype),
         INTERPRETER=triton_interpret(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits > 1:
-        block = 1024
+        block_s = triton.next_power_of_2(splits)
+        block = max(32, min(256, 8192 // block_s))
         launch(split_sum_kernel)[(triton.cdiv(T * m, block),)](
-            out, out if bias is None else bias, y, T * m, m, splits,
-            HAS_BIAS=bias is not None, BLOCK=block, INTERPRETER=triton_interpret(), num_warps=4)
+            out, out if bias is None else bias, y, T * m, m,
+            SPLITS=splits, HAS_BIAS=bias is not None, BLOCK_S=block_s, BLOCK=block, INTERPRETER=triton_interpret(),
+            num_warps=4)
     return y
