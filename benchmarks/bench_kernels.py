@@ -25,6 +25,7 @@ prints a short table last.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -257,52 +258,57 @@ def time_units(units: list[Unit], T: int, gen, fn) -> tuple[float, list]:
     return time_graph([lambda u=u, i=i: fn(u, i) for u, i in zip(units, inps)]), inps
 
 
-def sweep(gen: torch.Generator, bw: float) -> list[dict]:
+def sweep(gen: torch.Generator, bw: float, rows: list[dict], save=lambda: None) -> list[dict]:
     """Decode tile configs per unit shape, batch 1, bf16, at the plan's kept fraction.
 
     Phase 1 tries tile shapes at the default split count, phase 2 the split count and pipeline depth of
     the three best tiles; the router is then swept with the best masked GEMV config.
     """
-    rows = []
+    seen = set()
     for model in (LLAMA2_7B, LLAMA3_8B):
         units = block_units(model)
         f = kept_fraction_for_budget(units, 0.56)
         for u in units:
-            if u.name == "up":
+            key = (u.kind, u.gated, u.n, u.m, u.rank)
+            if u.name == "up" or key in seen:  # up has gate's shape; Llama-3's o is Llama-2's
                 continue
+            seen.add(key)
             cs = copies(u, torch.bfloat16, gen, f)
             inp = cs[0].inputs(1, gen)
             need = cs[0].must_read(inp)
             K = u.rank if u.kind == "rank" else u.n
             base_r = C.router_config(1, u.n, u.rank) if u.kind == "rank" else None
 
-            def run(stage, cfg, router=base_r):
-                t = _time_cfg(cs, inp, (router, cfg) if router is not None else cfg)
+            def run(stage, cfg, router=base_r, units=cs):
+                t = _time_cfg(units, inp, (router, cfg) if router is not None else cfg)
                 rows.append({"model": model.name, "unit": u.name, "stage": stage, "config": _cfg(cfg), "us": t,
                              "pct_bw": need / (t * 1e-6) / (bw * 1e9) * 100})
                 return t
 
             tiles = [(bn, bk, w) for bn in (64, 128, 256) for bk in (32, 64, 128) for w in (4, 8)
                      if bk * bn <= 16384 and not (w == 8 and bk * bn < 8192)]
-            first = [C.KernelConfig(16, bk, bn, C._splits(math.ceil(u.m / bn), K, bk), w, 3) for bn, bk, w in tiles]
+            first = [C.KernelConfig(bt, bk, bn, C._splits(math.ceil(u.m / bn), K, bk), w, 3) for bn, bk, w in tiles
+                     for bt in (1, 16)]
             timed = sorted(((run("gemv-tile", cfg), cfg) for cfg in first), key=lambda p: p[0])
             best = timed[0]
-            for _, cfg in timed[:3]:
+            for _, cfg in timed[:2]:
                 for s in _split_options(u.m, cfg.block_n, K, cfg.block_k):
                     for st in (2, 3, 4):
-                        c2 = C.KernelConfig(16, cfg.block_k, cfg.block_n, s, cfg.num_warps, st)
+                        c2 = C.KernelConfig(cfg.block_t, cfg.block_k, cfg.block_n, s, cfg.num_warps, st)
                         if c2 != cfg:
                             t = run("gemv-split", c2)
                             best = min(best, (t, c2), key=lambda p: p[0])
-            if base_r is not None:
+            if base_r is not None and (u.n, u.rank) not in seen:  # every router here has one shape
+                seen.add((u.n, u.rank))
                 for bn, bk, w in ((16, 256, 4), (32, 256, 4), (32, 128, 4), (64, 128, 4), (32, 512, 8), (64, 256, 8)):
-                    for s in _split_options(u.rank, bn, u.n, bk):
-                        r = C.KernelConfig(16, bk, bn, s, w, 3)
+                    for s, bt in itertools.product(_split_options(u.rank, bn, u.n, bk), (1, 16)):
+                        r = C.KernelConfig(bt, bk, bn, s, w, 3)
                         t = _time_cfg(cs, inp, (r, best[1]))
                         rows.append({"model": model.name, "unit": u.name, "stage": "router", "config": _cfg(r),
                                      "us": t, "pct_bw": need / (t * 1e-6) / (bw * 1e9) * 100})
             del cs
             torch.cuda.empty_cache()
+            save()
     return rows
 
 
@@ -313,7 +319,7 @@ def _split_options(m, bn, K, bk) -> list[int]:
 
 
 def _time_cfg(cs: list[Unit], inp, config) -> float:
-    return time_graph([lambda u=u: u.launch(inp, config) for u in cs])
+    return time_graph([lambda u=u: u.launch(inp, config) for u in cs], min_calls=64, reps=7)
 
 
 def _cfg(c: C.KernelConfig) -> str:
@@ -406,10 +412,6 @@ def main() -> None:
     print("compile:", res["compile"], flush=True)
     _save(out, res)
 
-    if args.sweep:
-        res["sweep"] = sweep(gen, bw)
-        _save(out, res)
-        print(f"sweep done ({time.time() - t0:.0f} s)", flush=True)
     batches = [1, 8] if args.quick else BATCHES
     res["decode"] = decode_timing(gen, bw, batches, (LLAMA2_7B, LLAMA3_8B))
     _save(out, res)
@@ -418,7 +420,13 @@ def main() -> None:
     res["seconds"] = time.time() - t0
     _save(out, res)
     (out / "kernels.md").write_text(report(res))
-    print(summary(res))
+    print(summary(res), flush=True)
+    if args.sweep:
+        res["sweep"] = []
+        sweep(gen, bw, res["sweep"], save=lambda: _save(out, res))
+        print(f"sweep done ({time.time() - t0:.0f} s)", flush=True)
+    (out / "kernels.md").write_text(report(res))
+    print(sweep_summary(res.get("sweep", [])))
 
 
 def _save(out: Path, res: dict) -> None:
@@ -445,6 +453,16 @@ def report(res: dict) -> str:
                                                                             ["model", "unit", "stage", "config", "us",
                                                                              "pct_bw"])]
     return "\n".join(parts) + "\n"
+
+
+def sweep_summary(rows: list[dict]) -> str:
+    best = {}
+    for r in rows:
+        k = (r["model"], r["unit"], "router" if r["stage"] == "router" else "gemv")
+        if k not in best or r["us"] < best[k]["us"]:
+            best[k] = r
+    return "\n".join(f"sweep best {k[0]} {k[1]} {k[2]}: {r['config']} {r['us']:.2f} us {r['pct_bw']:.0f}%"
+                     for k, r in best.items())
 
 
 def summary(res: dict) -> str:

@@ -30,7 +30,7 @@ class KernelConfig:
     """Tile sizes of one launch.
 
     Args:
-        block_t: tokens per tile (>= 16: the ``tl.dot`` minimum).
+        block_t: tokens per tile: >= 16 (``tl.dot``'s minimum), or 1 (one token, fp32 multiply-add, no MMA).
         block_k: reduction (input or rank) rows per step.
         block_n: outputs per tile (ranks for the router, output features for the masked GEMV).
         splits: how many programs share one output tile's reduction (fp32 partials, summed in order).
@@ -47,8 +47,8 @@ class KernelConfig:
     def __post_init__(self) -> None:
         for name in ("block_t", "block_k", "block_n"):
             v = getattr(self, name)
-            if v < 16 or v & (v - 1):
-                raise ValueError(f"KernelConfig.{name} must be a power of two >= 16, got {v}")
+            if v < 1 or v & (v - 1) or (v < 16 and not (name == "block_t" and v == 1)):
+                raise ValueError(f"KernelConfig.{name} must be a power of two >= 16 (block_t may be 1), got {v}")
         if self.splits < 1:
             raise ValueError(f"KernelConfig.splits must be >= 1, got {self.splits}")
 

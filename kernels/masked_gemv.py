@@ -11,7 +11,7 @@ entry per row (a rank of ``At``, or an input of ``Wt``), so a dropped entry skip
             v          = where(keep, v, 0)
             row[BK]    = any over the token tile of v != 0             # union of kept rows
             w[BK, BM]  = load W[c, m] where row                        # dropped rows are never read
-            acc       += v @ w       # v in W's dtype; RANK: z = hi + lo, two products, ~fp32 accuracy
+            acc       += v @ w       # MMA, v in W's dtype (RANK: z = hi + lo, ~fp32); 1-token tiles: fp32 FMA
         if S == 1: y[t, m] = (acc + bias).to(y.dtype)
         else:      partials[s, t, m] = acc                             # summed by split_sum_kernel
 
@@ -116,10 +116,14 @@ def masked_gemv_kernel(
         row = tl.sum((v != 0.0).to(tl.int32), axis=0) > 0
         w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_m[None, :], mask=row[:, None] & m_ok[None, :],
                     other=0.0)
-        v_hi = cast(v, w.dtype, INTERPRETER)
-        acc = dot_acc(acc, v_hi, w, DOT_PRECISION, INTERPRETER)
-        if SPLIT_V:  # z is fp32: add what rounding it to W's dtype lost (a second, cheap MMA)
-            acc = dot_acc(acc, cast(v - v_hi.to(tl.float32), w.dtype, INTERPRETER), w, DOT_PRECISION, INTERPRETER)
+        if BLOCK_T == 1:  # one token: a plain fp32 multiply-add over the rows, no MMA
+            acc += tl.sum(tl.reshape(v, (BLOCK_K, 1)) * w.to(tl.float32), axis=0)[None, :]
+        else:
+            v_hi = cast(v, w.dtype, INTERPRETER)
+            acc = dot_acc(acc, v_hi, w, DOT_PRECISION, INTERPRETER)
+            if SPLIT_V:  # z is fp32: add what rounding it to W's dtype lost (a second, cheap MMA)
+                acc = dot_acc(acc, cast(v - v_hi.to(tl.float32), w.dtype, INTERPRETER), w, DOT_PRECISION,
+                              INTERPRETER)
 
     # ---------------------------------------------------------------- epilogue
     tm_ok = t_ok[:, None] & m_ok[None, :]

@@ -58,7 +58,10 @@ def router_kernel(
                     other=0.0)
         b = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :],
                     other=0.0)
-        acc = dot_acc(acc, cast(x, b.dtype, INTERPRETER), tl.trans(b), DOT_PRECISION, INTERPRETER)
+        if BLOCK_T == 1:  # one token: fp32 multiply-add, no MMA
+            acc += tl.sum(b.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
+        else:
+            acc = dot_acc(acc, cast(x, b.dtype, INTERPRETER), tl.trans(b), DOT_PRECISION, INTERPRETER)
 
     # ---------------------------------------------------------------- store this split's partial z
     tl.store(zpart_ptr + pid_s * T * R + offs_t[:, None] * R + offs_r[None, :], acc,

@@ -81,7 +81,7 @@ def _configs(draw_int, T: int):
     """A small random tile config, or None (the launcher's own choice for this T)."""
     if draw_int(0, 3) == 0:
         return None
-    block_t = 16 if T <= 16 else 32
+    block_t = (1 if draw_int(0, 2) == 0 else 16) if T <= 16 else 32
     return KernelConfig(block_t, 16 << draw_int(0, 1), 16 << draw_int(0, 1), draw_int(1, 4), 4, 2)
 
 
