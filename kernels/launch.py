@@ -1,4 +1,4 @@
-"""Small helpers shared by the kernel launchers: how a kernel is launched, token flattening, precision."""
+"""Small helpers shared by the kernel launchers: how a kernel is launched, and token flattening."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from ranapass.capabilities import triton_interpret
 
-__all__ = ["launch", "direct_launch", "flatten_tokens", "dot_precision"]
+__all__ = ["launch", "direct_launch", "flatten_tokens"]
 
 
 def launch(kernel):
@@ -43,8 +43,3 @@ def flatten_tokens(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     return x2, lead
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` precision: exact fp32 products for fp32 weights (bf16/fp16 products are exact anyway)."""
-    return "ieee" if dtype == torch.float32 else "tf32"

@@ -1,18 +1,20 @@
 """Neuron adapter ``y = (keep * x) Wt + bias``, ``keep = |x| >= thresholds``, and its gated-MLP form.
 
-One masked GEMV over ``Wt: [n, m]`` (input-major), mask computed in its load stage
-(masked_gemv.py, NEURON prologue). The gated form takes the gate and up projections of a gated MLP
-and computes ``h = act(gate) * up`` and its mask in the same load stage (GATED prologue): the middle
-of the MLP is no chain of tiny launches and ``h`` never goes to memory.
+Decode: one masked GEMV over ``Wt: [n, m]`` (input-major), mask computed in its load stage
+(masked_gemv.py, NEURON prologue), then the split sum. The gated form takes the gate and up
+projections of a gated MLP and computes ``h = act(gate) * up`` and its mask in the same load stage
+(GATED prologue): the middle of the MLP is no chain of tiny launches and ``h`` never goes to memory.
+Prefill runs cuBLAS with the same mask (prefill.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ranapass.kernels.configs import KernelConfig, masked_gemv_config
+from ranapass.kernels.configs import DECODE_MAX_TOKENS, KernelConfig, masked_gemv_config
 from ranapass.kernels.launch import flatten_tokens
 from ranapass.kernels.masked_gemv import ACTIVATIONS, PROLOGUE_GATED, PROLOGUE_NEURON, masked_gemv
+from ranapass.kernels.prefill import gated_neuron_adapter_prefill, neuron_adapter_prefill
 
 __all__ = ["neuron_adapter", "gated_neuron_adapter"]
 
@@ -32,20 +34,22 @@ def neuron_adapter(
     bias: torch.Tensor | None = None,
     config: KernelConfig | None = None,
 ) -> torch.Tensor:
-    """Launch the neuron adapter on ``x: [..., n]``; returns ``[..., m]`` in ``x.dtype``.
+    """Run the neuron adapter on ``x: [..., n]``; returns ``[..., m]`` in ``x.dtype``.
 
     Args:
         x: input, any leading dims.
         Wt: ``[n, m]``, W transposed (a dropped input skips one contiguous row).
         thresholds: ``[n]`` float32.
         bias: ``[m]`` or None.
-        config: block sizes; default from ``configs.masked_gemv_config``.
+        config: decode tiles; default from ``configs.masked_gemv_config``.
     """
     x2, lead = flatten_tokens(x)
     T, n = x2.shape
     _check("neuron_adapter", n, Wt, thresholds)
     m = Wt.shape[1]
-    cfg = config if config is not None else masked_gemv_config(T, n, m)
+    if T > DECODE_MAX_TOKENS or T == 0:
+        return neuron_adapter_prefill(x2, Wt, thresholds, bias).reshape(*lead, m)
+    cfg = config if config is not None else masked_gemv_config(n, m)
     y = masked_gemv(x2, None, thresholds, Wt, bias, x.dtype, cfg, PROLOGUE_NEURON)
     return y.reshape(*lead, m)
 
@@ -59,13 +63,13 @@ def gated_neuron_adapter(
     activation: str = "silu",
     config: KernelConfig | None = None,
 ) -> torch.Tensor:
-    """Launch the neuron adapter on ``h = act(gate) * up`` (``[..., n]`` each); returns ``[..., m]``.
+    """Run the neuron adapter on ``h = act(gate) * up`` (``[..., n]`` each); returns ``[..., m]``.
 
     Args:
         gate, up: the gate and up projections' outputs, same shape and dtype.
         Wt, thresholds, bias: as in ``neuron_adapter``.
         activation: ``"silu"``, ``"gelu_tanh"`` or ``"gelu"``.
-        config: block sizes; default from ``configs.masked_gemv_config``.
+        config: decode tiles; default from ``configs.masked_gemv_config``.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown gated activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
@@ -77,6 +81,8 @@ def gated_neuron_adapter(
     T, n = g2.shape
     _check("gated_neuron_adapter", n, Wt, thresholds)
     m = Wt.shape[1]
-    cfg = config if config is not None else masked_gemv_config(T, n, m)
+    if T > DECODE_MAX_TOKENS or T == 0:
+        return gated_neuron_adapter_prefill(g2, u2, Wt, thresholds, bias, activation).reshape(*lead, m)
+    cfg = config if config is not None else masked_gemv_config(n, m)
     y = masked_gemv(g2, u2, thresholds, Wt, bias, gate.dtype, cfg, PROLOGUE_GATED, ACTIVATIONS[activation])
     return y.reshape(*lead, m)

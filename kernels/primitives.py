@@ -1,9 +1,8 @@
 """Triton building blocks shared by the adapter kernels, correct on the GPU and under the interpreter.
 
-Triton's CPU interpreter (``TRITON_INTERPRET=1``, used by the CI tests) differs from the GPU in two
-places these kernels touch: its ``dot`` multiplies the raw bits of bf16 operands, and its fp32 -> bf16
-cast truncates instead of rounding to nearest even. With ``INTERPRETER`` set (a constexpr the
-launchers pass) the helpers below take an exact detour; on the GPU they are the plain operation.
+Triton's CPU interpreter (``TRITON_INTERPRET=1``, used by the CI tests) casts fp32 to bf16 by
+truncation instead of rounding to nearest even. With ``INTERPRETER`` set (a constexpr the launchers
+pass) ``cast`` rounds the bits first; on the GPU it is the plain cast.
 """
 
 from __future__ import annotations
@@ -11,15 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["dot_acc", "cast"]
-
-
-@triton.jit
-def dot_acc(acc, a, b, PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
-    """``acc + a @ b`` for operands of one dtype, accumulated in fp32."""
-    if INTERPRETER:  # the same products, in fp32 (exact for bf16/fp16 operands)
-        return acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=PRECISION)
+__all__ = ["cast"]
 
 
 @triton.jit

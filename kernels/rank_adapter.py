@@ -1,16 +1,16 @@
-"""Rank adapter ``y = At^T (keep * B x) + bias``, ``keep = |B x| >= thresholds``: kernels and launcher.
+"""Rank adapter ``y = At^T (keep * B x) + bias``, ``keep = |B x| >= thresholds``: decode kernels and launcher.
 
-Two launches (three when the second one splits K)::
+Decode (1-8 tokens) takes three launches::
 
     router_kernel:      zpart[j] = x @ B[:, K_j]^T            # dense, split-K over the input: [S_z, T, nB] fp32
     masked_gemv_kernel: z = sum_j zpart[j]                    # RANK prologue: fixed-order sum, mask, flags
-                        y = (keep * z) @ At                   # rows of At (ranks) nobody kept are never read
-    split_sum_kernel:   y = sum of the masked GEMV's partials + bias   (only when it split)
+                        partials = (keep * z) @ At            # rows of At (ranks) nobody kept are never read
+    split_sum_kernel:   y = sum of the partials + bias
 
 The router is always paid (``B`` is read in full: it decides the mask). Its partial sums are summed
 in the masked GEMV's load stage, so the flags cost no launch and no extra pass; shapes never depend
-on the mask (flags, not index lists), so the whole thing is CUDA-graph safe. Prefill uses the same
-kernels with bigger token tiles and no split: decode-identical math.
+on the mask (flags, not index lists), so the whole thing is CUDA-graph safe. More tokens (prefill)
+run cuBLAS GEMMs with the same mask (prefill.py).
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ranapass.capabilities import triton_interpret
-from ranapass.kernels.configs import KernelConfig, rank_adapter_configs
-from ranapass.kernels.launch import dot_precision, flatten_tokens, launch
+from ranapass.kernels.configs import DECODE_MAX_TOKENS, KernelConfig, rank_adapter_configs
+from ranapass.kernels.launch import flatten_tokens, launch
 from ranapass.kernels.masked_gemv import PROLOGUE_RANK, masked_gemv
-from ranapass.kernels.primitives import cast, dot_acc
+from ranapass.kernels.prefill import rank_adapter_prefill
 
 __all__ = ["router_kernel", "rank_adapter"]
 
@@ -35,14 +34,12 @@ def router_kernel(
     K_PER_SPLIT,                    # input columns per split, a multiple of BLOCK_K
     stride_xt, stride_br,
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
-    """``zpart[s, t, r] = sum over this split's inputs k of x[t, k] * B[r, k]`` (fp32 accumulation)."""
+    """``zpart[s, t, r] = sum over this split's inputs k of x[t, k] * B[r, k]`` (fp32 multiply-add)."""
     # ---------------------------------------------------------------- program -> tiles
-    pid_t = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    pid_r = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_t = tl.arange(0, BLOCK_T)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     t_ok = offs_t < T
     r_ok = offs_r < R
@@ -55,13 +52,12 @@ def router_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < k_hi
         x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :],
-                    other=0.0)
+                    other=0.0).to(tl.float32)
         b = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :],
-                    other=0.0)
-        if BLOCK_T == 1:  # one token: fp32 multiply-add, no MMA
-            acc += tl.sum(b.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
-        else:
-            acc = dot_acc(acc, cast(x, b.dtype, INTERPRETER), tl.trans(b), DOT_PRECISION, INTERPRETER)
+                    other=0.0).to(tl.float32)
+        for t in tl.static_range(BLOCK_T):
+            x_t = tl.sum(tl.where(offs_t[:, None] == t, x, 0.0), axis=0)
+            acc = tl.where(offs_t[:, None] == t, acc + tl.sum(b * x_t[None, :], axis=1)[None, :], acc)
 
     # ---------------------------------------------------------------- store this split's partial z
     tl.store(zpart_ptr + pid_s * T * R + offs_t[:, None] * R + offs_r[None, :], acc,
@@ -76,13 +72,13 @@ def rank_adapter(
     bias: torch.Tensor | None = None,
     config: tuple[KernelConfig, KernelConfig] | None = None,
 ) -> torch.Tensor:
-    """Launch the rank adapter on ``x: [..., n]``; returns ``[..., m]`` in ``x.dtype``.
+    """Run the rank adapter on ``x: [..., n]``; returns ``[..., m]`` in ``x.dtype``.
 
     Args:
         x: input, any leading dims; B ``[nB, n]`` and At ``[nB, m]`` in one floating dtype.
         thresholds: ``[nB]`` float32.
         bias: ``[m]`` or None.
-        config: (router, masked GEMV) block sizes; default from ``configs.rank_adapter_configs``.
+        config: decode (router, masked GEMV) tiles; default from ``configs.rank_adapter_configs``.
     """
     x2, lead = flatten_tokens(x)
     T, n = x2.shape
@@ -92,19 +88,19 @@ def rank_adapter(
                          f"{tuple(thresholds.shape)} do not agree (want B [nB, n], At [nB, m], thresholds [nB])")
     if B.stride(-1) != 1 or At.stride(-1) != 1:
         raise ValueError("rank_adapter: B and At must have a contiguous last dimension")
-    rc, gc = config if config is not None else rank_adapter_configs(T, n, nB, m)
-    precision = dot_precision(B.dtype)
+    if T > DECODE_MAX_TOKENS or T == 0:
+        return rank_adapter_prefill(x2, B, At, thresholds, bias).reshape(*lead, m)
+    rc, gc = config if config is not None else rank_adapter_configs(n, nB, m)
 
     # z = B x as split-K partials: [S_z, T, nB]
     k_per_split = triton.cdiv(triton.cdiv(n, rc.splits), rc.block_k) * rc.block_k
     z_splits = triton.cdiv(n, k_per_split)
     zpart = torch.empty((z_splits, T, nB), device=x.device, dtype=torch.float32)
-    launch(router_kernel)[(triton.cdiv(T, rc.block_t), triton.cdiv(nB, rc.block_n), z_splits)](
+    launch(router_kernel)[(triton.cdiv(nB, rc.block_n), z_splits)](
         x2, B, zpart, T, n, nB, k_per_split, x2.stride(0), B.stride(0),
-        BLOCK_T=rc.block_t, BLOCK_R=rc.block_n, BLOCK_K=rc.block_k, DOT_PRECISION=precision,
-        INTERPRETER=triton_interpret(), num_warps=rc.num_warps, num_stages=rc.num_stages)
+        BLOCK_T=triton.next_power_of_2(T), BLOCK_R=rc.block_n, BLOCK_K=rc.block_k,
+        num_warps=rc.num_warps, num_stages=rc.num_stages)
 
     # y = (keep * z) At (+ bias)
     y = masked_gemv(zpart, None, thresholds, At, bias, x.dtype, gc, PROLOGUE_RANK, in_splits=z_splits)
     return y.reshape(*lead, m)
-
