@@ -8,6 +8,7 @@ from ranapass.adapters import AdapterSpec, NeuronAdapterSpec, RankAdapterSpec, r
 from ranapass.attach import Attachment, FlopMeter, attach, detach
 from ranapass.fingerprint import weights_fingerprint
 from ranapass.plan import Plan, PlanMismatchError, UnitPlan
+from ranapass.profiling import Profile, ProfileOptions, profile
 
 __all__ = [
     "AdapterSpec",
@@ -16,10 +17,13 @@ __all__ = [
     "NeuronAdapterSpec",
     "Plan",
     "PlanMismatchError",
+    "Profile",
+    "ProfileOptions",
     "RankAdapterSpec",
     "UnitPlan",
     "attach",
     "detach",
+    "profile",
     "register_adapter",
     "weights_fingerprint",
 ]
