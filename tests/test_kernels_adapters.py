@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ranapass.capabilities import has_cuda, has_triton, triton_interpret
 
@@ -23,9 +25,6 @@ pytestmark = pytest.mark.skipif(
     reason="needs a GPU or TRITON_INTERPRET=1; on CPU test_kernels_interpreter.py runs this file in a subprocess")
 
 if has_triton() and (has_cuda() or triton_interpret()):
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
-
     from ranapass.kernels.configs import KernelConfig
     from ranapass.kernels.launch import direct_launch
     from ranapass.kernels.neuron_adapter import gated_neuron_adapter, neuron_adapter
