@@ -136,6 +136,16 @@ class Unit:
                 return gated_neuron_adapter(inp[0], inp[1], self.Wt, self.thr, self.bias, "silu", config=config)
             return neuron_adapter(inp[0], self.Wt, self.thr, self.bias, config=config)
 
+    def union_config(self, T: int):
+        """The explicit decode config that makes the launcher run the union kernels for T tokens."""
+        if self.u.kind == "rank":
+            return C.rank_adapter_configs(self.u.n, self.u.rank, self.u.m, T)
+        return C.masked_gemv_config(self.u.n, self.u.m, T)
+
+    def union(self, inp: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The row-skipping union kernels for several tokens (the op takes masked GEMMs there)."""
+        return self.launch(inp, self.union_config(inp[0].shape[0]))
+
     def dense(self, inp: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Plain ``F.linear`` of the same shape (for a gated unit without its SiLU·mul, which the op pays)."""
         return F.linear(inp[0], self.W)
@@ -206,6 +216,12 @@ def check(gen: torch.Generator, quick: bool) -> list[dict]:
                     ok = y.shape == (T, u.m) and y.dtype == dtype and err <= TOL[dtype]
                     if T <= 8 and 0 < d < 1:  # same input, same bits (fixed-order sums, no atomics)
                         ok = ok and torch.equal(y, unit.op(inp))
+                    if 1 < T <= 8:  # the union kernels too (the op runs masked GEMMs for several tokens)
+                        poison_allocator()
+                        yu = unit.union(inp)
+                        torch.cuda.synchronize()
+                        err = max(err, rel_err(yu, unit.reference(inp)))
+                        ok = ok and err <= TOL[dtype]
                     rows.append({"model": model, "unit": u.name, "dtype": str(dtype).split(".")[-1], "T": T,
                                  "density": d, "bias": with_bias, "rel_err": err, "ok": ok})
             del unit
@@ -259,14 +275,14 @@ def time_units(units: list[Unit], T: int, gen, fn) -> tuple[float, list]:
     return time_graph([lambda u=u, i=i: fn(u, i) for u, i in zip(units, inps)]), inps
 
 
-GEMV_TILES = [(64, 128, 2), (32, 256, 2), (32, 128, 2), (64, 128, 4), (128, 128, 4), (128, 64, 4), (64, 256, 4),
-              (128, 256, 8), (256, 128, 8)]  # (block_k, block_n, num_warps)
-ROUTER_TILES = [(256, 32, 4), (512, 16, 4), (256, 16, 2), (128, 64, 4), (512, 32, 8), (256, 64, 8)]
+GEMV_TILES = [(64, 128, 2), (32, 256, 2), (64, 64, 2), (32, 128, 2), (16, 256, 2), (64, 128, 4), (128, 128, 4),
+              (64, 256, 4)]  # (block_k, block_n, num_warps)
+ROUTER_TILES = [(256, 32, 4), (512, 16, 4), (256, 16, 2), (128, 32, 2), (512, 32, 8), (256, 64, 8)]
 
 
 def sweep(gen: torch.Generator, bw: float, rows: list[dict], save=lambda: None) -> list[dict]:
-    """Decode tile configs per unit shape at the plan's kept fraction: batch 1 (all distinct shapes),
-    batch 8 (Llama-2-7B shapes, fewer configs); the router is swept with the default masked GEMV."""
+    """One-token tile configs per distinct unit shape at the plan's kept fraction; the router is swept
+    with the default masked GEMV."""
     seen = set()
     for model in (LLAMA2_7B, LLAMA3_8B):
         units = block_units(model)
@@ -279,31 +295,25 @@ def sweep(gen: torch.Generator, bw: float, rows: list[dict], save=lambda: None) 
             cs = copies(u, torch.bfloat16, gen, f)
             K = u.rank if u.kind == "rank" else u.n
             base_r = C.router_config(u.n, u.rank) if u.kind == "rank" else None
-            for T in (1, 8) if model is LLAMA2_7B else (1,):
-                inp = cs[0].inputs(T, gen)
-                need = cs[0].must_read(inp)
+            inp = cs[0].inputs(1, gen)
+            need = cs[0].must_read(inp)
 
-                def run(stage, cfg, router=base_r, units=cs, inp=inp, need=need, T=T):
-                    t = _time_cfg(units, inp, (router, cfg) if router is not None else cfg)
-                    rows.append({"model": model.name, "unit": u.name, "T": T, "stage": stage, "config": _cfg(cfg),
-                                 "us": t, "pct_bw": need / (t * 1e-6) / (bw * 1e9) * 100})
-                    return t
+            def record(stage, cfg, t):
+                rows.append({"model": model.name, "unit": u.name, "T": 1, "stage": stage, "config": _cfg(cfg),
+                             "us": t, "pct_bw": need / (t * 1e-6) / (bw * 1e9) * 100})
 
-                tiles = GEMV_TILES if T == 1 else [(64, 128, 4), (32, 128, 4), (32, 256, 4), (16, 256, 4)]
-                for bk, bn, w in tiles:
-                    auto = C.auto_splits(math.ceil(u.m / bn), K, bk)
-                    for s in sorted({auto, min(4 * auto, math.ceil(K / bk)), math.ceil(K / bk)}):
-                        for pf in ((True, False) if T == 1 else (True,)):
-                            run("gemv", C.KernelConfig(bk, bn, s, w, 1, pf))
-                if base_r is not None and T == 1 and (u.n, u.rank) not in seen:  # all routers here: one shape
-                    seen.add((u.n, u.rank))
-                    for bk, bn, w in ROUTER_TILES:
-                        auto = C.auto_splits(math.ceil(u.rank / bn), u.n, bk)
-                        for s in sorted({max(1, auto // 2), auto, min(2 * auto, math.ceil(u.n / bk))}):
-                            r = C.KernelConfig(bk, bn, s, w, 1)
-                            t = _time_cfg(cs, inp, (r, C.masked_gemv_config(u.rank, u.m)))
-                            rows.append({"model": model.name, "unit": u.name, "T": T, "stage": "router",
-                                         "config": _cfg(r), "us": t, "pct_bw": need / (t * 1e-6) / (bw * 1e9) * 100})
+            for bk, bn, w in GEMV_TILES:
+                auto = C.auto_splits(math.ceil(u.m / bn), K, bk)
+                for s in sorted({max(1, auto // 4), auto, min(4 * auto, math.ceil(K / bk))}):
+                    cfg = C.KernelConfig(bk, bn, s, w)
+                    record("gemv", cfg, _time_cfg(cs, inp, (base_r, cfg) if base_r is not None else cfg))
+            if base_r is not None and (u.n, u.rank) not in seen:  # all routers here have one shape
+                seen.add((u.n, u.rank))
+                for bk, bn, w in ROUTER_TILES:
+                    auto = C.auto_splits(math.ceil(u.rank / bn), u.n, bk, 528)
+                    for s in sorted({max(1, auto // 2), auto, min(2 * auto, math.ceil(u.n / bk))}):
+                        r = C.KernelConfig(bk, bn, s, w)
+                        record("router", r, _time_cfg(cs, inp, (r, C.masked_gemv_config(u.rank, u.m))))
             del cs
             torch.cuda.empty_cache()
             save()
@@ -349,7 +359,7 @@ def _time_cfg(cs: list[Unit], inp, config) -> float:
 
 
 def _cfg(c: C.KernelConfig) -> str:
-    return f"k{c.block_k} n{c.block_n} s{c.splits} w{c.num_warps} st{c.num_stages}{' pf' if c.prefetch else ''}"
+    return f"k{c.block_k} n{c.block_n} s{c.splits} w{c.num_warps}"
 
 
 def decode_timing(gen: torch.Generator, bw: float, batches: list[int], models) -> list[dict]:
@@ -377,11 +387,16 @@ def decode_timing(gen: torch.Generator, bw: float, batches: list[int], models) -
                     kept, union = zip(*(c.kept_rows(i) for c, i in zip(cs, inps)))
                     K = u.rank if u.kind == "rank" else u.n
                     floor_us = need / (bw * 1e9) * 1e6
-                    rows.append({"model": model.name, "unit": u.name, "shape": _shape(u), "T": T,
-                                 "kernel": "rank" if u.kind == "rank" else ("gated" if u.gated else "neuron"),
-                                 "density": sum(kept) / len(kept), "union": sum(union) / len(union) / K,
-                                 "plan": d is None, "us": t, "x_dense": t_dense / t,
-                                 "pct_bw": floor_us / t * 100, "bound_ratio": t / floor_us})
+                    kind = "rank" if u.kind == "rank" else ("gated" if u.gated else "neuron")
+                    common = {"model": model.name, "unit": u.name, "shape": _shape(u), "T": T,
+                              "density": sum(kept) / len(kept), "union": sum(union) / len(union) / K,
+                              "plan": d is None}
+                    rows.append({**common, "kernel": kind if T == 1 else f"{kind} (GEMM)", "us": t,
+                                 "x_dense": t_dense / t, "pct_bw": floor_us / t * 100, "bound_ratio": t / floor_us})
+                    if T > 1:  # the row-skipping union kernels at the same inputs
+                        tu = time_graph([lambda c=c, i=i: c.union(i) for c, i in zip(cs, inps)])
+                        rows.append({**common, "kernel": f"{kind} (union)", "us": tu, "x_dense": t_dense / tu,
+                                     "pct_bw": floor_us / tu * 100, "bound_ratio": tu / floor_us})
                 del cs
                 torch.cuda.empty_cache()
     return rows

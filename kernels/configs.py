@@ -1,8 +1,8 @@
 """Tile sizes of the decode kernels, chosen in Python from the token count and the weight shape.
 
 Keyed ``@triton.autotune`` inside a triton_op may be ignored by Inductor (all shapes get one config),
-so the launchers pick a config here. Decode (``T <= DECODE_MAX_TOKENS``) runs the Triton kernels;
-more tokens (prefill) run cuBLAS GEMMs with the same masks (prefill.py). The reduction dimension is
+so the launchers pick a config here. One decode token runs the Triton kernels (``use_kernels``); more
+tokens run cuBLAS GEMMs with the same masks (masked_gemm.py). The reduction dimension is
 split so the grid has about ``TARGET_PROGRAMS`` programs: enough loads in flight on every SM of an
 H100/H200 (132 SMs), while each weight row is still read by one program only.
 
@@ -16,11 +16,24 @@ import dataclasses
 
 import triton
 
-__all__ = ["KernelConfig", "DECODE_MAX_TOKENS", "TARGET_PROGRAMS", "router_config", "masked_gemv_config",
-           "rank_adapter_configs", "auto_splits"]
+__all__ = ["KernelConfig", "DECODE_MAX_TOKENS", "ROW_SKIP_MAX_TOKENS", "TARGET_PROGRAMS", "router_config",
+           "masked_gemv_config", "rank_adapter_configs", "auto_splits", "use_kernels"]
 
 DECODE_MAX_TOKENS = 8
-TARGET_PROGRAMS = 528  # 4 per SM on a 132-SM H100/H200
+"""The most tokens the Triton decode kernels take."""
+ROW_SKIP_MAX_TOKENS = 1
+"""By default the row-skipping kernels run up to this many tokens. With independent per-token masks of
+density d the union of T tokens keeps ``1 - (1 - d)^T`` of the rows (0.89 at d = 2/3 and T = 2, 0.99
+at T = 4), so for more tokens cuBLAS's GEMM over the masked inputs reads about as much and runs
+faster (measured: benchmarks/RESULTS.md). An explicit config still runs the kernels up to
+``DECODE_MAX_TOKENS``."""
+TARGET_PROGRAMS = 2048  # ~16 short programs per SM on a 132-SM H100/H200: loads in flight while others wait
+
+
+def use_kernels(T: int, config: object | None) -> bool:
+    """Whether T tokens run the Triton decode kernels (else the masked GEMMs of masked_gemm.py)."""
+    limit = DECODE_MAX_TOKENS if config is not None else ROW_SKIP_MAX_TOKENS
+    return 0 < T <= limit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +45,6 @@ class KernelConfig:
         block_n: outputs per program (ranks for the router, output features for the masked GEMV).
         splits: programs that share one output tile's reduction (fp32 partials, summed in order).
         num_warps, num_stages: Triton launch parameters.
-        prefetch: masked GEMV only: request the next chunk's rows before multiplying this one.
     """
 
     block_k: int
@@ -40,7 +52,6 @@ class KernelConfig:
     splits: int = 1
     num_warps: int = 4
     num_stages: int = 1
-    prefetch: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_k", "block_n"):
@@ -56,18 +67,18 @@ def auto_splits(out_tiles: int, k: int, block_k: int, target: int = TARGET_PROGR
     return max(1, min(target // max(out_tiles, 1), triton.cdiv(k, block_k)))
 
 
-def router_config(n: int, nB: int) -> KernelConfig:
-    """Decode tiles of ``z = x B^T`` (``B: [nB, n]``)."""
-    block_n, block_k = 32, 256
-    return KernelConfig(block_k, block_n, auto_splits(triton.cdiv(nB, block_n), n, block_k))
+def router_config(n: int, nB: int, T: int = 1) -> KernelConfig:
+    """Decode tiles of ``z = x B^T`` (``B: [nB, n]``) for T tokens."""
+    block_n, block_k = 32, 256 if T == 1 else max(32, 256 // triton.next_power_of_2(T))
+    return KernelConfig(block_k, block_n, auto_splits(triton.cdiv(nB, block_n), n, block_k, 528))
 
 
-def masked_gemv_config(K: int, m: int) -> KernelConfig:
-    """Decode tiles of ``y = (keep * v) W`` (``W: [K, m]``, K maskable rows)."""
-    block_n, block_k = 128, 128
-    return KernelConfig(block_k, block_n, auto_splits(triton.cdiv(m, block_n), K, block_k))
+def masked_gemv_config(K: int, m: int, T: int = 1) -> KernelConfig:
+    """Decode tiles of ``y = (keep * v) W`` (``W: [K, m]``, K maskable rows) for T tokens."""
+    block_n, block_k, warps = (128, 64, 2) if T == 1 else (128, max(16, 64 // triton.next_power_of_2(T)), 4)
+    return KernelConfig(block_k, block_n, auto_splits(triton.cdiv(m, block_n), K, block_k), warps)
 
 
-def rank_adapter_configs(n: int, nB: int, m: int) -> tuple[KernelConfig, KernelConfig]:
+def rank_adapter_configs(n: int, nB: int, m: int, T: int = 1) -> tuple[KernelConfig, KernelConfig]:
     """(router, masked GEMV) decode configs of a rank adapter with ``B: [nB, n]`` and ``At: [nB, m]``."""
-    return router_config(n, nB), masked_gemv_config(nB, m)
+    return router_config(n, nB, T), masked_gemv_config(nB, m, T)

@@ -11,13 +11,14 @@ contiguous row and its bytes are never read::
             v         = where(|v| >= thresholds[c], v, 0)              # per-token mask
             row[BK]   = any over tokens of v != 0                      # union of the kept rows
             w[BK, BM] = load W[c, m] where row                         # dropped rows are never read
-            acc[t]   += v[t] @ w   for each token t                    # fp32 multiply-add
+            acc      += sum over BK of v[:, :, None] * w[None]         # fp32 multiply-add
         partials[s, :, m] = acc
     split_sum_kernel: y = sum_s partials[s] + bias, cast to y's dtype  # fixed order: deterministic
 
-With ``PREFETCH`` the loop is software-pipelined by hand: chunk c+1's rows are requested before
-chunk c is multiplied, so a weight tile is in flight while the next mask is computed (Triton's own
-pipeliner does not overlap a load whose mask depends on another load of the same iteration).
+One token takes a 1-D path (``v [BK]``, ``acc [BM]``) whose vectors the compiler lays out along the
+weight tile's rows, as in TEAL's kernel; the weights are loaded ``evict_first`` (read once), the
+small inputs ``evict_last``. A tile is a few warps' worth of loads: many short programs keep enough
+bytes in flight, which the split count sets (configs.py).
 
 Prologues (``PROLOGUE``):
 
@@ -70,40 +71,36 @@ def _gated(gate, up, ACTIVATION: tl.constexpr, IN_DTYPE: tl.constexpr, INTERPRET
 
 
 @triton.jit
-def _prologue(a_ptr, b_ptr, thr_ptr, c, offs_t, t_ok, T, K, stride_at, stride_bt,
-              IN_SPLITS: tl.constexpr, PROLOGUE: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_K: tl.constexpr,
+def _prologue(a_ptr, b_ptr, thr_ptr, offs_t, t_ok, offs_k, k_ok, T, K, stride_at, stride_bt,
+              IN_SPLITS: tl.constexpr, PROLOGUE: tl.constexpr, ACTIVATION: tl.constexpr, ONE_TOKEN: tl.constexpr,
               INTERPRETER: tl.constexpr):
-    """Chunk ``c`` of the masked input: ``v [BLOCK_T, BLOCK_K]`` fp32 (dropped entries 0), the union row
-    flags ``row [BLOCK_K]``, and the chunk's row offsets."""
-    offs_k = c * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_ok = offs_k < K
-    tk_ok = t_ok[:, None] & k_ok[None, :]
+    """One chunk of the masked input, fp32 with dropped entries 0: ``v [BLOCK_K]`` for one token
+    (``ONE_TOKEN``: plain vectors, so the compiler lays them out along the weight tile's rows with no
+    shuffle), else ``v [BLOCK_T, BLOCK_K]``."""
+    if ONE_TOKEN:
+        offs = offs_k
+        ok = k_ok
+    else:
+        offs = offs_t[:, None] * stride_at + offs_k[None, :]
+        ok = t_ok[:, None] & k_ok[None, :]
     if PROLOGUE == 0:  # RANK: z = sum of the router's partials, fixed order
-        v = tl.zeros((offs_t.shape[0], BLOCK_K), dtype=tl.float32)
-        for j in tl.static_range(IN_SPLITS):
-            v += tl.load(a_ptr + j * T * K + offs_t[:, None] * stride_at + offs_k[None, :], mask=tk_ok, other=0.0)
+        v = tl.load(a_ptr + offs, mask=ok, other=0.0, eviction_policy="evict_last")
+        for j in tl.static_range(1, IN_SPLITS):
+            v += tl.load(a_ptr + j * T * K + offs, mask=ok, other=0.0, eviction_policy="evict_last")
     elif PROLOGUE == 1:  # NEURON
-        v = tl.load(a_ptr + offs_t[:, None] * stride_at + offs_k[None, :], mask=tk_ok, other=0.0).to(tl.float32)
-    else:  # GATED
-        gate = tl.load(a_ptr + offs_t[:, None] * stride_at + offs_k[None, :], mask=tk_ok, other=0.0)
-        up = tl.load(b_ptr + offs_t[:, None] * stride_bt + offs_k[None, :], mask=tk_ok, other=0.0)
+        v = tl.load(a_ptr + offs, mask=ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
+    else:  # GATED (up has its own token stride)
+        gate = tl.load(a_ptr + offs, mask=ok, other=0.0, eviction_policy="evict_last")
+        if ONE_TOKEN:
+            up = tl.load(b_ptr + offs_k, mask=ok, other=0.0, eviction_policy="evict_last")
+        else:
+            up = tl.load(b_ptr + offs_t[:, None] * stride_bt + offs_k[None, :], mask=ok, other=0.0,
+                         eviction_policy="evict_last")
         v = _gated(gate, up, ACTIVATION, a_ptr.dtype.element_ty, INTERPRETER)
-    thr = tl.load(thr_ptr + offs_k, mask=k_ok, other=float("inf"))
-    v = tl.where(tl.abs(v) >= thr[None, :], v, 0.0)
-    # union over the tokens: a row that no token kept is never loaded
-    row = tl.sum((v != 0.0).to(tl.int32), axis=0) > 0
-    return v, row, offs_k
-
-
-@triton.jit
-def _fma(acc, v, w):
-    """``acc[t] += v[t] @ w`` for each token t, in fp32 (``v [BLOCK_T, BLOCK_K]``, ``w [BLOCK_K, BLOCK_M]``)."""
-    wf = w.to(tl.float32)
-    tok = tl.arange(0, v.shape[0])
-    for t in tl.static_range(v.shape[0]):
-        v_t = tl.sum(tl.where(tok[:, None] == t, v, 0.0), axis=0)
-        acc = tl.where(tok[:, None] == t, acc + tl.sum(v_t[:, None] * wf, axis=0)[None, :], acc)
-    return acc
+    thr = tl.load(thr_ptr + offs_k, mask=k_ok, other=float("inf"), eviction_policy="evict_last")
+    if ONE_TOKEN:
+        return tl.where(tl.abs(v) >= thr, v, 0.0)
+    return tl.where(tl.abs(v) >= thr[None, :], v, 0.0)
 
 
 @triton.jit
@@ -118,14 +115,13 @@ def masked_gemv_kernel(
     stride_wk,
     # meta-parameters
     IN_SPLITS: tl.constexpr,        # RANK: number of router partials to sum
-    PROLOGUE: tl.constexpr, ACTIVATION: tl.constexpr, PREFETCH: tl.constexpr,
+    PROLOGUE: tl.constexpr, ACTIVATION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
     # ---------------------------------------------------------------- program -> tiles
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_splits = tl.num_programs(1)
-    n_chunks = tl.cdiv(K, BLOCK_K)
     offs_t = tl.arange(0, BLOCK_T)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     t_ok = offs_t < T
@@ -133,30 +129,33 @@ def masked_gemv_kernel(
     w_cols = w_ptr + offs_m[None, :]
 
     # ---------------------------------------------------------------- masked reduction over K
-    acc = tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32)
-    if PREFETCH:
-        # software pipeline: chunk c+1's rows are requested before chunk c is multiplied, so a
-        # weight tile is always in flight while the next mask is computed
-        v, row, offs_k = _prologue(a_ptr, b_ptr, thr_ptr, pid_s, offs_t, t_ok, T, K, stride_at, stride_bt,
-                                   IN_SPLITS, PROLOGUE, ACTIVATION, BLOCK_K, INTERPRETER)
-        w = tl.load(w_cols + offs_k[:, None] * stride_wk, mask=row[:, None] & m_ok[None, :], other=0.0)
-        for c in range(pid_s + n_splits, n_chunks, n_splits):
-            v_n, row_n, offs_n = _prologue(a_ptr, b_ptr, thr_ptr, c, offs_t, t_ok, T, K, stride_at, stride_bt,
-                                           IN_SPLITS, PROLOGUE, ACTIVATION, BLOCK_K, INTERPRETER)
-            w_n = tl.load(w_cols + offs_n[:, None] * stride_wk, mask=row_n[:, None] & m_ok[None, :], other=0.0)
-            acc = _fma(acc, v, w)
-            v = v_n
-            w = w_n
-        acc = _fma(acc, v, w)
+    if BLOCK_T == 1:
+        acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     else:
-        for c in range(pid_s, n_chunks, n_splits):
-            v, row, offs_k = _prologue(a_ptr, b_ptr, thr_ptr, c, offs_t, t_ok, T, K, stride_at, stride_bt,
-                                       IN_SPLITS, PROLOGUE, ACTIVATION, BLOCK_K, INTERPRETER)
-            w = tl.load(w_cols + offs_k[:, None] * stride_wk, mask=row[:, None] & m_ok[None, :], other=0.0)
-            acc = _fma(acc, v, w)
+        acc = tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32)
+    for c in range(pid_s, tl.cdiv(K, BLOCK_K), n_splits):
+        offs_k = c * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        v = _prologue(a_ptr, b_ptr, thr_ptr, offs_t, t_ok, offs_k, k_ok, T, K, stride_at, stride_bt,
+                      IN_SPLITS, PROLOGUE, ACTIVATION, BLOCK_T == 1, INTERPRETER)
+        if BLOCK_T == 1:
+            row = v != 0.0
+        else:  # union over the tokens: a row that no token kept is never loaded
+            row = tl.max((v != 0.0).to(tl.int32), axis=0) > 0
+        # weights stream through once: evict them first, keep the small inputs in cache
+        w = tl.load(w_cols + offs_k[:, None] * stride_wk, mask=row[:, None] & m_ok[None, :], other=0.0,
+                    eviction_policy="evict_first").to(tl.float32)
+        if BLOCK_T == 1:
+            acc += tl.sum(w * v[:, None], axis=0)
+        else:
+            acc += tl.sum(v[:, :, None] * w[None, :, :], axis=1)
 
     # ---------------------------------------------------------------- this split's partial result
-    tl.store(out_ptr + pid_s * T * M + offs_t[:, None] * M + offs_m[None, :], acc, mask=t_ok[:, None] & m_ok[None, :])
+    if BLOCK_T == 1:
+        tl.store(out_ptr + pid_s * T * M + offs_m, acc, mask=m_ok)
+    else:
+        tl.store(out_ptr + pid_s * T * M + offs_t[:, None] * M + offs_m[None, :], acc,
+                 mask=t_ok[:, None] & m_ok[None, :])
 
 
 @triton.jit
@@ -203,7 +202,7 @@ def masked_gemv(
     launch(masked_gemv_kernel)[(triton.cdiv(m, cfg.block_n), splits)](
         a, b, thresholds, W, part,
         T, K, m, a.stride(-2), b.stride(-2), W.stride(0),
-        IN_SPLITS=in_splits, PROLOGUE=prologue, ACTIVATION=activation, PREFETCH=cfg.prefetch,
+        IN_SPLITS=in_splits, PROLOGUE=prologue, ACTIVATION=activation,
         BLOCK_T=triton.next_power_of_2(T), BLOCK_K=cfg.block_k, BLOCK_M=cfg.block_n, INTERPRETER=triton_interpret(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     y = torch.empty((T, m), device=W.device, dtype=out_dtype)

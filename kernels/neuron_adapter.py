@@ -4,17 +4,17 @@ Decode: one masked GEMV over ``Wt: [n, m]`` (input-major), mask computed in its 
 (masked_gemv.py, NEURON prologue), then the split sum. The gated form takes the gate and up
 projections of a gated MLP and computes ``h = act(gate) * up`` and its mask in the same load stage
 (GATED prologue): the middle of the MLP is no chain of tiny launches and ``h`` never goes to memory.
-Prefill runs cuBLAS with the same mask (prefill.py).
+Prefill runs cuBLAS with the same mask (masked_gemm.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ranapass.kernels.configs import DECODE_MAX_TOKENS, KernelConfig, masked_gemv_config
+from ranapass.kernels.configs import KernelConfig, masked_gemv_config, use_kernels
 from ranapass.kernels.launch import flatten_tokens
 from ranapass.kernels.masked_gemv import ACTIVATIONS, PROLOGUE_GATED, PROLOGUE_NEURON, masked_gemv
-from ranapass.kernels.prefill import gated_neuron_adapter_prefill, neuron_adapter_prefill
+from ranapass.kernels.masked_gemm import gated_neuron_adapter_gemm, neuron_adapter_gemm
 
 __all__ = ["neuron_adapter", "gated_neuron_adapter"]
 
@@ -47,9 +47,9 @@ def neuron_adapter(
     T, n = x2.shape
     _check("neuron_adapter", n, Wt, thresholds)
     m = Wt.shape[1]
-    if T > DECODE_MAX_TOKENS or T == 0:
-        return neuron_adapter_prefill(x2, Wt, thresholds, bias).reshape(*lead, m)
-    cfg = config if config is not None else masked_gemv_config(n, m)
+    if not use_kernels(T, config):
+        return neuron_adapter_gemm(x2, Wt, thresholds, bias).reshape(*lead, m)
+    cfg = config if config is not None else masked_gemv_config(n, m, T)
     y = masked_gemv(x2, None, thresholds, Wt, bias, x.dtype, cfg, PROLOGUE_NEURON)
     return y.reshape(*lead, m)
 
@@ -81,8 +81,8 @@ def gated_neuron_adapter(
     T, n = g2.shape
     _check("gated_neuron_adapter", n, Wt, thresholds)
     m = Wt.shape[1]
-    if T > DECODE_MAX_TOKENS or T == 0:
-        return gated_neuron_adapter_prefill(g2, u2, Wt, thresholds, bias, activation).reshape(*lead, m)
-    cfg = config if config is not None else masked_gemv_config(n, m)
+    if not use_kernels(T, config):
+        return gated_neuron_adapter_gemm(g2, u2, Wt, thresholds, bias, activation).reshape(*lead, m)
+    cfg = config if config is not None else masked_gemv_config(n, m, T)
     y = masked_gemv(g2, u2, thresholds, Wt, bias, gate.dtype, cfg, PROLOGUE_GATED, ACTIVATIONS[activation])
     return y.reshape(*lead, m)

@@ -3,8 +3,9 @@
 Each op is a ``triton_op``: torch.compile traces its body, so on CUDA Inductor launches the Triton
 kernels directly (rank_adapter.py, neuron_adapter.py), and on any other device the body is the torch
 reference math, which Inductor's C++ backend compiles. Output shapes never depend on the masks and
-the kernels never sync with the host (static shapes, CUDA-graph safe). Block sizes come from the
-token count and weight shapes (configs.py), so decode and prefill each get their own tiles.
+the kernels never sync with the host (static shapes, CUDA-graph safe). One decode token runs the
+row-skipping kernels with tiles chosen from the weight shapes (configs.py); more tokens (batched
+decode, prefill) run cuBLAS GEMMs on the masked inputs (masked_gemm.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Rank adapter ``y = At^T (keep * B x) + bias``, ``keep = |B x| >= thresholds``: decode kernels and launcher.
 
-Decode (1-8 tokens) takes three launches::
+One decode token (up to 8 with an explicit config) takes three launches::
 
     router_kernel:      zpart[j] = x @ B[:, K_j]^T            # dense, split-K over the input: [S_z, T, nB] fp32
     masked_gemv_kernel: z = sum_j zpart[j]                    # RANK prologue: fixed-order sum, mask, flags
@@ -9,8 +9,8 @@ Decode (1-8 tokens) takes three launches::
 
 The router is always paid (``B`` is read in full: it decides the mask). Its partial sums are summed
 in the masked GEMV's load stage, so the flags cost no launch and no extra pass; shapes never depend
-on the mask (flags, not index lists), so the whole thing is CUDA-graph safe. More tokens (prefill)
-run cuBLAS GEMMs with the same mask (prefill.py).
+on the mask (flags, not index lists), so the whole thing is CUDA-graph safe. More tokens run cuBLAS
+GEMMs with the same mask (masked_gemm.py; configs.use_kernels says where the line is).
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ranapass.kernels.configs import DECODE_MAX_TOKENS, KernelConfig, rank_adapter_configs
+from ranapass.kernels.configs import KernelConfig, rank_adapter_configs, use_kernels
 from ranapass.kernels.launch import flatten_tokens, launch
 from ranapass.kernels.masked_gemv import PROLOGUE_RANK, masked_gemv
-from ranapass.kernels.prefill import rank_adapter_prefill
+from ranapass.kernels.masked_gemm import rank_adapter_gemm
 
 __all__ = ["router_kernel", "rank_adapter"]
 
@@ -45,23 +45,31 @@ def router_kernel(
     r_ok = offs_r < R
 
     # ---------------------------------------------------------------- dense reduction over this split
-    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    if BLOCK_T == 1:
+        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
     k_lo = pid_s * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, N)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < k_hi
-        x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :],
-                    other=0.0).to(tl.float32)
         b = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :],
-                    other=0.0).to(tl.float32)
-        for t in tl.static_range(BLOCK_T):
-            x_t = tl.sum(tl.where(offs_t[:, None] == t, x, 0.0), axis=0)
-            acc = tl.where(offs_t[:, None] == t, acc + tl.sum(b * x_t[None, :], axis=1)[None, :], acc)
+                    other=0.0, eviction_policy="evict_first").to(tl.float32)
+        if BLOCK_T == 1:
+            x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            acc += tl.sum(b * x[None, :], axis=1)
+        else:
+            x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :],
+                        other=0.0, eviction_policy="evict_last").to(tl.float32)
+            acc += tl.sum(x[:, None, :] * b[None, :, :], axis=2)
 
     # ---------------------------------------------------------------- store this split's partial z
-    tl.store(zpart_ptr + pid_s * T * R + offs_t[:, None] * R + offs_r[None, :], acc,
-             mask=t_ok[:, None] & r_ok[None, :])
+    if BLOCK_T == 1:
+        tl.store(zpart_ptr + pid_s * T * R + offs_r, acc, mask=r_ok)
+    else:
+        tl.store(zpart_ptr + pid_s * T * R + offs_t[:, None] * R + offs_r[None, :], acc,
+                 mask=t_ok[:, None] & r_ok[None, :])
 
 
 def rank_adapter(
@@ -88,9 +96,9 @@ def rank_adapter(
                          f"{tuple(thresholds.shape)} do not agree (want B [nB, n], At [nB, m], thresholds [nB])")
     if B.stride(-1) != 1 or At.stride(-1) != 1:
         raise ValueError("rank_adapter: B and At must have a contiguous last dimension")
-    if T > DECODE_MAX_TOKENS or T == 0:
-        return rank_adapter_prefill(x2, B, At, thresholds, bias).reshape(*lead, m)
-    rc, gc = config if config is not None else rank_adapter_configs(n, nB, m)
+    if not use_kernels(T, config):
+        return rank_adapter_gemm(x2, B, At, thresholds, bias).reshape(*lead, m)
+    rc, gc = config if config is not None else rank_adapter_configs(n, nB, m, T)
 
     # z = B x as split-K partials: [S_z, T, nB]
     k_per_split = triton.cdiv(triton.cdiv(n, rc.splits), rc.block_k) * rc.block_k

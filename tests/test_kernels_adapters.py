@@ -80,10 +80,10 @@ def _configs(draw_int):
     """A small random decode tile config, or None (the launcher's own choice)."""
     if draw_int(0, 3) == 0:
         return None
-    return KernelConfig(16 << draw_int(0, 1), 16 << draw_int(0, 1), draw_int(1, 4), 4, 1, bool(draw_int(0, 1)))
+    return KernelConfig(16 << draw_int(0, 1), 16 << draw_int(0, 1), draw_int(1, 4), 4, 1)
 
 
-TOKENS = st.sampled_from([1, 2, 3, 5, 8, 21])  # 21: past the decode regime (prefill GEMMs)
+TOKENS = st.sampled_from([1, 2, 3, 5, 8, 21])  # >1 token: union kernels (explicit config) or masked GEMMs
 DIM = st.integers(1, 72)
 DENSITY = st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]) | st.floats(0.0, 1.0)
 
@@ -154,8 +154,9 @@ def test_batch_rows_equal_single_token_rows(dtype):
     thr = _thresholds(z, 0.4, MARGIN[dtype], gen).to(DEVICE)
     Wt = _rand((n, m), dtype, gen, n ** -0.5)
     thr_n = _thresholds(x.cpu().float(), 0.4, MARGIN[dtype], gen).to(DEVICE)
-    with direct_launch():
-        batch = [rank_adapter(x, B, At, thr), neuron_adapter(x, Wt, thr_n)]
+    cfg = KernelConfig(16, 32, 2)
+    with direct_launch():  # explicit configs: the union kernels, not the batched GEMMs
+        batch = [rank_adapter(x, B, At, thr, config=(cfg, cfg)), neuron_adapter(x, Wt, thr_n, config=cfg)]
         single = [torch.cat([rank_adapter(x[t:t + 1], B, At, thr) for t in range(T)]),
                   torch.cat([neuron_adapter(x[t:t + 1], Wt, thr_n) for t in range(T)])]
     for yb, ys in zip(batch, single):
@@ -163,7 +164,7 @@ def test_batch_rows_equal_single_token_rows(dtype):
 
 
 def test_leading_dims_and_prefill_regime():
-    """``[batch, seq, n]`` inputs, and a token count past the decode regime (prefill GEMMs)."""
+    """``[batch, seq, n]`` inputs, and a token count past the decode kernels (masked GEMMs)."""
     gen = torch.Generator().manual_seed(1)
     dtype = torch.bfloat16
     x = _rand((2, 19, 40), dtype, gen)

@@ -1,8 +1,9 @@
-"""Prefill (more than ``DECODE_MAX_TOKENS`` tokens): cuBLAS GEMMs with the decode kernels' masks.
+"""Several tokens (prefill, batched decode): cuBLAS GEMMs with the decode kernels' masks.
 
-Prefill is compute-bound, so skipping weight rows saves nothing worth a custom GEMM; what matters is
-that the math is the decode math, so the KV cache a prefill writes is the one the masked model
-would write token by token::
+Prefill is compute-bound, and the union of several tokens' masks keeps nearly every weight row, so
+skipping rows saves nothing worth a custom GEMM there; what matters is that the math is the
+one-token math, so the KV cache a prefill writes is the one the masked model would write token by
+token::
 
     rank:   z = x B^T (fp32 out)  ->  zm = where(|z| >= t, z, 0)  ->  y = zm At + bias
     neuron: xm = where(|x| >= t, x, 0)  ->  y = xm Wt + bias        (gated: x = act(gate) * up)
@@ -19,7 +20,7 @@ import torch
 
 from ranapass.kernels.reference import gated_activation
 
-__all__ = ["rank_adapter_prefill", "neuron_adapter_prefill", "gated_neuron_adapter_prefill"]
+__all__ = ["rank_adapter_gemm", "neuron_adapter_gemm", "gated_neuron_adapter_gemm"]
 
 _MM_FP32_OUT = hasattr(torch.ops.aten.mm, "dtype")  # torch.mm(..., out_dtype=) for bf16/fp16 on CUDA
 
@@ -38,7 +39,7 @@ def _finish(v: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, out_dty
     return y.to(out_dtype)
 
 
-def rank_adapter_prefill(x2: torch.Tensor, B: torch.Tensor, At: torch.Tensor, thresholds: torch.Tensor,
+def rank_adapter_gemm(x2: torch.Tensor, B: torch.Tensor, At: torch.Tensor, thresholds: torch.Tensor,
                          bias: torch.Tensor | None) -> torch.Tensor:
     """``y = At^T (keep * B x) + bias`` for ``x2: [T, n]``; returns ``[T, m]`` in ``x2.dtype``."""
     z = _scores(x2, B)
@@ -46,14 +47,14 @@ def rank_adapter_prefill(x2: torch.Tensor, B: torch.Tensor, At: torch.Tensor, th
     return _finish(zm, At, bias, x2.dtype)
 
 
-def neuron_adapter_prefill(x2: torch.Tensor, Wt: torch.Tensor, thresholds: torch.Tensor,
+def neuron_adapter_gemm(x2: torch.Tensor, Wt: torch.Tensor, thresholds: torch.Tensor,
                            bias: torch.Tensor | None) -> torch.Tensor:
     """``y = (keep * x) Wt + bias`` for ``x2: [T, n]``; returns ``[T, m]`` in ``x2.dtype``."""
     xm = torch.where(x2.float().abs() >= thresholds, x2, torch.zeros((), dtype=x2.dtype, device=x2.device))
     return _finish(xm, Wt, bias, x2.dtype)
 
 
-def gated_neuron_adapter_prefill(g2: torch.Tensor, u2: torch.Tensor, Wt: torch.Tensor, thresholds: torch.Tensor,
+def gated_neuron_adapter_gemm(g2: torch.Tensor, u2: torch.Tensor, Wt: torch.Tensor, thresholds: torch.Tensor,
                                  bias: torch.Tensor | None, activation: str) -> torch.Tensor:
     """The neuron adapter on ``h = act(gate) * up`` (rounded like the reference) for ``[T, n]`` inputs."""
-    return neuron_adapter_prefill(gated_activation(g2, u2, activation), Wt, thresholds, bias)
+    return neuron_adapter_gemm(gated_activation(g2, u2, activation), Wt, thresholds, bias)
