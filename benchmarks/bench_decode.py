@@ -258,8 +258,9 @@ def measured_ratio(model, plan: Plan, prompt: torch.Tensor) -> float:
 
 
 def run_model(shape: ModelShape, layers: int, batches: list[int], args) -> list[dict]:
-    from ranapass.backend import RanaBackend
     from torch._dynamo.utils import counters
+
+    from ranapass.backend import RanaBackend
 
     dtype = torch.bfloat16
     rows = []
@@ -315,6 +316,10 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="per-kernel profile of one batch-1 step")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args()
+    try:
+        import ranapass.backend  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"bench_decode.py needs ranapass.backend (the torch.compile backend): {e}") from e
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res = {"env": env_info(), "copy_gbps": copy_bandwidth(), "args": vars(args), "runs": []}

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import ranapass  # noqa: E402,F401  (registers torch.ops.ranapass.*)
+import ranapass.kernels.ops  # noqa: E402,F401  (registers torch.ops.ranapass.*)
 from common import (  # noqa: E402
     LLAMA2_7B,
     LLAMA3_8B,

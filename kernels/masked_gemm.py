@@ -50,7 +50,7 @@ def rank_adapter_gemm(x2: torch.Tensor, B: torch.Tensor, At: torch.Tensor, thres
 def neuron_adapter_gemm(x2: torch.Tensor, Wt: torch.Tensor, thresholds: torch.Tensor,
                            bias: torch.Tensor | None) -> torch.Tensor:
     """``y = (keep * x) Wt + bias`` for ``x2: [T, n]``; returns ``[T, m]`` in ``x2.dtype``."""
-    xm = torch.where(x2.float().abs() >= thresholds, x2, torch.zeros((), dtype=x2.dtype, device=x2.device))
+    xm = torch.where(x2.abs() >= thresholds, x2, 0.0)  # |x| is exact in x's dtype; the compare runs in fp32
     return _finish(xm, Wt, bias, x2.dtype)
 
 

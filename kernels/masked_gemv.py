@@ -98,9 +98,11 @@ def _prologue(a_ptr, b_ptr, thr_ptr, offs_t, t_ok, offs_k, k_ok, T, K, stride_at
                          eviction_policy="evict_last")
         v = _gated(gate, up, ACTIVATION, a_ptr.dtype.element_ty, INTERPRETER)
     thr = tl.load(thr_ptr + offs_k, mask=k_ok, other=float("inf"), eviction_policy="evict_last")
-    if ONE_TOKEN:
-        return tl.where(tl.abs(v) >= thr, v, 0.0)
-    return tl.where(tl.abs(v) >= thr[None, :], v, 0.0)
+    if ONE_TOKEN:  # (one return statement: Triton types every return of a function alike)
+        v = tl.where(tl.abs(v) >= thr, v, 0.0)
+    else:
+        v = tl.where(tl.abs(v) >= thr[None, :], v, 0.0)
+    return v
 
 
 @triton.jit
