@@ -6,8 +6,8 @@ tokens run cuBLAS GEMMs with the same masks (masked_gemm.py). The reduction dime
 split so the grid has about ``TARGET_PROGRAMS`` programs: enough loads in flight on every SM of an
 H100/H200 (132 SMs), while each weight row is still read by one program only.
 
-The tiles were picked from a sweep on the GPU (benchmarks/bench_kernels.py --sweep; figures in
-benchmarks/RESULTS.md).
+The one-token tiles are the best of a sweep on an H200 (benchmarks/bench_kernels.py --sweep; figures
+in benchmarks/RESULTS.md); the tiles for several tokens (explicit configs only) are untuned.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ DECODE_MAX_TOKENS = 8
 ROW_SKIP_MAX_TOKENS = 1
 """By default the row-skipping kernels run up to this many tokens. With independent per-token masks of
 density d the union of T tokens keeps ``1 - (1 - d)^T`` of the rows (0.89 at d = 2/3 and T = 2, 0.99
-at T = 4), so for more tokens cuBLAS's GEMM over the masked inputs reads about as much and runs
-faster (measured: benchmarks/RESULTS.md). An explicit config still runs the kernels up to
-``DECODE_MAX_TOKENS``."""
+at T = 4), so several tokens save few bytes, and the union kernels measured slower than dense there
+(benchmarks/RESULTS.md); cuBLAS's GEMM over the masked inputs reads the dense bytes at dense speed. An
+explicit config still runs the kernels up to ``DECODE_MAX_TOKENS``."""
 TARGET_PROGRAMS = 2048  # ~16 short programs per SM on a 132-SM H100/H200: loads in flight while others wait
 
 
