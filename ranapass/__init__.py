@@ -6,7 +6,10 @@ Calibrate once (``profile``), allocate ranks globally under a FLOP budget (``Pro
 
 from ranapass.adapters import AdapterSpec, NeuronAdapterSpec, RankAdapterSpec, register_adapter
 from ranapass.attach import Attachment, FlopMeter, attach, detach
+from ranapass.data import calibration_windows, evaluation_windows, load_texts, token_windows
+from ranapass.evaluate import PerplexityResult, perplexity
 from ranapass.fingerprint import weights_fingerprint
+from ranapass.models import load_model
 from ranapass.plan import Plan, PlanMismatchError, UnitPlan
 from ranapass.profiling import Profile, ProfileOptions, profile
 
@@ -15,6 +18,7 @@ __all__ = [
     "Attachment",
     "FlopMeter",
     "NeuronAdapterSpec",
+    "PerplexityResult",
     "Plan",
     "PlanMismatchError",
     "Profile",
@@ -22,8 +26,14 @@ __all__ = [
     "RankAdapterSpec",
     "UnitPlan",
     "attach",
+    "calibration_windows",
     "detach",
+    "evaluation_windows",
+    "load_model",
+    "load_texts",
+    "perplexity",
     "profile",
     "register_adapter",
+    "token_windows",
     "weights_fingerprint",
 ]
