@@ -59,7 +59,7 @@ class Curve:
         return {f: getattr(self, f) for f in ("rank", "tau", "kept", "flops", "error")}
 
 
-def rank_grid(r: int, steps: int = 24) -> list[int]:
+def rank_grid(r: int, steps: int = 16) -> list[int]:
     """Static ranks tried for a rank-r unit: denser near full rank, multiples of 8 when r allows."""
     fr = np.unique(np.concatenate([np.linspace(1 / steps, 1.0, steps), [0.98, 0.96, 0.94, 0.92]]))
     q = 8 if r >= 64 else 1
@@ -139,7 +139,7 @@ def static_rank_curve(energy: torch.Tensor, rank_weight: torch.Tensor, m: int, n
 
 @torch.no_grad()
 def neuron_curve(x: torch.Tensor, weight: torch.Tensor, out_weight: torch.Tensor, *,
-                 fractions: np.ndarray = KEEP_FRACTIONS, exact_tokens: int = 384) -> Curve:
+                 fractions: np.ndarray = KEEP_FRACTIONS, exact_tokens: int = 256) -> Curve:
     """Candidates of a neuron adapter from sample inputs.
 
     Args:
@@ -168,7 +168,7 @@ def neuron_curve(x: torch.Tensor, weight: torch.Tensor, out_weight: torch.Tensor
         dropped = torch.where(se >= tau, 0.0, xe)
         err = ((dropped @ w.t()) * wo).square().sum(1).mean() if tau > 0 else torch.tensor(0.0)
         taus.append(tau)
-        kept.append(float((scores >= tau).sum()) / N if tau > 0 else float(n))
+        kept.append(k / N if tau > 0 else float(n))
         errors.append(float(err))
     kept_a = np.array(kept)
     flops = np.asarray(F.neuron_adapter_per_token(m, n, kept_a), dtype=np.float64)

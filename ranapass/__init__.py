@@ -7,10 +7,13 @@ Calibrate once (``profile``), allocate ranks globally under a FLOP budget (``Pro
 from ranapass.adapters import AdapterSpec, NeuronAdapterSpec, RankAdapterSpec, register_adapter
 from ranapass.attach import Attachment, FlopMeter, attach, detach
 from ranapass.backend import RanaBackend, rana_backend
+from ranapass.data import calibration_windows, evaluation_windows, load_texts, token_windows
 from ranapass.diff import GraphDiff, diff
+from ranapass.evaluate import PerplexityResult, perplexity
 from ranapass.fingerprint import weights_fingerprint
 from ranapass.fx_pass import RewriteError, RewriteReport
 from ranapass.generation import CompiledGenerator
+from ranapass.models import load_model
 from ranapass.plan import Plan, PlanMismatchError, UnitPlan
 from ranapass.profiling import Profile, ProfileOptions, profile
 
@@ -21,6 +24,7 @@ __all__ = [
     "FlopMeter",
     "GraphDiff",
     "NeuronAdapterSpec",
+    "PerplexityResult",
     "Plan",
     "PlanMismatchError",
     "Profile",
@@ -31,10 +35,16 @@ __all__ = [
     "RewriteReport",
     "UnitPlan",
     "attach",
+    "calibration_windows",
     "detach",
     "diff",
+    "evaluation_windows",
+    "load_model",
+    "load_texts",
+    "perplexity",
     "profile",
     "rana_backend",
     "register_adapter",
+    "token_windows",
     "weights_fingerprint",
 ]

@@ -151,7 +151,7 @@ def _discover_sites(model: torch.nn.Module, linears: dict[str, torch.nn.Linear],
 
 
 def collect(model: torch.nn.Module, data: Any, *, linears: dict[str, torch.nn.Linear], batch_size: int = 4,
-            sample_tokens: int = 4096, rank_min_aspect: float = RANK_MIN_ASPECT, gradient_data: Any = None,
+            sample_tokens: int = 2048, rank_min_aspect: float = RANK_MIN_ASPECT, gradient_data: Any = None,
             loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None, seed: int = 0) -> CalibrationStats:
     """Run calibration: site discovery, then statistics, then (optionally) output-gradient weights.
 
