@@ -8,9 +8,17 @@ import time
 import torch
 
 from ranapass.data import calibration_windows
+from ranapass.models import DEFAULT_MODEL
 from ranapass.profiling import Profile, ProfileOptions, profile
 
 DEFAULT_CALIBRATION_WINDOWS = 128
+
+
+def add_model_calibration_args(parser: argparse.ArgumentParser) -> None:
+    """``--model`` and ``--text`` (whose calibration split is used), then the profile arguments."""
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model name, folder, .gguf or HF id")
+    parser.add_argument("--text", default="python-docs", help="text source; its calibration split is used")
+    add_profile_args(parser)
 
 
 def add_profile_args(parser: argparse.ArgumentParser) -> None:
