@@ -71,6 +71,10 @@ def test_profile_plan_and_adapted_eval(capsys, tmp_path, tiny_llama_dir, text_di
     assert main(["eval", *model, "--windows", "2", "--window-len", "16", "--budget", "0.7", *CALIB]) == 0
     assert "adapted    budget 0.700" in capsys.readouterr().out
 
+    assert main(["plan", *model, "--data-free", "--budget", "0.7", "--json"]) == 0
+    free = json.loads(capsys.readouterr().out)
+    assert {u["kind"] for u in free["units"]} <= {"rank", "dense"} and free["expected_ratio"] <= 0.7
+
     assert main(["plan", *model, *CALIB, "--budget", "1.5"]) == 2
     assert "budget must be in (0, 1]" in capsys.readouterr().err
 

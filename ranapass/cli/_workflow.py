@@ -22,7 +22,7 @@ def add_model_calibration_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_profile_args(parser: argparse.ArgumentParser) -> None:
-    """``--calib-windows``, ``--calib-window-len``, ``--error-weighting``, ``--no-cache``."""
+    """``--calib-windows``, ``--calib-window-len``, ``--error-weighting``, ``--no-cache``, ``--data-free``."""
     parser.add_argument("--calib-windows", type=int, default=DEFAULT_CALIBRATION_WINDOWS,
                         help=f"calibration windows of 512 tokens from the calibration split of --text "
                              f"(default {DEFAULT_CALIBRATION_WINDOWS}; 2 are held out to fit thresholds)")
@@ -30,6 +30,8 @@ def add_profile_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--error-weighting", choices=("fisher", "relative"), default="fisher",
                         help="how errors are made comparable across layers (default: output-gradient weighted)")
     parser.add_argument("--no-cache", action="store_true", help="recalibrate even if a cached profile exists")
+    parser.add_argument("--data-free", action="store_true",
+                        help="no calibration text: static low rank from the weights' spectra, globally allocated")
 
 
 def add_plan_args(parser: argparse.ArgumentParser, budget_required: bool = False) -> None:
@@ -45,6 +47,8 @@ def add_plan_args(parser: argparse.ArgumentParser, budget_required: bool = False
 def load_profile(args: argparse.Namespace, model: torch.nn.Module, tokenizer) -> tuple[Profile, float]:
     """Profile ``model`` on the calibration split of ``args.text`` (cached); returns it and the seconds taken."""
     start = time.perf_counter()
+    if args.data_free:
+        return profile(model, None, cache=not args.no_cache), time.perf_counter() - start
     windows = calibration_windows(tokenizer, args.text, num_windows=args.calib_windows, window=args.calib_window_len)
     prof = profile(model, windows, options=ProfileOptions(error_weighting=args.error_weighting),
                    cache=not args.no_cache)
