@@ -15,6 +15,7 @@ layers). Nothing is stored per token beyond the sample, so memory stays bounded.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -78,10 +79,14 @@ def candidate_linears(model: torch.nn.Module, exclude: tuple[str, ...] = ()) -> 
 
 
 def run_model(model: torch.nn.Module, batch: Any) -> Any:
-    """Call the model on one batch: token ids (HF causal LM), a tensor, or a dict of keyword inputs."""
+    """Run the model on one batch for its activations: token ids (HF causal LM), a tensor, or a dict of
+    keyword inputs. HF causal LMs compute the logits of the last position only (the statistics need
+    none, and ``[batch, window, vocab]`` logits are the largest tensor of a forward)."""
     if isinstance(batch, dict):
         return model(**batch)
     if isinstance(batch, torch.Tensor) and not batch.is_floating_point() and hasattr(model, "config"):
+        if "logits_to_keep" in inspect.signature(model.forward).parameters:
+            return model(input_ids=batch, logits_to_keep=1)
         return model(input_ids=batch)
     return model(batch)
 
@@ -219,7 +224,7 @@ def collect(model: torch.nn.Module, data: Any, *, linears: dict[str, torch.nn.Li
             h.remove()
 
     grad_sq = {} if gradient_data is None else _gradient_weights(model, linears, sites, gradient_data,
-                                                                 batch_size, loss_fn, device)
+                                                                 loss_fn, device)
     return CalibrationStats(sites, grad_sq, examples, tokens)
 
 
@@ -231,7 +236,7 @@ def _lm_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
                                              reduction="sum")
 
 
-def _gradient_weights(model, linears, sites, data, batch_size, loss_fn, device) -> dict[str, torch.Tensor]:
+def _gradient_weights(model, linears, sites, data, loss_fn, device) -> dict[str, torch.Tensor]:
     """Mean squared gradient of the summed loss w.r.t. each member's output, per output channel."""
     loss_fn = loss_fn or _lm_loss
     members = [m for s in sites for m in s.members]
@@ -248,7 +253,8 @@ def _gradient_weights(model, linears, sites, data, batch_size, loss_fn, device) 
 
     handles = [linears[m].register_forward_hook(hook(m)) for m in members]
     try:
-        for batch in tqdm(list(_batches(data, batch_size, device)), desc="output gradients", unit="batch"):
+        # One window per backward: the autograd graph of a batch is the memory peak of calibration.
+        for batch in tqdm(list(_batches(data, 1, device)), desc="output gradients", unit="window"):
             captured.clear()
             with torch.enable_grad():
                 loss = loss_fn(model, batch)
