@@ -9,7 +9,7 @@ from ranapass.attach import Attachment, FlopMeter, attach, detach
 from ranapass.backend import RanaBackend, rana_backend
 from ranapass.data import calibration_windows, evaluation_windows, load_texts, token_windows
 from ranapass.diff import GraphDiff, diff
-from ranapass.evaluate import PerplexityResult, perplexity
+from ranapass.evaluate import AdaptedResult, PerplexityResult, adapted_perplexity, perplexity
 from ranapass.fingerprint import weights_fingerprint
 from ranapass.fx_pass import RewriteError, RewriteReport
 from ranapass.generation import CompiledGenerator
@@ -18,6 +18,7 @@ from ranapass.plan import Plan, PlanMismatchError, UnitPlan
 from ranapass.profiling import Profile, ProfileOptions, profile
 
 __all__ = [
+    "AdaptedResult",
     "AdapterSpec",
     "Attachment",
     "CompiledGenerator",
@@ -34,6 +35,7 @@ __all__ = [
     "RewriteError",
     "RewriteReport",
     "UnitPlan",
+    "adapted_perplexity",
     "attach",
     "calibration_windows",
     "detach",
