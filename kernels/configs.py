@@ -6,8 +6,9 @@ tokens run cuBLAS GEMMs with the same masks (masked_gemm.py). The reduction dime
 split so the grid has about ``TARGET_PROGRAMS`` programs: enough loads in flight on every SM of an
 H100/H200 (132 SMs), while each weight row is still read by one program only.
 
-The one-token tiles are the best of a sweep on an H200 (benchmarks/bench_kernels.py --sweep; figures
-in benchmarks/RESULTS.md); the tiles for several tokens (explicit configs only) are untuned.
+One-token shapes listed in ``TUNED`` take the tiles measured best there (benchmarks/bench_kernels.py
+--tune on an H200; figures in benchmarks/RESULTS.md); other shapes take the rules below, and the tiles
+for several tokens (explicit configs only) are untuned.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import dataclasses
 
 import triton
 
-__all__ = ["KernelConfig", "DECODE_MAX_TOKENS", "ROW_SKIP_MAX_TOKENS", "TARGET_PROGRAMS", "router_config",
+__all__ = ["KernelConfig", "DECODE_MAX_TOKENS", "ROW_SKIP_MAX_TOKENS", "TARGET_PROGRAMS", "TUNED", "router_config",
            "masked_gemv_config", "rank_adapter_configs", "auto_splits", "use_kernels"]
 
 DECODE_MAX_TOKENS = 8
@@ -45,6 +46,10 @@ class KernelConfig:
         block_n: outputs per program (ranks for the router, output features for the masked GEMV).
         splits: programs that share one output tile's reduction (fp32 partials, summed in order).
         num_warps, num_stages: Triton launch parameters.
+        fused_sum: masked GEMV only: the last split of each output tile sums the partials (one
+            launch); False: a second launch, ``split_sum_kernel``, sums them.
+        prefetch: masked GEMV only: request the next chunk's masked input while this chunk's weight
+            rows are in flight (pays when a split has several chunks; costs registers).
     """
 
     block_k: int
@@ -52,6 +57,8 @@ class KernelConfig:
     splits: int = 1
     num_warps: int = 4
     num_stages: int = 1
+    fused_sum: bool = True
+    prefetch: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_k", "block_n"):
@@ -67,14 +74,22 @@ def auto_splits(out_tiles: int, k: int, block_k: int, target: int = TARGET_PROGR
     return max(1, min(target // max(out_tiles, 1), triton.cdiv(k, block_k)))
 
 
+TUNED: dict[tuple[str, int, int], KernelConfig] = {}
+"""One-token tiles measured best at a shape: ``("router", n, nB)`` and ``("gemv", K, m)`` -> config."""
+
+
 def router_config(n: int, nB: int, T: int = 1) -> KernelConfig:
     """Decode tiles of ``z = x B^T`` (``B: [nB, n]``) for T tokens."""
+    if T == 1 and ("router", n, nB) in TUNED:
+        return TUNED["router", n, nB]
     block_n, block_k = 32, 256 if T == 1 else max(32, 256 // triton.next_power_of_2(T))
     return KernelConfig(block_k, block_n, auto_splits(triton.cdiv(nB, block_n), n, block_k, 528))
 
 
 def masked_gemv_config(K: int, m: int, T: int = 1) -> KernelConfig:
     """Decode tiles of ``y = (keep * v) W`` (``W: [K, m]``, K maskable rows) for T tokens."""
+    if T == 1 and ("gemv", K, m) in TUNED:
+        return TUNED["gemv", K, m]
     block_n, block_k, warps = (128, 64, 2) if T == 1 else (128, max(16, 64 // triton.next_power_of_2(T)), 4)
     return KernelConfig(block_k, block_n, auto_splits(triton.cdiv(m, block_n), K, block_k), warps)
 
