@@ -343,7 +343,7 @@ def tune(gen: torch.Generator, bw: float, models, rows: list[dict], save=lambda:
                 for bk, bn, w in ROUTER_TILES:
                     for target in ROUTER_TARGETS:
                         r = C.KernelConfig(bk, bn, C.auto_splits(math.ceil(u.rank / bn), u.n, bk, target), w)
-                        trial("router", rkey, C.masked_gemv_config(K, u.m), r)
+                        trial("router", rkey, C.masked_gemv_config(K, u.m, rank=True), r)
                 if rkey in best:
                     C.TUNED[rkey] = best[rkey][1]
             del cs

@@ -71,6 +71,9 @@ def _sass(compiled) -> str | None:
 
 
 GEMV_CASES = [  # (prologue, tokens, weight dtype, block_k, block_n, warps, fused sum, prefetch)
+    (PROLOGUE_RANK, 1, "bf16", 32, 64, 1, True, False),  # the one-token defaults (configs.py)
+    (PROLOGUE_NEURON, 1, "bf16", 32, 64, 1, True, True),
+    (PROLOGUE_GATED, 1, "bf16", 32, 64, 1, True, True),
     (PROLOGUE_RANK, 1, "bf16", 64, 128, 2, True, False),
     (PROLOGUE_NEURON, 1, "bf16", 64, 128, 2, True, True),
     (PROLOGUE_GATED, 1, "bf16", 32, 128, 2, True, False),
@@ -108,8 +111,8 @@ def test_masked_gemv_compiles(prologue, tokens, dtype, block_k, block_n, warps, 
     assert ".STRONG.GPU" in sass[at:], "the last program's partial loads may hit a stale L1"
 
 
-@pytest.mark.parametrize("tokens, dtype, block_r, block_k, warps", [(1, "bf16", 32, 256, 4), (8, "bf16", 32, 32, 4),
-                                                                    (1, "fp32", 32, 256, 4)])
+@pytest.mark.parametrize("tokens, dtype, block_r, block_k, warps", [(1, "bf16", 16, 512, 4), (1, "bf16", 32, 256, 4),
+                                                                    (8, "bf16", 32, 32, 4), (1, "fp32", 16, 512, 4)])
 def test_router_compiles(tokens, dtype, block_r, block_k, warps):
     compiled = _compile(router_kernel,
                         {"x_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "zpart_ptr": "*fp32", "ticket_ptr": "*i32"},
