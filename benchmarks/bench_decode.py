@@ -18,7 +18,7 @@ from Dynamo's counters; a per-kernel profile of one step says where the time goe
 Usage::
 
     python benchmarks/bench_decode.py [--model llama2-7b|llama3-8b|smollm2] [--layers N]
-        [--batches 1 2 4 8] [--budget 0.56] [--max-cache-len 2048] [--out DIR]
+        [--batches 1 2 4 8] [--budget 0.56] [--max-cache-len 2048] [--tuned tuned.json] [--out DIR]
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from common import (  # noqa: E402
     copy_bandwidth,
     env_info,
     kept_fraction_for_budget,
+    load_tuned,
     markdown_table,
 )
 from ranapass import FlopMeter, NeuronAdapterSpec, Plan, RankAdapterSpec, UnitPlan, attach, detach  # noqa: E402
@@ -314,6 +315,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--max-cache-len", type=int, default=2048)
     ap.add_argument("--profile", action="store_true", help="per-kernel profile of one batch-1 step")
+    ap.add_argument("--tuned", help="tile table written by bench_kernels.py --tune (into configs.TUNED)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args()
     try:
@@ -323,6 +325,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res = {"env": env_info(), "copy_gbps": copy_bandwidth(), "args": vars(args), "runs": []}
+    if args.tuned:
+        res["tuned"] = {" ".join(map(str, k)): str(c) for k, c in load_tuned(args.tuned).items()}
+        print("tuned tiles:", res["tuned"], flush=True)
     for name in args.model or ["llama2-7b"]:
         shape = MODELS[name]
         layers = args.layers or shape.layers
@@ -343,6 +348,8 @@ def report(res: dict) -> str:
              f"{e['date']}; copy {res['copy_gbps']:.0f} GB/s; command `{e['command']}`", "",
              markdown_table([{k: (v if not (isinstance(v, float) and math.isnan(v)) else "") for k, v in r.items()}
                              for r in res["runs"]], cols)]
+    if res.get("tuned"):
+        parts += ["", "tiles from configs.TUNED: " + "; ".join(f"{k}: {v}" for k, v in res["tuned"].items())]
     for r in res["runs"]:
         if "profile" in r:
             parts += ["", f"### profile: {r['model']} x{r['layers']}, batch {r['batch']}, {r['variant']}",

@@ -8,7 +8,9 @@ One run does, in order:
    allocator poisoned (NaN) before each call so an unwritten output element shows;
 3. torch.compile: the three ops in one function under ``mode="reduce-overhead"`` (cudagraph skips must
    be 0) and a dynamic-shape prefill compile, both equal to eager;
-4. optionally (``--sweep``) a sweep of decode tile configs per shape (batch 1, bf16);
+4. optionally (``--tune``) a sweep of one-token tile configs at the Llama-2-7B unit shapes (bf16, the
+   plan's kept fraction), each checked, the fastest installed in ``configs.TUNED`` for the steps below
+   and written to ``tuned.json`` (``bench_decode.py --tuned`` loads it);
 5. decode timing, bf16, batch 1/2/4/8: dense ``F.linear`` vs the adapted op at each unit shape of the
    budget-0.56 plan sizing (rank ``nB = hidden/2``), over kept densities; % of copy bandwidth on the
    bytes each call must read (weights kept by the union of the batch's masks, B in full, inputs);
@@ -16,9 +18,9 @@ One run does, in order:
 
 Usage::
 
-    python benchmarks/bench_kernels.py [--sweep] [--quick] [--out DIR]
+    python benchmarks/bench_kernels.py [--tune] [--quick] [--out DIR]
 
-Writes ``kernels.json`` and ``kernels.md`` under ``--out`` (default ``$OUT`` or ``bench_out``) and
+Writes ``kernels.json``, ``kernels.md`` (and ``tuned.json``) under ``--out`` (default ``$OUT`` or ``bench_out``) and
 prints a short table last.
 """
 
@@ -50,6 +52,7 @@ from common import (  # noqa: E402
     markdown_table,
     poison_allocator,
     rel_err,
+    save_tuned,
     time_graph,
 )
 from ranapass.kernels import configs as C  # noqa: E402
@@ -275,16 +278,24 @@ def time_units(units: list[Unit], T: int, gen, fn) -> tuple[float, list]:
     return time_graph([lambda u=u, i=i: fn(u, i) for u, i in zip(units, inps)]), inps
 
 
-GEMV_TILES = [(64, 128, 2), (32, 256, 2), (64, 64, 2), (32, 128, 2), (16, 256, 2), (64, 128, 4), (128, 128, 4),
-              (64, 256, 4)]  # (block_k, block_n, num_warps)
-ROUTER_TILES = [(256, 32, 4), (512, 16, 4), (256, 16, 2), (128, 32, 2), (512, 32, 8), (256, 64, 8)]
+GEMV_TILES = [(64, 128, 2), (32, 128, 2), (128, 128, 4), (64, 256, 4), (32, 64, 1)]  # (block_k, block_n, warps)
+GEMV_TARGETS = (2048, 1024, 512)  # programs in the grid (configs.auto_splits)
+ROUTER_TILES = [(256, 32, 4), (512, 16, 4), (256, 64, 8), (128, 32, 2), (512, 32, 8)]
+ROUTER_TARGETS = (528, 264, 1056)
 
 
-def sweep(gen: torch.Generator, bw: float, rows: list[dict], save=lambda: None) -> list[dict]:
-    """One-token tile configs per distinct unit shape at the plan's kept fraction; the router is swept
-    with the default masked GEMV."""
+def tune(gen: torch.Generator, bw: float, models, rows: list[dict], save=lambda: None) -> dict:
+    """Time one-token tile configs per distinct unit shape at the plan's kept fraction (bf16) and install
+    the fastest in ``configs.TUNED``; returns the winners as ``{key: KernelConfig}``.
+
+    Every config's output is checked against float64 math (and, with the fused sum, for equal bits on a
+    second call) before it may win. The masked GEMV is tuned with the default router, then the router
+    with the winning GEMV. The first GEMV row per shape is run C's version (split sum in a second launch,
+    default tiles), the second the same tiles with the fused sum: the fused sum's gain, same run.
+    """
+    best: dict[tuple, tuple[float, C.KernelConfig]] = {}
     seen = set()
-    for model in (LLAMA2_7B, LLAMA3_8B):
+    for model in models:
         units = block_units(model)
         f = kept_fraction_for_budget(units, 0.56)
         for u in units:
@@ -293,31 +304,52 @@ def sweep(gen: torch.Generator, bw: float, rows: list[dict], save=lambda: None) 
                 continue
             seen.add(key)
             cs = copies(u, torch.bfloat16, gen, f)
-            K = u.rank if u.kind == "rank" else u.n
-            base_r = C.router_config(u.n, u.rank) if u.kind == "rank" else None
             inp = cs[0].inputs(1, gen)
+            cs[0].thr = clear_of(cs[0].thr, cs[0].scores(inp))
+            for c in cs[1:]:
+                c.thr = cs[0].thr
+            ref = cs[0].reference(inp)
             need = cs[0].must_read(inp)
+            K = u.rank if u.kind == "rank" else u.n
+            router = C.router_config(u.n, u.rank) if u.kind == "rank" else None
 
-            def record(stage, cfg, t):
-                rows.append({"model": model.name, "unit": u.name, "T": 1, "stage": stage, "config": _cfg(cfg),
-                             "us": t, "pct_bw": need / (t * 1e-6) / (bw * 1e9) * 100})
+            def trial(stage, tkey, gemv, r=None):
+                config = (r or router, gemv) if u.kind == "rank" else gemv
+                y = cs[0].launch(inp, config)
+                err = rel_err(y, ref)
+                ok = err <= TOL[torch.bfloat16] and (not gemv.fused_sum or torch.equal(y, cs[0].launch(inp, config)))
+                t = _time_cfg(cs, inp, config)
+                rows.append({"model": model.name, "unit": u.name, "T": 1, "stage": stage,
+                             "config": _cfg(r if stage == "router" else gemv), "us": t,
+                             "pct_bw": need / (t * 1e-6) / (bw * 1e9) * 100, "rel_err": err, "ok": ok})
+                if ok and tkey is not None and (tkey not in best or t < best[tkey][0]):
+                    best[tkey] = (t, r if stage == "router" else gemv)
 
+            gkey = ("gemv", K, u.m)
+            base = C.KernelConfig(64, 128, C.auto_splits(math.ceil(u.m / 128), K, 64), 2, fused_sum=False)
+            trial("gemv (run C)", None, base)
             for bk, bn, w in GEMV_TILES:
-                auto = C.auto_splits(math.ceil(u.m / bn), K, bk)
-                for s in sorted({max(1, auto // 4), auto, min(4 * auto, math.ceil(K / bk))}):
-                    cfg = C.KernelConfig(bk, bn, s, w)
-                    record("gemv", cfg, _time_cfg(cs, inp, (base_r, cfg) if base_r is not None else cfg))
-            if base_r is not None and (u.n, u.rank) not in seen:  # all routers here have one shape
-                seen.add((u.n, u.rank))
+                for target in GEMV_TARGETS:
+                    s = C.auto_splits(math.ceil(u.m / bn), K, bk, target)
+                    trial("gemv", gkey, C.KernelConfig(bk, bn, s, w))
+                    # the prefetch can pay where a split has several chunks; the rank prologue's prefetch
+                    # (IN_SPLITS loads a row) took 164-245 registers a thread in sm_90 compiles: not tried
+                    if u.kind != "rank" and math.ceil(K / bk) >= 2 * s:
+                        trial("gemv", gkey, C.KernelConfig(bk, bn, s, w, prefetch=True))
+            if gkey in best:
+                C.TUNED[gkey] = best[gkey][1]
+            rkey = ("router", u.n, u.rank)
+            if router is not None and rkey not in C.TUNED:  # one router shape serves qkv and gate
                 for bk, bn, w in ROUTER_TILES:
-                    auto = C.auto_splits(math.ceil(u.rank / bn), u.n, bk, 528)
-                    for s in sorted({max(1, auto // 2), auto, min(2 * auto, math.ceil(u.n / bk))}):
-                        r = C.KernelConfig(bk, bn, s, w)
-                        record("router", r, _time_cfg(cs, inp, (r, C.masked_gemv_config(u.rank, u.m))))
+                    for target in ROUTER_TARGETS:
+                        r = C.KernelConfig(bk, bn, C.auto_splits(math.ceil(u.rank / bn), u.n, bk, target), w)
+                        trial("router", rkey, C.masked_gemv_config(K, u.m, rank=True), r)
+                if rkey in best:
+                    C.TUNED[rkey] = best[rkey][1]
             del cs
             torch.cuda.empty_cache()
             save()
-    return rows
+    return {k: v[1] for k, v in best.items()}
 
 
 def profile_breakdown(gen: torch.Generator, bw: float) -> list[dict]:
@@ -359,7 +391,8 @@ def _time_cfg(cs: list[Unit], inp, config) -> float:
 
 
 def _cfg(c: C.KernelConfig) -> str:
-    return f"k{c.block_k} n{c.block_n} s{c.splits} w{c.num_warps}"
+    flags = ("" if c.fused_sum else " split-sum") + (" prefetch" if c.prefetch else "")
+    return f"k{c.block_k} n{c.block_n} s{c.splits} w{c.num_warps}{flags}"
 
 
 def decode_timing(gen: torch.Generator, bw: float, batches: list[int], models) -> list[dict]:
@@ -430,7 +463,9 @@ def prefill_timing(gen: torch.Generator, tokens=(512, 2048)) -> list[dict]:
 # ------------------------------------------------------------------------------------------ main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sweep", action="store_true", help="also sweep decode tile configs (a few minutes)")
+    ap.add_argument("--tune", action="store_true",
+                    help="first time one-token tile configs at the Llama-2-7B shapes and use the fastest "
+                         "(about a minute); writes tuned.json for bench_decode.py --tuned")
     ap.add_argument("--quick", action="store_true", help="fewer check cases, batch 1 and 8 only")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args()
@@ -453,6 +488,12 @@ def main() -> None:
     print("compile:", res["compile"], flush=True)
     _save(out, res)
 
+    if args.tune:
+        res["tune"] = []
+        winners = tune(gen, bw, (LLAMA2_7B,), res["tune"], save=lambda: _save(out, res))
+        save_tuned(out / "tuned.json", winners)
+        print(tune_summary(res["tune"]), flush=True)
+        print(f"tune done ({time.time() - t0:.0f} s)", flush=True)
     batches = [1, 8] if args.quick else BATCHES
     res["decode"] = decode_timing(gen, bw, batches, (LLAMA2_7B, LLAMA3_8B))
     _save(out, res)
@@ -465,12 +506,6 @@ def main() -> None:
     _save(out, res)
     (out / "kernels.md").write_text(report(res))
     print(summary(res), flush=True)
-    if args.sweep:
-        res["sweep"] = []
-        sweep(gen, bw, res["sweep"], save=lambda: _save(out, res))
-        print(f"sweep done ({time.time() - t0:.0f} s)", flush=True)
-    (out / "kernels.md").write_text(report(res))
-    print(sweep_summary(res.get("sweep", [])))
 
 
 def _save(out: Path, res: dict) -> None:
@@ -487,15 +522,10 @@ def report(res: dict) -> str:
              "", "### prefill (bf16)", markdown_table(res["prefill"], ["model", "unit", "T", "dense_us", "adapted_us",
                                                                       "x_dense", "dense_flops_tflops"]),
              "", "### compile", json.dumps(res["compile"])]
-    if "sweep" in res:
-        best = {}
-        for r in res["sweep"]:
-            k = (r["model"], r["unit"], r["T"], r["stage"])
-            if k not in best or r["us"] < best[k]["us"]:
-                best[k] = r
-        parts += ["", "### sweep (best per shape and stage)", markdown_table(list(best.values()),
-                                                                            ["model", "unit", "T", "stage", "config",
-                                                                             "us", "pct_bw"])]
+    if "tune" in res:
+        parts += ["", "### tune: batch 1, bf16, plan density (whole op; router rows: the router config with the "
+                  "tuned GEMV)", markdown_table(res["tune"], ["model", "unit", "stage", "config", "us", "pct_bw",
+                                                              "rel_err", "ok"])]
     if "profile" in res:
         first = ["model", "unit", "floor_us"]
         cols = first + sorted({k for r in res["profile"] for k in r} - set(first))
@@ -503,14 +533,22 @@ def report(res: dict) -> str:
     return "\n".join(parts) + "\n"
 
 
-def sweep_summary(rows: list[dict]) -> str:
-    best = {}
-    for r in rows:
-        k = (r["model"], r["unit"], r["T"], r["stage"])
-        if k not in best or r["us"] < best[k]["us"]:
-            best[k] = r
-    return "\n".join(f"sweep best {k[0]} {k[1]} T={k[2]} {k[3]}: {r['config']} {r['us']:.2f} us {r['pct_bw']:.0f}%"
-                     for k, r in best.items())
+def tune_summary(rows: list[dict]) -> str:
+    """Per unit: run C's version, the fused sum at the same tiles, and the fastest checked config."""
+    lines = []
+    for unit in dict.fromkeys((r["model"], r["unit"]) for r in rows):
+        mine = [r for r in rows if (r["model"], r["unit"]) == unit]
+        run_c = next(r for r in mine if r["stage"] == "gemv (run C)")
+        fused = next(r for r in mine if r["stage"] == "gemv")
+        parts = [f"run C {run_c['us']:.2f}", f"fused {fused['us']:.2f}"]
+        for stage in ("gemv", "router"):
+            ok = [r for r in mine if r["stage"] == stage and r["ok"]]
+            if ok:
+                b = min(ok, key=lambda r: r["us"])
+                parts.append(f"best {stage} {b['us']:.2f} ({b['config']})")
+        bad = sum(not r["ok"] for r in mine)
+        lines.append(f"tune {unit[0]} {unit[1]}: " + ", ".join(parts) + (f", {bad} configs FAILED checks" if bad else ""))
+    return "\n".join(lines)
 
 
 def summary(res: dict) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import math
 import platform
 import shlex
@@ -18,6 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ranapass.cost_model import flops as F
+from ranapass.kernels import configs
 
 # ------------------------------------------------------------------------------------------ shapes
 @dataclasses.dataclass(frozen=True)
@@ -190,3 +192,19 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1e-2 and v != 0 else f"{v:.2f}" if abs(v) < 100 else f"{v:.0f}"
     return str(v)
+
+
+# ------------------------------------------------------------------------------------------ tuned tiles
+def save_tuned(path, table: dict) -> None:
+    """Write ``{("gemv"|"router", a, b): KernelConfig}`` (configs.TUNED's form) as JSON."""
+    rows = [{"stage": k[0], "shape": [k[1], k[2]], "config": dataclasses.asdict(c)} for k, c in table.items()]
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+def load_tuned(path) -> dict:
+    """Read a table written by :func:`save_tuned` into ``configs.TUNED``; returns what was read."""
+    with open(path) as f:
+        table = {(r["stage"], *r["shape"]): configs.KernelConfig(**r["config"]) for r in json.load(f)}
+    configs.TUNED.update(table)
+    return table

@@ -6,8 +6,13 @@ tokens run cuBLAS GEMMs with the same masks (masked_gemm.py). The reduction dime
 split so the grid has about ``TARGET_PROGRAMS`` programs: enough loads in flight on every SM of an
 H100/H200 (132 SMs), while each weight row is still read by one program only.
 
-The one-token tiles are the best of a sweep on an H200 (benchmarks/bench_kernels.py --sweep; figures
-in benchmarks/RESULTS.md); the tiles for several tokens (explicit configs only) are untuned.
+The one-token rules are the winners of a checked sweep on an H200 (benchmarks/bench_kernels.py --tune,
+run D in benchmarks/RESULTS.md): at every Llama-2-7B unit shape the masked GEMV was fastest with
+32-row x 64-column tiles, one warp, about ``TARGET_PROGRAMS`` programs and the split sum fused
+(the prefetch on where a split has several chunks and the prologue is not the rank one), and the router
+with 16 ranks x 512 inputs, 4 warps, 4 splits. Shapes in ``TUNED`` (filled by ``--tune`` or
+``benchmarks/common.load_tuned``) take their own tiles instead. The tiles for several tokens
+(explicit configs only) are untuned.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import dataclasses
 
 import triton
 
-__all__ = ["KernelConfig", "DECODE_MAX_TOKENS", "ROW_SKIP_MAX_TOKENS", "TARGET_PROGRAMS", "router_config",
+__all__ = ["KernelConfig", "DECODE_MAX_TOKENS", "ROW_SKIP_MAX_TOKENS", "TARGET_PROGRAMS", "TUNED", "router_config",
            "masked_gemv_config", "rank_adapter_configs", "auto_splits", "use_kernels"]
 
 DECODE_MAX_TOKENS = 8
@@ -45,6 +50,10 @@ class KernelConfig:
         block_n: outputs per program (ranks for the router, output features for the masked GEMV).
         splits: programs that share one output tile's reduction (fp32 partials, summed in order).
         num_warps, num_stages: Triton launch parameters.
+        fused_sum: masked GEMV only: the last split of each output tile sums the partials (one
+            launch); False: a second launch, ``split_sum_kernel``, sums them.
+        prefetch: masked GEMV only: request the next chunk's masked input while this chunk's weight
+            rows are in flight (pays when a split has several chunks; costs registers).
     """
 
     block_k: int
@@ -52,6 +61,8 @@ class KernelConfig:
     splits: int = 1
     num_warps: int = 4
     num_stages: int = 1
+    fused_sum: bool = True
+    prefetch: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_k", "block_n"):
@@ -67,18 +78,37 @@ def auto_splits(out_tiles: int, k: int, block_k: int, target: int = TARGET_PROGR
     return max(1, min(target // max(out_tiles, 1), triton.cdiv(k, block_k)))
 
 
+TUNED: dict[tuple[str, int, int], KernelConfig] = {}
+"""One-token tiles measured best at a shape, ahead of the rules: ``("router", n, nB)`` and
+``("gemv", K, m)`` -> config."""
+
+
 def router_config(n: int, nB: int, T: int = 1) -> KernelConfig:
     """Decode tiles of ``z = x B^T`` (``B: [nB, n]``) for T tokens."""
-    block_n, block_k = 32, 256 if T == 1 else max(32, 256 // triton.next_power_of_2(T))
-    return KernelConfig(block_k, block_n, auto_splits(triton.cdiv(nB, block_n), n, block_k, 528))
+    if T == 1:
+        if ("router", n, nB) in TUNED:
+            return TUNED["router", n, nB]
+        return KernelConfig(512, 16, auto_splits(triton.cdiv(nB, 16), n, 512, 528), 4)
+    block_k = max(32, 256 // triton.next_power_of_2(T))
+    return KernelConfig(block_k, 32, auto_splits(triton.cdiv(nB, 32), n, block_k, 528))
 
 
-def masked_gemv_config(K: int, m: int, T: int = 1) -> KernelConfig:
-    """Decode tiles of ``y = (keep * v) W`` (``W: [K, m]``, K maskable rows) for T tokens."""
-    block_n, block_k, warps = (128, 64, 2) if T == 1 else (128, max(16, 64 // triton.next_power_of_2(T)), 4)
-    return KernelConfig(block_k, block_n, auto_splits(triton.cdiv(m, block_n), K, block_k), warps)
+def masked_gemv_config(K: int, m: int, T: int = 1, rank: bool = False) -> KernelConfig:
+    """Decode tiles of ``y = (keep * v) W`` (``W: [K, m]``, K maskable rows) for T tokens.
+
+    ``rank``: the rank adapter's GEMV, whose masked input sums the router's partials; it never
+    prefetches (that took 164-245 registers a thread in sm_90 compiles).
+    """
+    if T == 1:
+        if ("gemv", K, m) in TUNED:
+            return TUNED["gemv", K, m]
+        splits = auto_splits(triton.cdiv(m, 64), K, 32)
+        return KernelConfig(32, 64, splits, 1, prefetch=not rank and triton.cdiv(K, 32) >= 2 * splits)
+    # several tokens (union kernels): the split sum in a second launch; fused, they ran 1.25-2.1x slower (run D)
+    block_k = max(16, 64 // triton.next_power_of_2(T))
+    return KernelConfig(block_k, 128, auto_splits(triton.cdiv(m, 128), K, block_k), 4, fused_sum=False)
 
 
 def rank_adapter_configs(n: int, nB: int, m: int, T: int = 1) -> tuple[KernelConfig, KernelConfig]:
     """(router, masked GEMV) decode configs of a rank adapter with ``B: [nB, n]`` and ``At: [nB, m]``."""
-    return router_config(n, nB, T), masked_gemv_config(nB, m, T)
+    return router_config(n, nB, T), masked_gemv_config(nB, m, T, rank=True)

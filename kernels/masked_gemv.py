@@ -1,24 +1,36 @@
 """Masked transposed GEMV for decode: the second step of the rank adapter and the whole neuron adapter.
 
-One kernel computes ``y = (keep * v) @ W`` for 1-8 tokens, where ``W: [K, M]`` is stored row-major with
-one maskable entry per row (a rank of ``At``, or an input of ``Wt``), so a dropped entry skips a
-contiguous row and its bytes are never read::
+One kernel computes ``y = (keep * v) @ W + bias`` for 1-8 tokens, where ``W: [K, M]`` is stored
+row-major with one maskable entry per row (a rank of ``At``, or an input of ``Wt``), so a dropped
+entry skips a contiguous row and its bytes are never read::
 
     for each program (output tile m, split s):                         # grid (M / BM, S)
         acc[T, BM] = 0                                                 # fp32
+        v = masked input of chunk s                                    # PROLOGUE below, fp32, 0 where dropped
         for chunk c = s, s + S, s + 2S, ... < K / BK:                  # strided: masks thin out along K
-            v[T, BK]  = prologue(c)                                    # see PROLOGUE below, fp32
-            v         = where(|v| >= thresholds[c], v, 0)              # per-token mask
             row[BK]   = any over tokens of v != 0                      # union of the kept rows
             w[BK, BM] = load W[c, m] where row                         # dropped rows are never read
+            v_next    = masked input of chunk c + S                    # requested while w is in flight
             acc      += sum over BK of v[:, :, None] * w[None]         # fp32 multiply-add
-        partials[s, :, m] = acc
-    split_sum_kernel: y = sum_s partials[s] + bias, cast to y's dtype  # fixed order: deterministic
+            v         = v_next
+        S == 1:  y[:, m] = acc + bias                                  # cast to y's dtype
+        else:    partials[s, :, m] = acc
+                 ticket = atomic_add(tickets[m], 1)                    # after every warp's stores
+                 if ticket == S - 1:                                   # the last program of tile m
+                     y[:, m] = sum_s partials[s, :, m] + bias          # fixed order: deterministic
+                     tickets[m] = 0                                    # zeroed for the next call
 
-One token takes a 1-D path (``v [BK]``, ``acc [BM]``) whose vectors the compiler lays out along the
-weight tile's rows, as in TEAL's kernel; the weights are loaded ``evict_first`` (read once), the
-small inputs ``evict_last``. A tile is a few warps' worth of loads: many short programs keep enough
-bytes in flight, which the split count sets (configs.py).
+The last program of an output tile sums the partials, so no second launch is needed; the sum runs
+in a fixed order whichever program comes last, so results are bit-reproducible, and ``tickets``
+(int32, one per output tile) must be zero when the kernel starts and are zero again when it ends
+(the launchers zero them in the launch before: the router, or a fill). With ``FUSED_SUM`` off the
+kernel only writes the partials and ``split_sum_kernel`` sums them in a second launch.
+
+One token takes a 1-D path (``v [BK]``, ``acc [BM]``), as in TEAL's kernel; the weights are loaded
+``evict_first`` (read once), the small inputs ``evict_last``. A tile is a few warps' worth of loads:
+many short programs keep enough bytes in flight, which the split count sets (configs.py). With
+``PREFETCH`` the loop is as drawn; without it each chunk's masked input is loaded at the top of its
+own iteration (fewer registers).
 
 Prologues (``PROLOGUE``):
 
@@ -29,8 +41,8 @@ Prologues (``PROLOGUE``):
   and the product each rounded to the input dtype): the middle of a gated MLP, fused.
 
 A token that did not keep a row of the union contributes exact zeros, so each token gets its own
-per-token result. Splitting K writes fp32 partials that a second, tiny kernel sums in a fixed order:
-deterministic, no atomics, no zero-filled buffer, and no bf16 atomic add is needed.
+per-token result. No atomic touches a result (only the int32 tickets), and no bf16 atomic add is
+needed.
 """
 
 from __future__ import annotations
@@ -75,8 +87,8 @@ def _prologue(a_ptr, b_ptr, thr_ptr, offs_t, t_ok, offs_k, k_ok, T, K, stride_at
               IN_SPLITS: tl.constexpr, PROLOGUE: tl.constexpr, ACTIVATION: tl.constexpr, ONE_TOKEN: tl.constexpr,
               INTERPRETER: tl.constexpr):
     """One chunk of the masked input, fp32 with dropped entries 0: ``v [BLOCK_K]`` for one token
-    (``ONE_TOKEN``: plain vectors, so the compiler lays them out along the weight tile's rows with no
-    shuffle), else ``v [BLOCK_T, BLOCK_K]``."""
+    (``ONE_TOKEN``: plain vectors, which the compiler loads in the weight tile's row layout or moves
+    there through shared memory, depending on the tile), else ``v [BLOCK_T, BLOCK_K]``."""
     if ONE_TOKEN:
         offs = offs_k
         ok = k_ok
@@ -106,10 +118,60 @@ def _prologue(a_ptr, b_ptr, thr_ptr, offs_t, t_ok, offs_k, k_ok, T, K, stride_at
 
 
 @triton.jit
+def _tile(offs_t, t_ok, offs_m, m_ok, M, BLOCK_T: tl.constexpr):
+    """Offsets into a ``[T, M]`` tensor of this program's output tile, and their mask."""
+    if BLOCK_T == 1:
+        offs = offs_m
+        ok = m_ok
+    else:
+        offs = offs_t[:, None] * M + offs_m[None, :]
+        ok = t_ok[:, None] & m_ok[None, :]
+    return offs, ok
+
+
+@triton.jit
+def _store_output(acc, bias_ptr, y_ptr, offs, ok, offs_m, m_ok, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
+                  INTERPRETER: tl.constexpr):
+    """``y = acc + bias``, cast to y's dtype (bias added in fp32, after the sum, like split_sum_kernel)."""
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_m, mask=m_ok, other=0.0).to(tl.float32)
+        if BLOCK_T == 1:
+            acc += bias
+        else:
+            acc += bias[None, :]
+    tl.store(y_ptr + offs, cast(acc, y_ptr.dtype.element_ty, INTERPRETER), mask=ok)
+
+
+@triton.jit
+def _sum_partials(part_ptr, offs, ok, n_splits, TM, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr,
+                  BLOCK_M: tl.constexpr):
+    """``sum_s partials[s]`` over this tile, ``BLOCK_S`` splits per load, in a fixed order.
+
+    The partials come from other programs: loaded ``.cg`` (from L2, where their stores landed).
+    """
+    if BLOCK_T == 1:
+        total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for s0 in range(0, n_splits, BLOCK_S):
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            p = tl.load(part_ptr + offs_s[:, None] * TM + offs[None, :],
+                        mask=(offs_s[:, None] < n_splits) & ok[None, :], other=0.0, cache_modifier=".cg")
+            total += tl.sum(p, axis=0)
+    else:
+        total = tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32)
+        for s0 in range(0, n_splits, BLOCK_S):
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            p = tl.load(part_ptr + offs_s[:, None, None] * TM + offs[None, :, :],
+                        mask=(offs_s[:, None, None] < n_splits) & ok[None, :, :], other=0.0, cache_modifier=".cg")
+            total += tl.sum(p, axis=0)
+    return total
+
+
+@triton.jit
 def masked_gemv_kernel(
     # pointers
     a_ptr, b_ptr, thr_ptr,          # prologue inputs (RANK: zpart, -; NEURON: x, -; GATED: gate, up)
-    w_ptr, out_ptr,                 # W [K, M] row-major; partials [S, T, M] fp32
+    w_ptr, bias_ptr,                # W [K, M] row-major; bias [M] (read only if HAS_BIAS)
+    part_ptr, ticket_ptr, y_ptr,    # partials [S, T, M] fp32; tickets [cdiv(M, BLOCK_M)] int32, zero; y [T, M]
     # sizes
     T, K, M,
     # strides (the last dimension of every tensor is contiguous)
@@ -117,8 +179,12 @@ def masked_gemv_kernel(
     stride_wk,
     # meta-parameters
     IN_SPLITS: tl.constexpr,        # RANK: number of router partials to sum
-    PROLOGUE: tl.constexpr, ACTIVATION: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, INTERPRETER: tl.constexpr,
+    PROLOGUE: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
+    FUSED_SUM: tl.constexpr,        # the last program of a tile writes y (else: partials only, split_sum_kernel)
+    PREFETCH: tl.constexpr,         # request the next chunk's masked input before this chunk's multiply-add
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_S: tl.constexpr,          # splits summed per load by the last program
+    INTERPRETER: tl.constexpr,
 ):
     # ---------------------------------------------------------------- program -> tiles
     pid_m = tl.program_id(0)
@@ -135,11 +201,15 @@ def masked_gemv_kernel(
         acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32)
+    if PREFETCH:  # the first chunk's masked input; the loop requests each next one early
+        offs_k = pid_s * BLOCK_K + tl.arange(0, BLOCK_K)
+        v = _prologue(a_ptr, b_ptr, thr_ptr, offs_t, t_ok, offs_k, offs_k < K, T, K, stride_at, stride_bt,
+                      IN_SPLITS, PROLOGUE, ACTIVATION, BLOCK_T == 1, INTERPRETER)
     for c in range(pid_s, tl.cdiv(K, BLOCK_K), n_splits):
         offs_k = c * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        v = _prologue(a_ptr, b_ptr, thr_ptr, offs_t, t_ok, offs_k, k_ok, T, K, stride_at, stride_bt,
-                      IN_SPLITS, PROLOGUE, ACTIVATION, BLOCK_T == 1, INTERPRETER)
+        if not PREFETCH:
+            v = _prologue(a_ptr, b_ptr, thr_ptr, offs_t, t_ok, offs_k, offs_k < K, T, K, stride_at, stride_bt,
+                          IN_SPLITS, PROLOGUE, ACTIVATION, BLOCK_T == 1, INTERPRETER)
         if BLOCK_T == 1:
             row = v != 0.0
         else:  # union over the tokens: a row that no token kept is never loaded
@@ -147,17 +217,32 @@ def masked_gemv_kernel(
         # weights stream through once: evict them first, keep the small inputs in cache
         w = tl.load(w_cols + offs_k[:, None] * stride_wk, mask=row[:, None] & m_ok[None, :], other=0.0,
                     eviction_policy="evict_first").to(tl.float32)
+        if PREFETCH:  # the next chunk's masked input, requested while this chunk's rows are in flight
+            offs_next = offs_k + n_splits * BLOCK_K
+            v_next = _prologue(a_ptr, b_ptr, thr_ptr, offs_t, t_ok, offs_next, offs_next < K, T, K, stride_at,
+                               stride_bt, IN_SPLITS, PROLOGUE, ACTIVATION, BLOCK_T == 1, INTERPRETER)
         if BLOCK_T == 1:
             acc += tl.sum(w * v[:, None], axis=0)
         else:
             acc += tl.sum(v[:, :, None] * w[None, :, :], axis=1)
+        if PREFETCH:
+            v = v_next
 
-    # ---------------------------------------------------------------- this split's partial result
-    if BLOCK_T == 1:
-        tl.store(out_ptr + pid_s * T * M + offs_m, acc, mask=m_ok)
+    # ---------------------------------------------------------------- epilogue
+    offs, ok = _tile(offs_t, t_ok, offs_m, m_ok, M, BLOCK_T)
+    TM = T * M
+    if not FUSED_SUM:
+        tl.store(part_ptr + pid_s * TM + offs, acc, mask=ok)
+    elif n_splits == 1:
+        _store_output(acc, bias_ptr, y_ptr, offs, ok, offs_m, m_ok, HAS_BIAS, BLOCK_T, INTERPRETER)
     else:
-        tl.store(out_ptr + pid_s * T * M + offs_t[:, None] * M + offs_m[None, :], acc,
-                 mask=t_ok[:, None] & m_ok[None, :])
+        tl.store(part_ptr + pid_s * TM + offs, acc, mask=ok)
+        tl.debug_barrier()  # every warp's partial is stored before the ticket publishes them (release)
+        ticket = tl.atomic_add(ticket_ptr + pid_m, 1, sem="acq_rel", scope="gpu")
+        if ticket == n_splits - 1:  # the last program of this tile: every partial is visible (acquire)
+            total = _sum_partials(part_ptr, offs, ok, n_splits, TM, BLOCK_S, BLOCK_T, BLOCK_M)
+            _store_output(total, bias_ptr, y_ptr, offs, ok, offs_m, m_ok, HAS_BIAS, BLOCK_T, INTERPRETER)
+            tl.store(ticket_ptr + pid_m, 0)
 
 
 @triton.jit
@@ -190,28 +275,40 @@ def masked_gemv(
     prologue: int,
     activation: int = 0,
     in_splits: int = 1,
+    tickets: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Launch ``masked_gemv_kernel`` and ``split_sum_kernel``; returns ``y: [T, m]`` (T <= 8 tokens).
+    """Launch ``masked_gemv_kernel`` (and ``split_sum_kernel`` unless ``cfg.fused_sum``); returns ``y: [T, m]``.
 
     ``a`` is the prologue's first input, ``[T, K]`` (RANK: the router partials ``[in_splits, T, K]``),
-    ``b`` the GATED prologue's ``up`` (``[T, K]``) or None.
+    ``b`` the GATED prologue's ``up`` (``[T, K]``) or None. ``tickets``: int32, one zero per output
+    tile (``cdiv(m, cfg.block_n)``), zeroed by an earlier launch (the router); None: a fill here.
     """
     K, m = W.shape
     T = a.shape[-2]
     splits = min(cfg.splits, triton.cdiv(K, cfg.block_k))
+    tiles = triton.cdiv(m, cfg.block_n)
+    fused = cfg.fused_sum or splits == 1
+    if tickets is None:
+        tickets = (torch.zeros if fused and splits > 1 else torch.empty)(tiles, device=W.device, dtype=torch.int32)
     part = torch.empty((splits, T, m), device=W.device, dtype=torch.float32)
-    b = a if b is None else b
-    launch(masked_gemv_kernel)[(triton.cdiv(m, cfg.block_n), splits)](
-        a, b, thresholds, W, part,
-        T, K, m, a.stride(-2), b.stride(-2), W.stride(0),
-        IN_SPLITS=in_splits, PROLOGUE=prologue, ACTIVATION=activation,
-        BLOCK_T=triton.next_power_of_2(T), BLOCK_K=cfg.block_k, BLOCK_M=cfg.block_n, INTERPRETER=triton_interpret(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     y = torch.empty((T, m), device=W.device, dtype=out_dtype)
-    block_s = triton.next_power_of_2(splits)
-    block = max(32, min(256, 8192 // block_s))
-    launch(split_sum_kernel)[(triton.cdiv(T * m, block),)](
-        part, part if bias is None else bias, y, T * m, m,
-        SPLITS=splits, HAS_BIAS=bias is not None, BLOCK_S=block_s, BLOCK=block, INTERPRETER=triton_interpret(),
-        num_warps=4)
+    b = a if b is None else b
+    block_t = triton.next_power_of_2(T)
+    # the last program sums BLOCK_S splits per load: 32 fp32 values per thread (not tied to the split count,
+    # so that one compiled kernel serves every split count)
+    block_s = max(1, 1024 * cfg.num_warps // (block_t * cfg.block_n))
+    launch(masked_gemv_kernel)[(tiles, splits)](
+        a, b, thresholds, W, y if bias is None else bias, part, tickets, y,
+        T, K, m, a.stride(-2), b.stride(-2), W.stride(0),
+        IN_SPLITS=in_splits, PROLOGUE=prologue, ACTIVATION=activation, HAS_BIAS=bias is not None, FUSED_SUM=fused,
+        PREFETCH=cfg.prefetch,
+        BLOCK_T=block_t, BLOCK_K=cfg.block_k, BLOCK_M=cfg.block_n, BLOCK_S=block_s, INTERPRETER=triton_interpret(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if not fused:
+        block_s = triton.next_power_of_2(splits)
+        block = max(32, min(256, 8192 // block_s))
+        launch(split_sum_kernel)[(triton.cdiv(T * m, block),)](
+            part, part if bias is None else bias, y, T * m, m,
+            SPLITS=splits, HAS_BIAS=bias is not None, BLOCK_S=block_s, BLOCK=block, INTERPRETER=triton_interpret(),
+            num_warps=4)
     return y

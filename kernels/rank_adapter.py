@@ -1,11 +1,12 @@
 """Rank adapter ``y = At^T (keep * B x) + bias``, ``keep = |B x| >= thresholds``: decode kernels and launcher.
 
-One decode token (up to 8 with an explicit config) takes three launches::
+One decode token (up to 8 with an explicit config) takes two launches::
 
     router_kernel:      zpart[j] = x @ B[:, K_j]^T            # dense, split-K over the input: [S_z, T, nB] fp32
+                        tickets = 0                           # one program zeroes the GEMV's tile tickets
     masked_gemv_kernel: z = sum_j zpart[j]                    # RANK prologue: fixed-order sum, mask, flags
-                        partials = (keep * z) @ At            # rows of At (ranks) nobody kept are never read
-    split_sum_kernel:   y = sum of the partials + bias
+                        y = (keep * z) @ At + bias            # rows of At (ranks) nobody kept are never read;
+                                                              # the last split of a tile sums the partials
 
 The router is always paid (``B`` is read in full: it decides the mask). Its partial sums are summed
 in the masked GEMV's load stage, so the flags cost no launch and no extra pass; shapes never depend
@@ -30,15 +31,25 @@ __all__ = ["router_kernel", "rank_adapter"]
 @triton.jit
 def router_kernel(
     x_ptr, b_ptr, zpart_ptr,        # x [T, N]; B [R, N] row-major; zpart [S, T, R] fp32
+    ticket_ptr,                     # int32 [N_TICKETS]: the masked GEMV's tile tickets, zeroed here
     T, N, R,
     K_PER_SPLIT,                    # input columns per split, a multiple of BLOCK_K
+    N_TICKETS,
     stride_xt, stride_br,
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """``zpart[s, t, r] = sum over this split's inputs k of x[t, k] * B[r, k]`` (fp32 multiply-add)."""
+    """``zpart[s, t, r] = sum over this split's inputs k of x[t, k] * B[r, k]`` (fp32 multiply-add).
+
+    Program (0, 0) also zeroes the tickets of the masked GEMV launched next (masked_gemv.py), so
+    that kernel needs no fill launch of its own.
+    """
     # ---------------------------------------------------------------- program -> tiles
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
+    if pid_r + pid_s == 0:
+        for i in range(0, N_TICKETS, 128):
+            offs_i = i + tl.arange(0, 128)
+            tl.store(ticket_ptr + offs_i, tl.zeros((128,), dtype=tl.int32), mask=offs_i < N_TICKETS)
     offs_t = tl.arange(0, BLOCK_T)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     t_ok = offs_t < T
@@ -104,11 +115,13 @@ def rank_adapter(
     k_per_split = triton.cdiv(triton.cdiv(n, rc.splits), rc.block_k) * rc.block_k
     z_splits = triton.cdiv(n, k_per_split)
     zpart = torch.empty((z_splits, T, nB), device=x.device, dtype=torch.float32)
+    tickets = torch.empty(triton.cdiv(m, gc.block_n), device=x.device, dtype=torch.int32)
     launch(router_kernel)[(triton.cdiv(nB, rc.block_n), z_splits)](
-        x2, B, zpart, T, n, nB, k_per_split, x2.stride(0), B.stride(0),
+        x2, B, zpart, tickets, T, n, nB, k_per_split, tickets.numel(), x2.stride(0), B.stride(0),
         BLOCK_T=triton.next_power_of_2(T), BLOCK_R=rc.block_n, BLOCK_K=rc.block_k,
         num_warps=rc.num_warps, num_stages=rc.num_stages)
 
     # y = (keep * z) At (+ bias)
-    y = masked_gemv(zpart, None, thresholds, At, bias, x.dtype, gc, PROLOGUE_RANK, in_splits=z_splits)
+    y = masked_gemv(zpart, None, thresholds, At, bias, x.dtype, gc, PROLOGUE_RANK, in_splits=z_splits,
+                    tickets=tickets)
     return y.reshape(*lead, m)

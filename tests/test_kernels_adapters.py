@@ -80,7 +80,8 @@ def _configs(draw_int):
     """A small random decode tile config, or None (the launcher's own choice)."""
     if draw_int(0, 3) == 0:
         return None
-    return KernelConfig(16 << draw_int(0, 1), 16 << draw_int(0, 1), draw_int(1, 4), 4, 1)
+    return KernelConfig(16 << draw_int(0, 1), 16 << draw_int(0, 1), draw_int(1, 4), 4, 1,
+                        fused_sum=draw_int(0, 3) > 0, prefetch=draw_int(0, 1) == 1)
 
 
 TOKENS = st.sampled_from([1, 2, 3, 5, 8, 21])  # >1 token: union kernels (explicit config) or masked GEMMs
@@ -161,6 +162,41 @@ def test_batch_rows_equal_single_token_rows(dtype):
                   torch.cat([neuron_adapter(x[t:t + 1], Wt, thr_n) for t in range(T)])]
     for yb, ys in zip(batch, single):
         assert _rel_err(yb, ys) <= RTOL[dtype]
+
+
+@pytest.mark.parametrize("fused_sum, prefetch", [(True, False), (True, True), (False, False)])
+def test_outputs_and_workspaces_need_no_fill(monkeypatch, fused_sum, prefetch):
+    """Every buffer a launcher takes from ``torch.empty`` is written before it is read: poisoned buffers
+    (NaN, or -7 for the int32 tickets) give the same bits, and the tickets are zero again afterwards."""
+    gen = torch.Generator().manual_seed(2)
+    dtype = torch.bfloat16
+    n, nB, m = 72, 48, 40
+    x = _rand((1, n), dtype, gen)
+    B, At = _rand((nB, n), dtype, gen, n ** -0.5), _rand((nB, m), dtype, gen)
+    z, _ = rank_adapter_scores(x.cpu(), B.cpu(), torch.zeros(nB))
+    thr = _thresholds(z, 0.5, MARGIN[dtype], gen).to(DEVICE)
+    Wt, bias = _rand((n, m), dtype, gen, n ** -0.5), _rand((m,), dtype, gen)
+    thr_n = _thresholds(x.cpu().float(), 0.5, MARGIN[dtype], gen).to(DEVICE)
+    gemv = KernelConfig(16, 16, 3, 4, fused_sum=fused_sum, prefetch=prefetch)
+    calls = [lambda: rank_adapter(x, B, At, thr, bias, config=(KernelConfig(16, 16, 2), gemv)),
+             lambda: neuron_adapter(x, Wt, thr_n, bias, config=gemv),
+             lambda: gated_neuron_adapter(x, x, Wt, thr_n, None, "silu", config=gemv)]
+    with direct_launch():
+        clean = [f() for f in calls]
+        empties = []
+
+        def poisoned(*size, dtype=None, **kwargs):
+            t = torch.full(size[0] if len(size) == 1 and not isinstance(size[0], int) else size,
+                           -7 if dtype == torch.int32 else float("nan"), dtype=dtype, **kwargs)
+            empties.append(t)
+            return t
+
+        monkeypatch.setattr(torch, "empty", poisoned)
+        dirty = [f() for f in calls]
+    for a, b in zip(clean, dirty):
+        assert torch.equal(a, b)
+    tickets = [t for t in empties if t.dtype == torch.int32]  # the rank adapter's first: the router zeroes them
+    assert tickets and all((t == 0).all() for t in (tickets if fused_sum else tickets[:1]))
 
 
 def test_leading_dims_and_prefill_regime():
