@@ -1,8 +1,8 @@
 """Dense, eager adapted and compiled adapted perplexity of one plan, side by side (the demo's last step).
 
 ``compare_compiled(model, plan, windows)`` runs the model three ways on the same token windows: dense,
-with the plan's adapters run eagerly (``Attachment.eager()``, which also measures the kept ranks, so the
-FLOPs are *measured*), and compiled with the ranapass backend. The compiled perplexity must equal the
+with the plan's adapters run eagerly (``evaluate.adapted_perplexity``, which also measures the kept ranks,
+so the FLOPs are *measured*), and compiled with the ranapass backend. The compiled perplexity must equal the
 eager adapted one up to rounding; the dense one is the baseline. A graph-diff summary says what the
 pass rewrote.
 """
@@ -13,9 +13,10 @@ import dataclasses
 
 import torch
 
-from ranapass.attach import FlopMeter, attach
+from ranapass.attach import attach
 from ranapass.backend import RanaBackend
 from ranapass.diff import diff
+from ranapass.evaluate import adapted_perplexity, perplexity
 from ranapass.plan import Plan
 
 __all__ = ["CompiledComparison", "compare_compiled"]
@@ -72,18 +73,15 @@ def compare_compiled(model: torch.nn.Module, plan: Plan, windows: torch.Tensor, 
         plan = ranapass.profile(model, ranapass.data.calibration_windows(tok)).plan(budget=0.56)
         print(compare_compiled(model, plan, ranapass.data.evaluation_windows(tok)).format())
     """
-    from ranapass.evaluate import perplexity
-
     backend = backend or RanaBackend(strict=True)
     dense = perplexity(model, windows, batch_size, progress=progress)
-    attachment = attach(model, plan)
-    with attachment.eager(), FlopMeter() as meter:
-        eager = perplexity(model, windows, batch_size, progress=progress)
+    eager = adapted_perplexity(model, plan, windows, batch_size, progress=progress)
+    attach(model, plan)
     compiled = perplexity(torch.compile(model, backend=backend), windows, batch_size, progress=progress)
     backend.check(model)
     summary = diff(model, windows[:1, :16]).summary()
     return CompiledComparison(
-        budget=plan.budget, dense_ppl=dense.ppl, eager_ppl=eager.ppl, compiled_ppl=compiled.ppl,
-        flop_ratio_expected=plan.expected_ratio(), flop_ratio_measured=meter.ratio(plan),
+        budget=plan.budget, dense_ppl=dense.ppl, eager_ppl=eager.perplexity.ppl, compiled_ppl=compiled.ppl,
+        flop_ratio_expected=plan.expected_ratio(), flop_ratio_measured=eager.flop_ratio,
         graphs=len(backend.reports), units_rewritten=max(r.rewritten for r in backend.reports),
         units_adapted=len(plan.adapted), diff_summary=summary)

@@ -12,6 +12,7 @@ import ranapass
 from ranapass.backend import RanaBackend, unrewritten_units
 from ranapass.cli import main
 from ranapass.diff import diff
+from ranapass.models import load_model
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 ARCH = "LlamaForCausalLM"
@@ -88,19 +89,31 @@ def test_units_a_traced_submodule_never_reaches_are_named(attached):
     assert missing == [u.name for u in plan.adapted if ".layers.1.mlp." not in u.name]
 
 
-def test_cli_writes_html_and_prints_json(tmp_path, capsys):
-    model, inputs = tiny_model(ARCH), tiny_inputs(ARCH)
-    model.save_pretrained(tmp_path / "model")
-    build_plan(model, inputs).save(tmp_path / "plan")
+def test_cli_with_a_saved_plan_writes_html_and_prints_json(tmp_path, capsys, tiny_llama_dir):
+    model, _ = load_model(str(tiny_llama_dir))
+    plan = build_plan(model, torch.randint(0, model.config.vocab_size, (2, 16)))
+    plan.save(tmp_path / "plan")
+    args = ["diff", "--model", str(tiny_llama_dir), "--plan", str(tmp_path / "plan"), "--tokens", "8"]
 
     out = tmp_path / "diff.html"
-    assert main(["diff", "--model", str(tmp_path / "model"), "--plan", str(tmp_path / "plan"),
-                 "--tokens", "8", "--out", str(out), "--json"]) == 0
+    assert main([*args, "--out", str(out), "--json"]) == 0
     payload = json.loads(capsys.readouterr().out)
-    assert payload["units_rewritten"] == 8 and payload["out"] == str(out)
+    assert payload["units_rewritten"] == len(plan.adapted) and payload["out"] == str(out)
     assert out.read_text().startswith("<!DOCTYPE html>")
 
-    assert main(["diff", "--model", str(tmp_path / "model"), "--plan", str(tmp_path / "plan"),
-                 "--tokens", "8"]) == 0
+    assert main(args) == 0
     text = capsys.readouterr().out
     assert "ranapass.rank_adapter" in text and "+++ graph 0: after ranapass" in text
+
+
+def test_cli_plans_from_the_profile_by_default(capsys, tiny_llama_dir, text_dir, isolated_cache):
+    calib = ["--calib-windows", "16", "--calib-window-len", "32", "--error-weighting", "relative"]
+    assert main(["diff", "--model", str(tiny_llama_dir), "--text", str(text_dir), *calib, "--budget", "0.6",
+                 "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["units_rewritten"] > 0 and payload["unrewritten_units"] == []
+
+
+def test_cli_missing_plan_is_a_clear_error(capsys, tiny_llama_dir, tmp_path):
+    assert main(["diff", "--model", str(tiny_llama_dir), "--plan", str(tmp_path / "nowhere")]) == 2
+    assert "holds no plan.json" in capsys.readouterr().err

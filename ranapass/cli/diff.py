@@ -1,4 +1,4 @@
-"""``ranapass diff``: show which linears of a model's graph the ranapass pass rewrites, and into what."""
+"""``ranapass diff``: which linears of the model's graph the ranapass pass rewrites, and into what."""
 
 from __future__ import annotations
 
@@ -7,17 +7,27 @@ from pathlib import Path
 
 import torch
 
+from ranapass.cli import eval as eval_cli
 from ranapass.cli._output import add_json_flag, emit
+from ranapass.cli._workflow import add_plan_args, add_profile_args, load_profile, plan_from_args
+from ranapass.data import TextSourceError
+from ranapass.models import DEFAULT_MODEL, ModelLoadError, load_model
+from ranapass.plan import Plan
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "diff", help="graph diff of the ranapass rewrite (table, unified diff, HTML)",
-        description="Trace the model with Dynamo, run the ranapass pass with the plan attached, and print the "
-                    "per-node table and the unified diff of the graph code before and after.")
-    parser.add_argument("--model", help="Hugging Face model id or local path (default: the bundled SmolLM2)")
-    parser.add_argument("--plan", required=True, type=Path, help="plan directory written by Plan.save")
-    parser.add_argument("--tokens", type=int, default=16, help="length of the example prompt (default 16)")
+        "diff", help="graph diff of the ranapass rewrite: per-node table, unified diff, HTML",
+        description="Trace the model with Dynamo on an example prompt, run the ranapass pass with a plan "
+                    "attached (--plan, or --budget from the cached profile), and print the per-node table "
+                    "and the unified diff of the graph code before and after the pass.")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model name, folder, .gguf or HF id")
+    parser.add_argument("--plan", default=None, help="a saved plan (directory) instead of --budget")
+    parser.add_argument("--text", default="python-docs", help="text source whose calibration split profiles")
+    add_profile_args(parser)
+    add_plan_args(parser)
+    parser.add_argument("--tokens", type=int, default=16,
+                        help="length of the example prompt (random token ids: the graph does not depend on them)")
     parser.add_argument("--out", type=Path, help="write the full diff to this file")
     parser.add_argument("--format", choices=("text", "html"),
                         help="format of --out (default: html for a .html file, else text)")
@@ -25,22 +35,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _load_model(name: str | None) -> torch.nn.Module:
-    if name is None:
-        from ranapass.models import load_model
-
-        return load_model()
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(name).eval()
-
-
 def run(args: argparse.Namespace) -> int:
     import ranapass
     from ranapass.diff import diff
 
-    model = _load_model(args.model)
-    ranapass.attach(model, ranapass.Plan.load(args.plan))
+    try:
+        model, tokenizer = load_model(args.model)
+        plan = Plan.load(args.plan) if args.plan else plan_from_args(args, load_profile(args, model, tokenizer)[0])
+        ranapass.attach(model, plan)
+    except (ModelLoadError, TextSourceError, ValueError, FileNotFoundError) as e:
+        return eval_cli.fail(args, e)
     ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0))
     result = diff(model, ids.to(next(model.parameters()).device))
 
