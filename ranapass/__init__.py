@@ -7,19 +7,24 @@ Calibrate once (``profile``), allocate ranks globally under a FLOP budget (``Pro
 from ranapass.adapters import AdapterSpec, NeuronAdapterSpec, RankAdapterSpec, register_adapter
 from ranapass.attach import Attachment, FlopMeter, attach, detach
 from ranapass.fingerprint import weights_fingerprint
+from ranapass.lora import LoraAdapter, LoraCompression, compress_lora, load_lora
 from ranapass.plan import Plan, PlanMismatchError, UnitPlan
 
 __all__ = [
     "AdapterSpec",
     "Attachment",
     "FlopMeter",
+    "LoraAdapter",
+    "LoraCompression",
     "NeuronAdapterSpec",
     "Plan",
     "PlanMismatchError",
     "RankAdapterSpec",
     "UnitPlan",
     "attach",
+    "compress_lora",
     "detach",
+    "load_lora",
     "register_adapter",
     "weights_fingerprint",
 ]
