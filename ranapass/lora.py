@@ -192,7 +192,7 @@ def _from_state_dict(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -
     _check_config(config)
     if any(".lora_magnitude_vector" in k for k in tensors):
         raise ValueError("cannot compress this adapter: it holds DoRA magnitude vectors (lora_magnitude_vector)")
-    alpha = config.get("lora_alpha", config.get("r", 8))
+    alpha = config.get("lora_alpha", 8)  # PEFT's default
     alpha_pattern = config.get("alpha_pattern") or {}
     rslora = bool(config.get("use_rslora", False))
     used: set[str] = set()
@@ -474,9 +474,15 @@ def compress_lora(
         b, a = spec.factors(k)
         new_modules.append(dataclasses.replace(f, A=a.to(f.A.dtype), B=b.to(f.B.dtype), scale=1.0))
         kept[f.name] = k
-    config = _compressed_config(adapter.config, kept, dropped=len(kept) < len(modules))
+    # A dropped module is no longer wrapped by PEFT: tensors saved under it (an embedding's base_layer) go too.
+    dropped = tuple(f"{f.key}." for f, k in zip(modules, ranks) if k == 0)
+    extra = {k: v for k, v in adapter.extra.items() if not k.startswith(dropped)} if dropped else dict(adapter.extra)
+    if len(extra) < len(adapter.extra):
+        log.warning("dropped %d tensors saved under modules left at rank 0: %s", len(adapter.extra) - len(extra),
+                    sorted(set(adapter.extra) - set(extra)))
+    config = _compressed_config(adapter.config, kept, dropped=bool(dropped))
     cost_after = float(sum(k * c for k, c in zip(ranks, costs)))
     log.info("LoRA %s: kept %d of %d modules, %.2f%% of %s", method, len(kept), len(modules),
              100 * cost_after / cost_before, target)
-    return LoraCompression(LoraAdapter(config, new_modules, dict(adapter.extra)), rows, method, target,
-                           keep, error, cost_before, cost_after)
+    return LoraCompression(LoraAdapter(config, new_modules, extra), rows, method, target, keep, error,
+                           cost_before, cost_after)

@@ -72,6 +72,12 @@ def logits(model, ids) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
+@pytest.fixture(scope="module")
+def default_adapter(tmp_path_factory):
+    """The default adapter (rank 8 on every block linear), shared by the tests that only read it."""
+    return make_adapter(tmp_path_factory.mktemp("lora"))
+
+
 @pytest.fixture
 def ids() -> torch.Tensor:
     return torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -125,8 +131,8 @@ def test_keep_one_reproduces_outputs(tmp_path, ids, method, lora_kwargs):
 
 
 @pytest.mark.parametrize("method", ["global", "threshold", "uniform"])
-def test_quarter_keeps_budget_and_known_error(tmp_path, ids, method):
-    model, folder, spectra = make_adapter(tmp_path)
+def test_quarter_keeps_budget_and_known_error(tmp_path, ids, default_adapter, method):
+    model, folder, spectra = default_adapter
     result = compress_lora(folder, 0.25, method=method)
     assert result.params_after <= 0.25 * result.params_before
     out = result.adapter.save(tmp_path / "out")
@@ -148,8 +154,8 @@ def test_quarter_keeps_budget_and_known_error(tmp_path, ids, method):
     assert (logits(loaded, ids) - full).norm().item() < 0.25 * moved
 
 
-def test_global_discards_least_energy(tmp_path):
-    _, folder, _ = make_adapter(tmp_path)
+def test_global_discards_least_energy(tmp_path, default_adapter):
+    _, folder, _ = default_adapter
     adapter = load_lora(folder)
     discarded = {}
     for method in ("global", "threshold", "uniform"):
@@ -182,8 +188,8 @@ def test_threshold_ignores_cost_per_rank():
     assert best.energy_kept > threshold.energy_kept
 
 
-def test_rank_zero_modules_are_dropped(tmp_path, ids):
-    model, folder, _ = make_adapter(tmp_path)
+def test_rank_zero_modules_are_dropped(tmp_path, default_adapter, ids):
+    model, folder, _ = default_adapter
     result = compress_lora(folder, 0.05, method="global")
     dropped = [m.name for m in result.modules if m.kept == 0]
     assert dropped, "the budget should leave some module at rank 0"
@@ -213,8 +219,18 @@ def test_embedding_lora_round_trip(tmp_path, ids):
     torch.testing.assert_close(logits(loaded, ids), logits(model, ids), **FP32)
 
 
-def test_in_memory_peft_model_matches_folder(tmp_path):
-    model, folder, _ = make_adapter(tmp_path)
+def test_compressed_adapter_compresses_again(tmp_path, ids, default_adapter):
+    """The output's rank_pattern/alpha_pattern are read back: keep=1.0 on it reproduces it."""
+    _, folder, _ = default_adapter
+    once = compress_lora(folder, 0.5).adapter.save(tmp_path / "once")
+    again = compress_lora(once, 1.0).adapter.save(tmp_path / "again")
+    first = peft.PeftModel.from_pretrained(tiny_llama(), once).eval()
+    second = peft.PeftModel.from_pretrained(tiny_llama(), again).eval()
+    torch.testing.assert_close(logits(second, ids), logits(first, ids), **FP32)
+
+
+def test_in_memory_peft_model_matches_folder(tmp_path, default_adapter):
+    model, folder, _ = default_adapter
     from_model = compress_lora(model, 0.25)
     from_folder = compress_lora(folder, 0.25)
     assert [m.kept for m in from_model.modules] == [m.kept for m in from_folder.modules]
@@ -222,8 +238,8 @@ def test_in_memory_peft_model_matches_folder(tmp_path):
         torch.testing.assert_close(a.delta(), b.delta())
 
 
-def test_input_is_not_changed(tmp_path):
-    _, folder, _ = make_adapter(tmp_path)
+def test_input_is_not_changed(tmp_path, default_adapter):
+    _, folder, _ = default_adapter
     adapter = load_lora(folder)
     before = {k: v.clone() for k, v in adapter.state_dict().items()}
     config = dict(adapter.config)
@@ -244,14 +260,14 @@ def test_input_is_not_changed(tmp_path):
     ({"target": "bytes"}, "target must be one of"),
     ({"error": "l1"}, "error must be one of"),
 ])
-def test_bad_arguments(tmp_path, kwargs, match):
-    _, folder, _ = make_adapter(tmp_path)
+def test_bad_arguments(tmp_path, default_adapter, kwargs, match):
+    _, folder, _ = default_adapter
     with pytest.raises(ValueError, match=match):
         compress_lora(folder, **{"keep": 0.25, **kwargs})
 
 
-def test_keep_too_small(tmp_path):
-    _, folder, _ = make_adapter(tmp_path)
+def test_keep_too_small(tmp_path, default_adapter):
+    _, folder, _ = default_adapter
     with pytest.raises(ValueError, match="leaves no rank"):
         compress_lora(folder, 1e-6)
 
@@ -275,10 +291,10 @@ def test_missing_files(tmp_path):
 # CLI
 
 
-def test_cli_writes_adapter_and_json(tmp_path, capsys, ids):
+def test_cli_writes_adapter_and_json(tmp_path, default_adapter, capsys, ids):
     from ranapass.cli import main
 
-    model, folder, _ = make_adapter(tmp_path)
+    model, folder, _ = default_adapter
     out = tmp_path / "out"
     assert main(["lora-compress", str(folder), "--keep", "1", "--out", str(out), "--json"]) == 0
     payload = json.loads(capsys.readouterr().out)
@@ -288,10 +304,10 @@ def test_cli_writes_adapter_and_json(tmp_path, capsys, ids):
     torch.testing.assert_close(logits(loaded, ids), logits(model, ids), **FP32)
 
 
-def test_cli_table_and_errors(tmp_path, capsys):
+def test_cli_table_and_errors(tmp_path, default_adapter, capsys):
     from ranapass.cli import main
 
-    _, folder, _ = make_adapter(tmp_path)
+    _, folder, _ = default_adapter
     assert main(["lora-compress", str(folder), "--keep", "0.25", "--method", "uniform"]) == 0
     text = capsys.readouterr().out
     assert "model.layers.1.mlp.down_proj" in text and "LoRA parameters: 8,960 -> 2,240 (25.00%)" in text
