@@ -74,8 +74,8 @@ def _lower_hull(costs: np.ndarray, errors: np.ndarray) -> np.ndarray:
             continue  # dearer and not better: never optimal
         while len(hull) >= 2:
             a, b = hull[-2], hull[-1]
-            # b is above the segment a -> i: drop it
-            if (errors[b] - errors[a]) * (costs[i] - costs[a]) >= (errors[i] - errors[a]) * (costs[b] - costs[a]):
+            # b strictly above the segment a -> i is never optimal; points on it are kept (they fill budgets).
+            if (errors[b] - errors[a]) * (costs[i] - costs[a]) > (errors[i] - errors[a]) * (costs[b] - costs[a]):
                 hull.pop()
             else:
                 break

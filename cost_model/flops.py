@@ -26,6 +26,8 @@ __all__ = [
     "neuron_adapter",
     "attention_scores",
     "per_token",
+    "rank_adapter_per_token",
+    "neuron_adapter_per_token",
 ]
 
 T = sympy.Symbol("T", positive=True, integer=True)
@@ -55,6 +57,13 @@ def neuron_adapter(m: int, n: int, kept: float | sympy.Expr) -> sympy.Expr:
 def attention_scores(num_heads: int, head_dim: int) -> sympy.Expr:
     """FLOPs of ``softmax(q k^T) v`` for T query tokens over S keys (the softmax itself not counted)."""
     return T * S * 4 * num_heads * head_dim
+
+
+_m, _n, _r, _k = sympy.symbols("m n r k", positive=True)
+rank_adapter_per_token = sympy.lambdify((_m, _n, _r, _k), rank_adapter(_m, _n, _r, _k).subs(T, 1), "numpy")
+"""Numeric ``rank_adapter`` per token, ``f(m, n, rank, kept)``, vectorised over numpy arrays."""
+neuron_adapter_per_token = sympy.lambdify((_m, _n, _k), neuron_adapter(_m, _n, _k).subs(T, 1), "numpy")
+"""Numeric ``neuron_adapter`` per token, ``f(m, n, kept)``, vectorised over numpy arrays."""
 
 
 def per_token(expr: sympy.Expr) -> float:

@@ -9,6 +9,7 @@ from ranapass.attach import Attachment, FlopMeter, attach, detach
 from ranapass.fingerprint import weights_fingerprint
 from ranapass.lora import LoraAdapter, LoraCompression, compress_lora, load_lora
 from ranapass.plan import Plan, PlanMismatchError, UnitPlan
+from ranapass.profiling import Profile, ProfileOptions, profile
 
 __all__ = [
     "AdapterSpec",
@@ -19,12 +20,15 @@ __all__ = [
     "NeuronAdapterSpec",
     "Plan",
     "PlanMismatchError",
+    "Profile",
+    "ProfileOptions",
     "RankAdapterSpec",
     "UnitPlan",
     "attach",
     "compress_lora",
     "detach",
     "load_lora",
+    "profile",
     "register_adapter",
     "weights_fingerprint",
 ]

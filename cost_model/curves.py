@@ -1,0 +1,171 @@
+"""Candidate curves: for one unit and one adapter kind, expected FLOPs and error of each configuration.
+
+A configuration is (static rank nB, threshold tau) for the rank adapter and tau for the neuron
+adapter. Both come from a sample of calibration inputs:
+
+- rank adapter: with orthonormal A the squared output error of a token is the energy of the ranks it
+  drops, so sorting all (token, rank) scores once and taking cumulative sums of their energies gives
+  the kept count and the error of *every* threshold for every nB (no brute-force search);
+- neuron adapter: the kept count comes from sorted input scores; the error ``||W (drop * x)||^2`` is
+  evaluated exactly (with the output weights) on a sub-sample at each threshold of the grid.
+
+Errors are weighted per output channel (``out_weight``) so that units are comparable: relative
+(``1 / E||y||^2``) or output-gradient (Fisher) weights; see ``ranapass.profile``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from ranapass.cost_model import flops as F
+
+__all__ = ["Curve", "KEEP_FRACTIONS", "rank_grid", "rank_curve", "neuron_curve", "static_rank_curve"]
+
+KEEP_FRACTIONS = np.array([0.03, 0.06, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65,
+                           0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0])
+"""Kept fractions (of nB ranks, or of n inputs) at which thresholds are placed; 1.0 = no mask."""
+
+
+@dataclasses.dataclass
+class Curve:
+    """Configurations of one adapter kind on one unit. All arrays have one entry per candidate.
+
+    Attributes:
+        kind: "rank" or "neuron".
+        rank: static rank nB (rank adapter) or the input width (neuron adapter).
+        tau: score threshold (0 keeps everything: a static low-rank or dense-equivalent candidate).
+        kept: expected kept ranks/inputs per token on the calibration sample.
+        flops: expected FLOPs per token (cost_model/flops.py).
+        error: expected weighted squared output error per token.
+    """
+
+    kind: str
+    rank: np.ndarray
+    tau: np.ndarray
+    kept: np.ndarray
+    flops: np.ndarray
+    error: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.flops)
+
+    def select(self, mask: np.ndarray) -> Curve:
+        return Curve(self.kind, *(getattr(self, f)[mask] for f in ("rank", "tau", "kept", "flops", "error")))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {f: getattr(self, f) for f in ("rank", "tau", "kept", "flops", "error")}
+
+
+def rank_grid(r: int, steps: int = 24) -> list[int]:
+    """Static ranks tried for a rank-r unit: denser near full rank, multiples of 8 when r allows."""
+    fr = np.unique(np.concatenate([np.linspace(1 / steps, 1.0, steps), [0.98, 0.96, 0.94, 0.92]]))
+    q = 8 if r >= 64 else 1
+    ranks = sorted({max(q, min(r, int(round(f * r / q)) * q)) for f in fr} | {r})
+    return ranks
+
+
+def _rank_flops(m: int, n: int, rank: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    return np.asarray(F.rank_adapter_per_token(m, n, rank.astype(np.float64), kept), dtype=np.float64)
+
+
+@torch.no_grad()
+def rank_curve(z: torch.Tensor, rank_weight: torch.Tensor, m: int, n: int, *, ranks: list[int] | None = None,
+               fractions: np.ndarray = KEEP_FRACTIONS) -> Curve:
+    """Candidates of a rank adapter from sample coordinates ``z = B x``.
+
+    Args:
+        z: ``[N, r]`` coordinates of N sample tokens on the orthonormal output basis (score = |z|).
+        rank_weight: ``[r]`` error weight of each rank (``sum_c w_c A_ci^2``).
+        m, n: the unit's output and input widths (for FLOPs).
+        ranks: static ranks to try (default ``rank_grid(r)``).
+        fractions: kept fractions of nB at which thresholds are placed.
+    """
+    z = z.float()
+    N, r = z.shape
+    ranks = ranks or rank_grid(r)
+    scores = z.abs().reshape(-1)
+    energy = (z.square() * rank_weight.float()).reshape(-1).double()
+    total = float(energy.sum()) / N
+    order = torch.argsort(scores, descending=True)
+    s_sorted = scores[order]
+    e_sorted = energy[order]
+    r_sorted = order % r
+    out = {"rank": [], "tau": [], "kept": [], "error": []}
+    for nb in ranks:
+        sel = r_sorted < nb
+        cum = torch.cumsum(e_sorted[sel], 0)
+        s_nb = s_sorted[sel]
+        count = cum.numel()
+        for f in fractions:
+            k = int(round(f * count))
+            if f >= 1.0 or k >= count:
+                tau, kept_e, k = 0.0, float(cum[-1]), count
+            elif k == 0:
+                tau, kept_e = float(s_nb[0]) * 1.0001 + 1e-30, 0.0
+            else:
+                tau, kept_e = float(s_nb[k - 1]), float(cum[k - 1])
+            out["rank"].append(nb)
+            out["tau"].append(tau)
+            out["kept"].append(k / N)
+            out["error"].append(max(total - kept_e / N, 0.0))
+    rank = np.array(out["rank"])
+    kept = np.array(out["kept"])
+    return Curve("rank", rank, np.array(out["tau"]), kept, _rank_flops(m, n, rank, kept), np.array(out["error"]))
+
+
+def static_rank_curve(energy: torch.Tensor, rank_weight: torch.Tensor, m: int, n: int,
+                      ranks: list[int] | None = None) -> Curve:
+    """Static low-rank candidates (no mask) from per-rank mean energies alone (no token sample needed).
+
+    Used by data-free profiling: with ``C = I`` the energies are the squared singular values of W.
+    """
+    r = energy.numel()
+    ranks = ranks or rank_grid(r)
+    weighted = (energy.double() * rank_weight.double())
+    total = float(weighted.sum())
+    cum = torch.cumsum(weighted, 0)
+    rank = np.array(ranks)
+    kept = rank.astype(np.float64)
+    error = np.array([max(total - float(cum[b - 1]), 0.0) for b in ranks])
+    return Curve("rank", rank, np.zeros(len(ranks)), kept, _rank_flops(m, n, rank, kept), error)
+
+
+@torch.no_grad()
+def neuron_curve(x: torch.Tensor, weight: torch.Tensor, out_weight: torch.Tensor, *,
+                 fractions: np.ndarray = KEEP_FRACTIONS, exact_tokens: int = 384) -> Curve:
+    """Candidates of a neuron adapter from sample inputs.
+
+    Args:
+        x: ``[N, n]`` sample inputs of the unit.
+        weight: ``[m, n]`` the (stacked) weight.
+        out_weight: ``[m]`` error weight of each output channel.
+        fractions: kept fractions of the n inputs at which thresholds are placed.
+        exact_tokens: sample rows on which the error is computed exactly at every threshold.
+    """
+    x = x.float()
+    w = weight.detach().float()
+    N, n = x.shape
+    m = w.shape[0]
+    col_norm = w.norm(dim=0)
+    scores = x.abs() * col_norm
+    flat = scores.reshape(-1)
+    sorted_scores = torch.sort(flat, descending=True).values
+    xe, se = x[:exact_tokens], scores[:exact_tokens]
+    wo = out_weight.float().sqrt()
+    taus, kept, errors = [], [], []
+    for f in fractions:
+        k = int(round(f * flat.numel()))
+        tau = 0.0 if (f >= 1.0 or k >= flat.numel()) else float(sorted_scores[max(k - 1, 0)])
+        if f < 1.0 and k == 0:
+            tau = float(sorted_scores[0]) * 1.0001 + 1e-30
+        dropped = torch.where(se >= tau, 0.0, xe)
+        err = ((dropped @ w.t()) * wo).square().sum(1).mean() if tau > 0 else torch.tensor(0.0)
+        taus.append(tau)
+        kept.append(float((scores >= tau).sum()) / N if tau > 0 else float(n))
+        errors.append(float(err))
+    kept_a = np.array(kept)
+    flops = np.asarray(F.neuron_adapter_per_token(m, n, kept_a), dtype=np.float64)
+    return Curve("neuron", np.full(len(kept_a), n), np.array(taus), kept_a, flops, np.array(errors))

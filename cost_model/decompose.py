@@ -1,0 +1,50 @@
+"""Data-aware low-rank decomposition of a linear layer (RaNA's rank adapter basis).
+
+With ``C = sum_x x x^T`` over calibration inputs, A holds the top eigenvectors of ``W C W^T``
+(the principal axes of the layer's *outputs*, orthonormal) and ``B = A^T W``. Then ``B x`` are
+the coordinates of the true output ``W x`` in that basis, ``A B`` projects onto W's column space,
+and dropping rank i costs exactly ``(B x)_i^2`` of squared output error per token. This equals the
+reference code's SVD of ``W X`` with ``pinv(X)`` whenever X has full row rank, without the pinv.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["gram_factor", "output_pca", "weight_svd"]
+
+
+@torch.no_grad()
+def gram_factor(gram: torch.Tensor, tokens: int) -> torch.Tensor:
+    """``L`` with ``L L^T = gram / tokens`` (float64), shared by every linear reading that input."""
+    if tokens <= 0:
+        raise ValueError("gram_factor needs at least one calibration token")
+    c = gram.to(torch.float64) / tokens
+    evals, evecs = torch.linalg.eigh(0.5 * (c + c.t()))
+    return evecs * evals.clamp_min(0.0).sqrt()
+
+
+@torch.no_grad()
+def output_pca(weight: torch.Tensor, factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output principal axes of ``y = W x`` for inputs with second moment ``factor factor^T``.
+
+    ``W C W^T = (W L)(W L)^T``, so its eigenvectors are the left singular vectors of ``W L``: an
+    ``[m, n]`` SVD instead of an ``[m, m]`` eigenproblem (q/k/v or gate/up stacks are tall).
+
+    Args:
+        weight: ``[m, n]``.
+        factor: ``[n, n]`` from ``gram_factor``.
+
+    Returns:
+        ``A``: ``[m, r]`` float32 with orthonormal columns, ``r = min(m, n)``, by falling energy;
+        ``energy``: ``[r]`` float64, the mean squared output along each axis (``E (B x)_i^2``).
+    """
+    u, s, _ = torch.linalg.svd(weight.detach().to(torch.float64) @ factor, full_matrices=False)
+    return u.to(torch.float32).contiguous(), s.square()
+
+
+@torch.no_grad()
+def weight_svd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Data-free variant (``C = I``): left singular vectors of W and the squared singular values."""
+    u, s, _ = torch.linalg.svd(weight.detach().to(torch.float64), full_matrices=False)
+    return u.to(torch.float32).contiguous(), s.square()

@@ -1,0 +1,264 @@
+"""Calibration: one pass over calibration data collecting, per linear input, what allocation needs.
+
+Forward pre-hooks on every candidate ``nn.Linear`` see its input. Linears that receive the *same
+tensor object* in a forward (q/k/v, gate/up) share an input *site*; each site accumulates:
+
+- the input Gram matrix ``sum x x^T`` (float64), for the data-aware decomposition;
+- a small random sample of its input rows, for the candidate curves (cost_model/curves.py);
+- the token count, and a finite check (NaN/inf activations are an error, not a statistic).
+
+An optional second pass runs backward through the language-model loss and accumulates the squared
+gradient of every linear's output per channel (Fisher weights that make errors comparable across
+layers). Nothing is stored per token beyond the sample, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+__all__ = ["SiteStats", "CalibrationStats", "candidate_linears", "collect", "run_model"]
+
+log = logging.getLogger(__name__)
+
+MIN_RANK_ASPECT = 0.5
+"""Rank adapters are only considered when out >= MIN_RANK_ASPECT * in for some stacking of the site:
+below that the always-paid B product (2 n nB) leaves no room under the dense cost (down projections),
+and the site's Gram matrix (the costliest statistic) is not collected."""
+
+
+@dataclasses.dataclass
+class SiteStats:
+    """Statistics of one input read by one or more linears (members, in call order)."""
+
+    members: list[str]
+    in_features: int
+    out_features: list[int]
+    gram: torch.Tensor | None
+    tokens: int = 0
+    samples: list[torch.Tensor] = dataclasses.field(default_factory=list)
+
+    @property
+    def sample(self) -> torch.Tensor:
+        return torch.cat(self.samples) if self.samples else torch.empty(0, self.in_features)
+
+    @property
+    def needs_gram(self) -> bool:
+        return self.gram is not None
+
+
+@dataclasses.dataclass
+class CalibrationStats:
+    """Everything one calibration pass produced."""
+
+    sites: list[SiteStats]
+    grad_sq: dict[str, torch.Tensor]   # member path -> mean squared output gradient per channel
+    windows: int
+    tokens: int
+
+
+def candidate_linears(model: torch.nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, torch.nn.Linear]:
+    """The linears ranapass may adapt: every ``nn.Linear`` except the output embedding and ``exclude``."""
+    skip = set(exclude)
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name not in skip and module is not out_emb:
+            found[name] = module
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear to adapt (excluded: {sorted(skip)})")
+    return found
+
+
+def run_model(model: torch.nn.Module, batch: Any) -> Any:
+    """Call the model on one batch: token ids (HF causal LM), a tensor, or a dict of keyword inputs."""
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, torch.Tensor) and not batch.is_floating_point() and hasattr(model, "config"):
+        return model(input_ids=batch)
+    return model(batch)
+
+
+def _batches(data: Any, batch_size: int, device: torch.device) -> Iterator[Any]:
+    if isinstance(data, torch.Tensor):
+        for i in range(0, data.shape[0], batch_size):
+            yield data[i:i + batch_size].to(device)
+    else:
+        for b in data:
+            yield {k: v.to(device) for k, v in b.items()} if isinstance(b, dict) else b.to(device)
+
+
+def _tokens(t: torch.Tensor) -> int:
+    """Tokens in one input: every id of an integer tensor, every row of a float one."""
+    if not t.is_floating_point():
+        return t.numel()
+    return t.shape[:-1].numel() if t.dim() > 1 else 1
+
+
+def _count(data: Any) -> tuple[int, int]:
+    """(examples, tokens) of the data."""
+    if isinstance(data, torch.Tensor):
+        return data.shape[0], _tokens(data)
+    return len(data), sum(_tokens(next(iter(b.values())) if isinstance(b, dict) else b) for b in data)
+
+
+@torch.no_grad()
+def _discover_sites(model: torch.nn.Module, linears: dict[str, torch.nn.Linear], first_batch: Any) -> list[list[str]]:
+    """Group linears by the input tensor object they receive in one forward, in call order."""
+    groups: dict[int, list[str]] = {}
+    keep_alive = []
+    calls: dict[str, int] = {}
+
+    def hook(name):
+        def pre(module, args):
+            x = args[0]
+            keep_alive.append(x)
+            calls[name] = calls.get(name, 0) + 1
+            groups.setdefault(id(x), [])
+            if name not in groups[id(x)]:
+                groups[id(x)].append(name)
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    try:
+        run_model(model, first_batch)
+    finally:
+        for h in handles:
+            h.remove()
+    sites, placed = [], set()
+    for members in groups.values():
+        members = [m for m in members if m not in placed]
+        # A linear called several times (weight sharing) is a site of its own.
+        shared = [m for m in members if calls[m] == 1]
+        for m in members:
+            if calls[m] > 1:
+                sites.append([m])
+                placed.add(m)
+        if shared:
+            sites.append(shared)
+            placed.update(shared)
+    missing = sorted(set(linears) - placed)
+    if missing:
+        log.warning("%d linears never ran during calibration and stay dense: %s", len(missing), missing[:8])
+    return sites
+
+
+def collect(model: torch.nn.Module, data: Any, *, linears: dict[str, torch.nn.Linear], batch_size: int = 4,
+            sample_tokens: int = 4096, gradient_data: Any = None,
+            loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None, seed: int = 0) -> CalibrationStats:
+    """Run calibration: site discovery, then statistics, then (optionally) output-gradient weights.
+
+    Args:
+        model: the model, in eval mode.
+        data: token windows ``[N, L]`` or an iterable of model inputs.
+        linears: the candidate linears (``candidate_linears``).
+        batch_size: windows per forward.
+        sample_tokens: rows kept per site for the candidate curves.
+        gradient_data: data for the backward pass (None: no gradient weights).
+        loss_fn: ``loss_fn(model, batch) -> summed loss``; default: causal-LM loss for HF models.
+        seed: seed of the row sampling.
+    """
+    device = next(model.parameters()).device
+    if not isinstance(data, torch.Tensor):
+        data = list(data)
+    examples, tokens = _count(data)
+    batches = list(_batches(data, batch_size, device))
+    if not batches:
+        raise ValueError("calibration data is empty")
+    site_members = _discover_sites(model, linears, batches[0])
+    sites = []
+    for members in site_members:
+        n = linears[members[0]].in_features
+        outs = [linears[m].out_features for m in members]
+        wants_gram = max(max(outs), sum(outs)) >= MIN_RANK_ASPECT * n
+        gram = torch.zeros(n, n, dtype=torch.float64) if wants_gram else None
+        sites.append(SiteStats(list(members), n, outs, gram))
+    min_tokens = max(s.in_features for s in sites)
+    if tokens < min_tokens:
+        raise ValueError(f"calibration data has {tokens} tokens, fewer than the widest layer input "
+                         f"({min_tokens}): statistics would be rank-deficient; give more or longer texts")
+
+    gen = torch.Generator().manual_seed(seed)
+    per_batch = math.ceil(sample_tokens / len(batches))
+    first_of = {s.members[0]: s for s in sites}
+
+    def hook(name):
+        site = first_of.get(name)
+
+        def pre(module, args):
+            x = args[0]
+            if site is None:
+                return
+            flat = x.detach().reshape(-1, x.shape[-1]).float()
+            if not torch.isfinite(flat).all():
+                raise FloatingPointError(f"non-finite activation at the input of {name!r} during calibration: "
+                                         "check the model's dtype (fp16 overflow?) and the calibration data")
+            if site.gram is not None:
+                site.gram += (flat.t() @ flat).double().cpu()
+            site.tokens += flat.shape[0]
+            k = min(per_batch, flat.shape[0])
+            idx = torch.randperm(flat.shape[0], generator=gen)[:k]
+            site.samples.append(flat[idx.to(flat.device)].cpu())
+        return pre
+
+    handles = [linears[m].register_forward_pre_hook(hook(m)) for s in sites for m in s.members]
+    try:
+        with torch.no_grad():
+            for batch in tqdm(batches, desc="calibration", unit="batch"):
+                run_model(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+
+    grad_sq = {} if gradient_data is None else _gradient_weights(model, linears, sites, gradient_data,
+                                                                 batch_size, loss_fn, device)
+    return CalibrationStats(sites, grad_sq, examples, tokens)
+
+
+def _lm_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+    if not (isinstance(batch, torch.Tensor) and hasattr(model, "config")):
+        raise ValueError("Fisher error weights need a loss: pass loss_fn=..., or use error_weighting='relative'")
+    logits = model(input_ids=batch).logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                             reduction="sum")
+
+
+def _gradient_weights(model, linears, sites, data, batch_size, loss_fn, device) -> dict[str, torch.Tensor]:
+    """Mean squared gradient of the summed loss w.r.t. each member's output, per output channel."""
+    loss_fn = loss_fn or _lm_loss
+    members = [m for s in sites for m in s.members]
+    sums = {m: torch.zeros(linears[m].out_features, dtype=torch.float64) for m in members}
+    counts = dict.fromkeys(members, 0)
+    captured: list[tuple[str, torch.Tensor]] = []
+
+    def hook(name):
+        def fwd(module, args, out):
+            if not out.requires_grad:
+                out.requires_grad_()
+            captured.append((name, out))
+        return fwd
+
+    handles = [linears[m].register_forward_hook(hook(m)) for m in members]
+    try:
+        for batch in tqdm(list(_batches(data, batch_size, device)), desc="output gradients", unit="batch"):
+            captured.clear()
+            with torch.enable_grad():
+                loss = loss_fn(model, batch)
+                grads = torch.autograd.grad(loss, [t for _, t in captured], allow_unused=True)
+            for (name, _), g in zip(captured, grads):
+                if g is None:
+                    continue
+                g = g.detach().reshape(-1, g.shape[-1]).float()
+                sums[name] += g.square().sum(0).double().cpu()
+                counts[name] += g.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+        captured.clear()
+    return {m: sums[m] / counts[m] for m in members if counts[m]}

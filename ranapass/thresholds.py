@@ -1,0 +1,94 @@
+"""Re-fit adapter thresholds on held-out tokens of the *adapted* model.
+
+Candidate curves are measured on dense-model inputs, but once earlier layers are adapted every later
+unit sees slightly different inputs and keeps a different number of ranks, so the measured FLOPs
+drift from the plan. Fitting runs the held-out windows once through the eagerly adapted model; in
+execution order each unit sets its threshold so that it keeps exactly its planned count per token
+on the inputs it actually receives (its upstream units are already fitted by then).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from ranapass.attach import attach, attachment_of, detach
+from ranapass.calibrate import run_model
+from ranapass.plan import Plan, UnitPlan
+
+__all__ = ["fit_thresholds"]
+
+log = logging.getLogger(__name__)
+
+
+def _quantile_threshold(scores: torch.Tensor, keep_fraction: float) -> float:
+    """Smallest tau with ``mean(scores >= tau) ~= keep_fraction`` (0 keeps everything)."""
+    flat = scores.reshape(-1).float()
+    keep = int(round(keep_fraction * flat.numel()))
+    if keep >= flat.numel():
+        return 0.0
+    if keep <= 0:
+        return float(flat.max()) * 1.0001 + 1e-30
+    return float(torch.topk(flat, keep, sorted=True).values[-1])
+
+
+@torch.no_grad()
+def fit_thresholds(model: torch.nn.Module, plan: Plan, windows: Any) -> dict[str, float]:
+    """Set every adapter's threshold so it keeps its planned count on ``windows``. Mutates ``plan``.
+
+    Args:
+        model: the model ``plan`` was made for.
+        plan: its adapters' ``tau``/``thresholds`` are replaced in place.
+        windows: one batch of held-out inputs (token windows ``[N, L]`` or a model input).
+
+    Returns:
+        ``{unit name: fitted tau}``.
+    """
+    previous = attachment_of(model)
+    attachment = attach(model, plan, check_fingerprint=False)
+    fitted: dict[str, float] = {}
+    handles = []
+
+    def hook(unit: UnitPlan):
+        ref = attachment.refs[unit.members[0]]
+        buffers = ref.adapter.buffers
+
+        def pre(module, args):
+            x = args[0].detach()
+            spec = unit.adapter
+            if spec.kind == "rank":
+                norms = buffers["At"].float().norm(dim=1)
+                scores = torch.matmul(x.float(), buffers["B"].float().t()).abs() * norms
+            elif spec.kind == "neuron":
+                norms = buffers["Wt"].float().norm(dim=1)
+                scores = x.float().abs() * norms
+            else:
+                raise NotImplementedError(f"threshold fitting does not know adapter kind {spec.kind!r}")
+            tau = _quantile_threshold(scores, unit.expected_kept / spec.width)
+            thresholds = torch.where(norms > 0, tau / norms, torch.full_like(norms, float("inf")))
+            buffers["thresholds"].copy_(thresholds)
+            spec.thresholds = thresholds.cpu()
+            spec.tau = tau
+            fitted[unit.name] = tau
+        return pre
+
+    try:
+        for unit in plan.adapted:
+            module = model.get_submodule(unit.members[0])
+            handles.append(module.register_forward_pre_hook(hook(unit)))
+        with attachment.eager():
+            run_model(model, windows.to(next(model.parameters()).device) if isinstance(windows, torch.Tensor)
+                      else windows)
+    finally:
+        for h in handles:
+            h.remove()
+        detach(model)
+        if previous is not None:
+            attach(model, previous.plan, check_fingerprint=False)
+    missing = [u.name for u in plan.adapted if u.name not in fitted]
+    if missing:
+        log.warning("%d adapted units never ran on the held-out windows; thresholds left as calibrated: %s",
+                    len(missing), missing[:8])
+    return fitted

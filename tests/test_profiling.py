@@ -1,0 +1,160 @@
+"""Profiling and planning on tiny random models: budgets, exactness at 1.0, persistence, bad input."""
+
+import pytest
+import torch
+
+import ranapass
+from ranapass.profiling import Profile, ProfileOptions, profile
+from tiny_models import tiny_llama, token_windows
+
+OPTIONS = ProfileOptions(sample_tokens=512, holdout_windows=4, gradient_windows=4)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def prof(model):
+    return profile(model, token_windows(24), options=OPTIONS, cache=False)
+
+
+def _logits(model, plan=None, ids=None):
+    ids = token_windows(3, seed=7) if ids is None else ids
+    if plan is None:
+        return model(ids).logits
+    att = ranapass.attach(model, plan)
+    try:
+        with att.eager():
+            return model(ids).logits
+    finally:
+        att.detach()
+
+
+def test_structure_groups_shared_inputs(prof):
+    stacked = [s.stacked.name for s in prof.sites if s.stacked is not None]
+    assert "model.layers.0.self_attn.{q_proj,k_proj,v_proj}" in stacked
+    assert "model.layers.0.mlp.{gate_proj,up_proj}" in stacked
+    down = next(u for u in prof.units if u.name == "model.layers.0.mlp.down_proj")
+    assert set(down.curves) == {"neuron"}  # out < in/2: no rank adapter, no Gram collected
+
+
+def test_budget_one_reproduces_dense(model, prof):
+    plan = prof.plan(1.0)
+    assert not plan.adapted
+    assert torch.equal(_logits(model, plan), _logits(model))
+
+
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+@pytest.mark.parametrize("budget", [0.4, 0.7])
+def test_plans_meet_the_budget(model, prof, budget, allocation):
+    plan = prof.plan(budget, allocation=allocation)
+    assert plan.expected_ratio() <= budget + 1e-9
+    assert plan.expected_ratio() > budget - 0.05
+    att = ranapass.attach(model, plan)
+    with att.eager(), ranapass.FlopMeter() as meter:
+        model(prof.holdout)
+    att.detach()
+    # thresholds were fitted on these very windows: the measured ratio is the planned one
+    assert meter.ratio(plan) == pytest.approx(plan.expected_ratio(), rel=0.02)
+
+
+def test_global_predicts_less_error_than_uniform(prof):
+    for budget in (0.5, 0.7):
+        g = prof.curve([budget])[0]["predicted_error"]
+        u = prof.curve([budget], allocation="uniform")[0]["predicted_error"]
+        assert g < u
+
+
+def test_kinds_restrict_candidates(prof):
+    plan = prof.plan(0.6, kinds=("neuron",), fit=False)
+    assert {u.kind for u in plan.units} <= {"neuron", "dense"}
+    plan = prof.plan(0.6, kinds=("lowrank",), fit=False)
+    assert all(float(u.adapter.thresholds.max()) == 0.0 for u in plan.adapted)
+    with pytest.raises(ValueError, match="unknown candidate kind"):
+        prof.plan(0.6, kinds=("sparse",))
+
+
+@pytest.mark.parametrize("budget", [0.0, -0.1, 1.5, float("nan"), "0.5"])
+def test_bad_budget_is_rejected(prof, budget):
+    with pytest.raises(ValueError, match="budget must be in"):
+        prof.plan(budget)
+
+
+def test_budget_below_cheapest_is_a_clear_error(prof):
+    with pytest.raises(ValueError, match="cheapest"):
+        prof.plan(0.001)
+
+
+def test_plan_save_load_roundtrip(model, prof, tmp_path):
+    plan = prof.plan(0.6)
+    plan.save(tmp_path / "plan")
+    loaded = ranapass.Plan.load(tmp_path / "plan")
+    assert [u.kind for u in loaded.units] == [u.kind for u in plan.units]
+    assert torch.equal(_logits(model, loaded), _logits(model, plan))
+
+
+def test_plan_for_another_model_is_refused(prof):
+    other = tiny_llama(seed=1)
+    plan = prof.plan(0.6)
+    with pytest.raises(ranapass.PlanMismatchError, match="profile this model"):
+        ranapass.attach(other, plan)
+    assert ranapass.attach.__module__ and getattr(other, "_ranapass_attachment", None) is None
+
+
+def test_failed_attach_changes_nothing(model, prof):
+    plan = prof.plan(0.6)
+    plan.units[-1].members = ("model.layers.9.mlp.down_proj",)
+    plan.units[-1].adapter.members = ("model.layers.9.mlp.down_proj",)
+    with pytest.raises(ranapass.PlanMismatchError, match="lacks"):
+        ranapass.attach(model, plan)
+    from ranapass.attach import lookup
+    assert all(lookup(p) is None for p in model.parameters())
+
+
+def test_profile_save_load_and_cache(model, prof, tmp_path):
+    prof.save(tmp_path / "p")
+    again = Profile.load(tmp_path / "p", model)
+    assert again.curve([0.6]) == prof.curve([0.6])
+    with pytest.raises(ranapass.PlanMismatchError):
+        Profile.load(tmp_path / "p", tiny_llama(seed=1))
+    first = profile(model, token_windows(12), options=OPTIONS, cache=tmp_path / "cache")
+    second = profile(model, token_windows(12), options=OPTIONS, cache=tmp_path / "cache")
+    assert second.curve([0.6]) == first.curve([0.6])
+
+
+def test_too_little_text_is_an_error(model):
+    with pytest.raises(ValueError, match="fewer than the widest layer input"):
+        profile(model, token_windows(6, length=8), options=OPTIONS, cache=False)
+
+
+def test_nan_activations_are_an_error(tmp_path):
+    bad = tiny_llama()
+    with torch.no_grad():
+        bad.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite activation"):
+        profile(bad, token_windows(24), options=OPTIONS, cache=False)
+
+
+def test_data_free_profile_gives_static_low_rank(model):
+    prof = profile(model, None, cache=False)
+    plan = prof.plan(0.7)
+    assert plan.adapted and all(u.kind == "rank" for u in plan.adapted)
+    assert all(float(u.adapter.thresholds.max()) == 0.0 for u in plan.adapted)
+    assert plan.expected_ratio() <= 0.7
+
+
+def test_plain_mlp_module():
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(32, 96), torch.nn.GELU(), torch.nn.Linear(96, 32)).eval()
+    x = torch.randn(40, 16, 32)
+    prof = profile(mlp, list(x.split(8)), options=ProfileOptions(sample_tokens=256, error_weighting="relative"),
+                   cache=False)
+    plan = prof.plan(0.6, fit=False)
+    att = ranapass.attach(mlp, plan)
+    with att.eager(), ranapass.FlopMeter() as meter:
+        y = mlp(x)
+    att.detach()
+    assert meter.ratio(plan) == pytest.approx(0.6, abs=0.08)
+    assert (y - mlp(x)).norm() / mlp(x).norm() < 0.5
