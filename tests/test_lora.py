@@ -14,19 +14,12 @@ import pytest
 import torch
 
 from ranapass.lora import LoraFactors, compress_lora, load_lora, lora_spectrum
+from tiny_models import tiny_llama
 
 peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FP32 = dict(atol=1e-5, rtol=1e-5)
-
-
-def tiny_llama() -> torch.nn.Module:
-    config = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=80, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 def set_known_spectra(model, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -80,7 +73,7 @@ def default_adapter(tmp_path_factory):
 
 @pytest.fixture
 def ids() -> torch.Tensor:
-    return torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    return torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,10 +141,12 @@ def test_quarter_keeps_budget_and_known_error(tmp_path, ids, default_adapter, me
             lora_a = loaded.get_submodule(f"base_model.model.{f.name}").lora_A["default"].weight
             assert lora_a.shape[0] == row.kept
 
-    # Outputs stay close: the full adapter moves the logits far more than the truncation does.
+    # Outputs stay close: to first order the logit error grows as the root of the discarded energy share
+    # (here 2-3% of the energy is discarded, and the error is under a third of what the adapter moves).
     full = logits(model, ids)
     moved = (logits(tiny_llama(), ids) - full).norm().item()
-    assert (logits(loaded, ids) - full).norm().item() < 0.25 * moved
+    error = (logits(loaded, ids) - full).norm().item()
+    assert error < 2 * math.sqrt(1 - result.energy_kept) * moved
 
 
 def test_global_discards_least_energy(tmp_path, default_adapter):
@@ -206,8 +201,8 @@ def test_flops_target_counts_embedding_a_as_lookup(tmp_path):
     _, folder, _ = make_adapter(tmp_path, targets=["embed_tokens", "q_proj"])
     adapter = load_lora(folder)
     embedding = next(f for f in adapter.modules if f.embedding)
-    assert embedding.shape == (32, 96)  # B: [embedding_dim, r], A: [r, num_embeddings]
-    assert embedding.cost_per_rank("params") == 128 and embedding.cost_per_rank("flops") == 64
+    assert embedding.shape == (64, 256)  # B: [embedding_dim, r], A: [r, num_embeddings]
+    assert embedding.cost_per_rank("params") == 320 and embedding.cost_per_rank("flops") == 128
     result = compress_lora(adapter, 0.5, target="flops")
     assert result.cost_after <= 0.5 * result.cost_before
 
@@ -310,7 +305,7 @@ def test_cli_table_and_errors(tmp_path, default_adapter, capsys):
     _, folder, _ = default_adapter
     assert main(["lora-compress", str(folder), "--keep", "0.25", "--method", "uniform"]) == 0
     text = capsys.readouterr().out
-    assert "model.layers.1.mlp.down_proj" in text and "LoRA parameters: 8,960 -> 2,240 (25.00%)" in text
+    assert "model.layers.1.mlp.down_proj" in text and "LoRA parameters: 17,920 -> 4,480 (25.00%)" in text
     assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit, match="keep must be in"):
         main(["lora-compress", str(folder), "--keep", "1.5"])
