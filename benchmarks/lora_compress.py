@@ -171,7 +171,7 @@ def evaluate_adapter(base, folder: Path, windows: torch.Tensor, batch_size: int)
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapter", type=Path, help="a trained PEFT adapter folder (default: train one, cached)")
-    parser.add_argument("--keep", type=float, default=0.25, help="fraction of LoRA parameters to keep")
+    parser.add_argument("--keep", type=float, nargs="+", default=[0.25], help="fractions of LoRA parameters to keep")
     parser.add_argument("--methods", nargs="+", default=[*METHODS, "global-relative"],
                         choices=[*METHODS, "global-relative"])
     parser.add_argument("--rank", type=int, default=16)
@@ -204,27 +204,29 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [{"method": "base model", "params": 0, "loss": eval_loss(base, windows, args.batch_size)},
             {"method": "full LoRA", "params": full.num_parameters,
              "loss": evaluate_adapter(base, adapter_dir, windows, args.batch_size), "energy_kept": 1.0}]
-    for name in args.methods:
-        method, _, error = name.partition("-")
-        result = compress_lora(full, args.keep, method=method, error=error or "energy")
-        out = args.cache_dir / "compressed" / f"{adapter_dir.name}-keep{args.keep:g}-{name}"
-        result.adapter.save(out)
-        rows.append({"method": name, "params": result.params_after, "energy_kept": result.energy_kept,
-                     "ranks": [m.kept for m in result.modules],
-                     "loss": evaluate_adapter(base, out, windows, args.batch_size)})
+    for keep in args.keep:
+        for name in args.methods:
+            method, _, error = name.partition("-")
+            result = compress_lora(full, keep, method=method, error=error or "energy")
+            out = args.cache_dir / "compressed" / f"{adapter_dir.name}-keep{keep:g}-{name}"
+            result.adapter.save(out)
+            rows.append({"method": name, "keep": keep, "params": result.params_after,
+                         "energy_kept": result.energy_kept, "ranks": [m.kept for m in result.modules],
+                         "loss": evaluate_adapter(base, out, windows, args.batch_size)})
 
     full_loss = rows[1]["loss"]
-    print(f"adapter {adapter_dir} ({full.num_parameters:,} LoRA parameters, rank {args.rank}); keep {args.keep:g}")
+    print(f"adapter {adapter_dir} ({full.num_parameters:,} LoRA parameters, rank {args.rank})")
     print(f"eval: python-docs evaluation split, {args.eval_windows} windows x {args.eval_seq_len} tokens")
-    print(f"{'method':<16} {'LoRA params':>12} {'share':>7} {'energy':>7} {'eval loss':>10} {'vs full':>8} {'ppl':>7}")
+    print(f"{'method':<16} {'keep':>5} {'LoRA params':>12} {'share':>7} {'energy':>7} {'eval loss':>10} "
+          f"{'vs full':>8} {'ppl':>7}")
     for row in rows:
         share = row["params"] / full.num_parameters
+        keep = f"{row['keep']:g}" if "keep" in row else "-"
         energy = f"{row['energy_kept']:.1%}" if "energy_kept" in row else "-"
-        delta = row["loss"] - full_loss
-        print(f"{row['method']:<16} {row['params']:>12,} {share:>7.1%} {energy:>7} {row['loss']:>10.4f} "
-              f"{delta:>+8.4f} {math.exp(row['loss']):>7.3f}")
+        print(f"{row['method']:<16} {keep:>5} {row['params']:>12,} {share:>7.1%} {energy:>7} {row['loss']:>10.4f} "
+              f"{row['loss'] - full_loss:>+8.4f} {math.exp(row['loss']):>7.3f}")
     payload = {
-        "adapter": str(adapter_dir), "keep": args.keep, "rank": args.rank,
+        "adapter": str(adapter_dir), "rank": args.rank,
         "eval": {"windows": args.eval_windows, "seq_len": args.eval_seq_len, "split": "python-docs evaluation"},
         "rows": rows, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "seconds": time.time() - started,
