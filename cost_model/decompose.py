@@ -28,8 +28,9 @@ def gram_factor(gram: torch.Tensor, tokens: int) -> torch.Tensor:
 def output_pca(weight: torch.Tensor, factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Output principal axes of ``y = W x`` for inputs with second moment ``factor factor^T``.
 
-    ``W C W^T = (W L)(W L)^T``, so its eigenvectors are the left singular vectors of ``W L``: an
-    ``[m, n]`` SVD instead of an ``[m, m]`` eigenproblem (q/k/v or gate/up stacks are tall).
+    ``W C W^T = (W L)(W L)^T``, so its eigenvectors are the left singular vectors of ``M = W L``,
+    found from the eigenproblem of the smaller of ``M M^T`` and ``M^T M`` (q/k/v or gate/up stacks
+    are tall: an ``[n, n]`` problem instead of ``[m, m]``).
 
     Args:
         weight: ``[m, n]``.
@@ -39,8 +40,21 @@ def output_pca(weight: torch.Tensor, factor: torch.Tensor) -> tuple[torch.Tensor
         ``A``: ``[m, r]`` float32 with orthonormal columns, ``r = min(m, n)``, by falling energy;
         ``energy``: ``[r]`` float64, the mean squared output along each axis (``E (B x)_i^2``).
     """
-    u, s, _ = torch.linalg.svd(weight.detach().to(torch.float64) @ factor, full_matrices=False)
-    return u.to(torch.float32).contiguous(), s.square()
+    mat = weight.detach().to(torch.float64) @ factor
+    m, n = mat.shape
+    if m <= n:
+        energy, vecs = torch.linalg.eigh(mat @ mat.t())
+        a = vecs.flip(1)
+    else:
+        energy, v = torch.linalg.eigh(mat.t() @ mat)
+        v = v.flip(1)
+        a = mat @ v / energy.flip(0).clamp_min(1e-300).sqrt()
+        # Axes of (numerically) zero energy: any orthonormal completion will do.
+        weak = energy.flip(0) <= energy.max() * 1e-12
+        if weak.any():
+            a, _ = torch.linalg.qr(a)
+    energy = energy.flip(0).clamp_min(0.0)
+    return a.to(torch.float32).contiguous(), energy
 
 
 @torch.no_grad()

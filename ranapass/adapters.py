@@ -19,7 +19,8 @@ import torch
 
 from ranapass.cost_model import flops as F
 from ranapass.kernels import ops as _ops  # noqa: F401  (registers torch.ops.ranapass.*)
-from ranapass.kernels.reference import neuron_adapter_keep, rank_adapter_scores
+from ranapass.kernels.reference import (neuron_adapter_keep, neuron_adapter_reference, rank_adapter_reference,
+                                        rank_adapter_scores)
 
 __all__ = [
     "ADAPTER_KINDS",
@@ -219,6 +220,10 @@ class BoundAdapter:
         self.buffers = buffers
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            # The ops are for inference; the reference math is differentiable (masks are constants).
+            ref = rank_adapter_reference if isinstance(self.spec, RankAdapterSpec) else neuron_adapter_reference
+            return ref(x, *self.buffers.values())
         return self.op(x, *self.buffers.values())
 
     def kept(self, x: torch.Tensor) -> torch.Tensor:

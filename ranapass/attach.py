@@ -20,7 +20,7 @@ from ranapass.adapters import BoundAdapter
 from ranapass.fingerprint import weights_fingerprint
 from ranapass.plan import Plan, PlanMismatchError, UnitPlan
 
-__all__ = ["attach", "detach", "attachment_of", "lookup", "AdapterRef", "Attachment", "FlopMeter"]
+__all__ = ["attach", "detach", "attachment_of", "lookup", "running", "AdapterRef", "Attachment", "FlopMeter"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +156,20 @@ def detach(model: torch.nn.Module) -> None:
     current = attachment_of(model)
     if current is not None:
         current.detach()
+
+
+@contextlib.contextmanager
+def running(model: torch.nn.Module, plan: Plan) -> Iterator[Attachment]:
+    """Run ``model`` eagerly with ``plan`` inside the context, then restore its previous attachment."""
+    previous = attachment_of(model)
+    attachment = attach(model, plan, check_fingerprint=False)
+    try:
+        with attachment.eager():
+            yield attachment
+    finally:
+        detach(model)
+        if previous is not None:
+            attach(model, previous.plan, check_fingerprint=False)
 
 
 # ---------------------------------------------------------------------------------------- eager path

@@ -27,10 +27,11 @@ __all__ = ["SiteStats", "CalibrationStats", "candidate_linears", "collect", "run
 
 log = logging.getLogger(__name__)
 
-MIN_RANK_ASPECT = 0.5
-"""Rank adapters are only considered when out >= MIN_RANK_ASPECT * in for some stacking of the site:
-below that the always-paid B product (2 n nB) leaves no room under the dense cost (down projections),
-and the site's Gram matrix (the costliest statistic) is not collected."""
+RANK_MIN_ASPECT = 0.5
+"""Default of ``ProfileOptions.rank_min_aspect``: rank adapters are only considered when
+out >= aspect * in (for some stacking of the site). Below that the always-paid B product (2 n nB)
+leaves little room under the dense cost (down projections), and skipping the site's Gram matrix
+(the costliest statistic) saves most of the calibration time."""
 
 
 @dataclasses.dataclass
@@ -150,7 +151,7 @@ def _discover_sites(model: torch.nn.Module, linears: dict[str, torch.nn.Linear],
 
 
 def collect(model: torch.nn.Module, data: Any, *, linears: dict[str, torch.nn.Linear], batch_size: int = 4,
-            sample_tokens: int = 4096, gradient_data: Any = None,
+            sample_tokens: int = 2048, rank_min_aspect: float = RANK_MIN_ASPECT, gradient_data: Any = None,
             loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None, seed: int = 0) -> CalibrationStats:
     """Run calibration: site discovery, then statistics, then (optionally) output-gradient weights.
 
@@ -160,6 +161,7 @@ def collect(model: torch.nn.Module, data: Any, *, linears: dict[str, torch.nn.Li
         linears: the candidate linears (``candidate_linears``).
         batch_size: windows per forward.
         sample_tokens: rows kept per site for the candidate curves.
+        rank_min_aspect: collect the Gram matrix only where a rank adapter may be considered.
         gradient_data: data for the backward pass (None: no gradient weights).
         loss_fn: ``loss_fn(model, batch) -> summed loss``; default: causal-LM loss for HF models.
         seed: seed of the row sampling.
@@ -176,7 +178,7 @@ def collect(model: torch.nn.Module, data: Any, *, linears: dict[str, torch.nn.Li
     for members in site_members:
         n = linears[members[0]].in_features
         outs = [linears[m].out_features for m in members]
-        wants_gram = max(max(outs), sum(outs)) >= MIN_RANK_ASPECT * n
+        wants_gram = max(max(outs), sum(outs)) >= rank_min_aspect * n
         gram = torch.zeros(n, n, dtype=torch.float64) if wants_gram else None
         sites.append(SiteStats(list(members), n, outs, gram))
     min_tokens = max(s.in_features for s in sites)

@@ -28,8 +28,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ranapass.adapters import NeuronAdapterSpec, RankAdapterSpec
+from ranapass.attach import running
 from ranapass.cache import cache_dir
-from ranapass.calibrate import MIN_RANK_ASPECT, CalibrationStats, SiteStats, candidate_linears, collect
+from ranapass.calibrate import RANK_MIN_ASPECT, CalibrationStats, SiteStats, candidate_linears, collect
 from ranapass.cost_model import flops as F
 from ranapass.cost_model.allocate import Candidate, InfeasibleBudgetError, Unit, allocate
 from ranapass.cost_model.curves import Curve, neuron_curve, rank_curve, static_rank_curve
@@ -60,15 +61,17 @@ class ProfileOptions:
             (each unit's error relative to its output energy).
         gradient_windows: windows of the backward pass for "fisher".
         exclude: module paths never adapted (the output embedding always is).
+        rank_min_aspect: offer rank adapters only for units with out >= aspect * in (0: everywhere).
         seed: seed of the sampling.
     """
 
     batch_size: int = 4
-    sample_tokens: int = 4096
+    sample_tokens: int = 2048
     holdout_windows: int = 4
     error_weighting: str = "fisher"
     gradient_windows: int = 16
     exclude: tuple[str, ...] = ()
+    rank_min_aspect: float = RANK_MIN_ASPECT
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -112,12 +115,15 @@ class UnitCandidates:
             picked.update((curve.kind, int(i)) for i in idx)
         return out + sorted(picked)
 
-    def candidate(self, option: tuple[str, int]) -> Candidate:
+    def candidate(self, option: tuple[str, int], count_mask_cost: bool = True) -> Candidate:
         kind, i = option
         if kind == "dense":
             return Candidate(self.dense_flops, 0.0)
         c = self.curves[kind]
-        return Candidate(float(c.flops[i]), float(c.error[i]))
+        cost = float(c.flops[i])
+        if not count_mask_cost:
+            cost -= F.MASK_FLOPS_PER_SCORE * float(c.rank[i])
+        return Candidate(cost, float(c.error[i]))
 
 
 @dataclasses.dataclass
@@ -167,7 +173,7 @@ class Profile:
         return sum(u.dense_flops for s in self.sites for u in s.separate)
 
     def plan(self, budget: float, *, allocation: str = "global", kinds: Sequence[str] = ("rank", "neuron"),
-             grouping: bool = True, fit: bool = True) -> Plan:
+             grouping: bool = True, fit: bool = True, count_mask_cost: bool = True) -> Plan:
         """Allocate under ``budget`` (adapted / dense FLOPs of the block linears) and build the plan.
 
         Args:
@@ -178,6 +184,8 @@ class Profile:
                 not), "lowrank" (static low rank only, no mask) and "neuron".
             grouping: let multi-member sites use one stacked rank adapter.
             fit: re-fit thresholds on the held-out calibration windows (needs them; see ``holdout``).
+            count_mask_cost: charge the masks' compare/select FLOPs during allocation (the reference
+                code does not; an ablation). Reported FLOPs always include them.
 
         Example::
 
@@ -186,7 +194,7 @@ class Profile:
         """
         _check_budget(budget)
         t0 = time.perf_counter()
-        chosen = self._allocate(budget, allocation, tuple(kinds), grouping)
+        chosen = self._allocate(budget, allocation, tuple(kinds), grouping, count_mask_cost)
         plan = self._build(chosen, budget, allocation)
         t_alloc = time.perf_counter() - t0
         if fit and self.holdout is not None and plan.adapted:
@@ -194,7 +202,8 @@ class Profile:
             plan.meta["thresholds"] = f"fitted on {self.holdout.shape[0]} held-out calibration windows"
         else:
             plan.meta["thresholds"] = "calibration statistics"
-        plan.meta.update({"allocation_seconds": round(t_alloc, 3), "kinds": list(kinds), "grouping": grouping})
+        plan.meta.update({"allocation_seconds": round(t_alloc, 3), "kinds": list(kinds), "grouping": grouping,
+                          "count_mask_cost": count_mask_cost})
         log.info("planned budget %.3f (%s): expected ratio %.4f, %d/%d units adapted, %.2fs", budget, allocation,
                  plan.expected_ratio(), len(plan.adapted), len(plan.units), time.perf_counter() - t0)
         return plan
@@ -205,31 +214,33 @@ class Profile:
         for b in budgets:
             _check_budget(b)
             chosen = self._allocate(b, plan_kwargs.get("allocation", "global"),
-                                    tuple(plan_kwargs.get("kinds", ("rank", "neuron"))), plan_kwargs.get("grouping", True))
+                                    tuple(plan_kwargs.get("kinds", ("rank", "neuron"))), plan_kwargs.get("grouping", True),
+                                    plan_kwargs.get("count_mask_cost", True))
             cost = sum(u.candidate(o).cost for u, o in chosen)
             err = sum(u.candidate(o).error for u, o in chosen)
             out.append({"budget": b, "expected_ratio": cost / self.dense_flops(), "predicted_error": err})
         return out
 
     # ------------------------------------------------------------------ allocation
-    def _allocate(self, budget: float, allocation: str, kinds: tuple[str, ...],
-                  grouping: bool) -> list[tuple[UnitCandidates, tuple[str, int]]]:
+    def _allocate(self, budget: float, allocation: str, kinds: tuple[str, ...], grouping: bool,
+                  count_mask_cost: bool = True) -> list[tuple[UnitCandidates, tuple[str, int]]]:
         for k in kinds:
             if k not in KINDS:
                 raise ValueError(f"unknown candidate kind {k!r}; expected a subset of {KINDS}")
         target = budget * self.dense_flops()
         if allocation == "global":
-            return self._allocate_global(target, kinds, grouping)
+            return self._allocate_global(target, kinds, grouping, count_mask_cost)
         if allocation == "uniform":
-            return self._allocate_uniform(target)
+            return self._allocate_uniform(target, kinds, count_mask_cost)
         raise ValueError(f"allocation must be 'global' or 'uniform', got {allocation!r}")
 
-    def _allocate_global(self, target, kinds, grouping):
+    def _allocate_global(self, target, kinds, grouping, count_mask_cost):
         units, index = [], []
         for site in self.sites:
             alts = site.alternatives(grouping)
             opts = [[u.options(kinds) for u in alt] for alt in alts]
-            units.append(Unit([[[u.candidate(o) for o in uo] for u, uo in zip(alt, ao)] for alt, ao in zip(alts, opts)]))
+            units.append(Unit([[[u.candidate(o, count_mask_cost) for o in uo] for u, uo in zip(alt, ao)]
+                               for alt, ao in zip(alts, opts)]))
             index.append((alts, opts))
         try:
             result = allocate(units, target)
@@ -241,10 +252,11 @@ class Profile:
             chosen += [(u, uo[p]) for u, uo, p in zip(alts[a], opts[a], picks)]
         return chosen
 
-    def _allocate_uniform(self, target):
+    def _allocate_uniform(self, target, kinds, count_mask_cost):
         """Reference recipe, derived from the structure: per block, the first site read (the attention
         input: q/k/v, stacked) and the MLP (units wider out than in: rank; narrower: neuron) share one
-        ratio; square linears (o_proj) stay dense."""
+        ratio; square linears (o_proj) stay dense. ``kinds`` may narrow rank units to "lowrank"."""
+        rank_kinds = ("lowrank",) if "lowrank" in kinds and "rank" not in kinds else ("rank",)
         blocks: dict[str, list[Site]] = {}
         for site in self.sites:
             blocks.setdefault(_block_of(site.members[0]), []).append(site)
@@ -253,7 +265,7 @@ class Profile:
             attention, mlp = [], []
             for i, site in enumerate(sites):
                 if i == 0 and site.stacked is not None:
-                    attention.append((site.stacked, ("rank",)))
+                    attention.append((site.stacked, rank_kinds))
                     continue
                 for u in site.separate:
                     m, n = sum(u.out_features), u.in_features
@@ -261,13 +273,14 @@ class Profile:
                         fixed += u.dense_flops
                         dense_chosen.append(u)
                     elif i == 0:
-                        attention.append((u, ("rank",) if m > n else ("neuron",)))
+                        attention.append((u, rank_kinds if m > n else ("neuron",)))
                     else:
-                        mlp.append((u, ("rank",) if m > n else ("neuron",)))
+                        mlp.append((u, rank_kinds if m > n else ("neuron",)))
             for group in (attention, mlp):
                 if group:
                     opts = [u.options(k, dense=False) for u, k in group]
-                    groups.append(UniformGroup([[u.candidate(o) for o in uo] for (u, _), uo in zip(group, opts)],
+                    groups.append(UniformGroup([[u.candidate(o, count_mask_cost) for o in uo]
+                                                for (u, _), uo in zip(group, opts)],
                                                sum(u.dense_flops for u, _ in group)))
                     members.append([(u, uo) for (u, _), uo in zip(group, opts)])
         try:
@@ -402,13 +415,13 @@ def _output_weights(stats: CalibrationStats, site: SiteStats, linears, weighting
 
 
 def _unit_candidates(name, members, linears, site: SiteStats, factor, out_w: dict[str, torch.Tensor],
-                     with_neuron: bool) -> UnitCandidates:
+                     with_neuron: bool, rank_min_aspect: float) -> UnitCandidates:
     weight = torch.cat([linears[m].weight.detach().float().cpu() for m in members])
     m, n = weight.shape
     g2 = torch.cat([out_w[x] for x in members])
     curves: dict[str, Curve] = {}
     basis = None
-    if factor is not None and m >= MIN_RANK_ASPECT * n:
+    if factor is not None and m >= rank_min_aspect * n:
         basis, _ = output_pca(weight, factor)
         z = site.sample @ (basis.t() @ weight).t()
         rank_weight = (basis.square() * g2[:, None]).sum(0)
@@ -442,7 +455,7 @@ def _data_key(data: Any) -> str:
 
 def profile(model: torch.nn.Module, data: Any = None, *, options: ProfileOptions | None = None,
             loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,
-            cache: bool | str | os.PathLike = True) -> Profile:
+            under: Plan | None = None, cache: bool | str | os.PathLike = True) -> Profile:
     """Calibrate ``model`` once: statistics, decompositions and candidate curves of every linear.
 
     Args:
@@ -451,6 +464,9 @@ def profile(model: torch.nn.Module, data: Any = None, *, options: ProfileOptions
             inputs, or None for data-free profiling (static low rank from the weights' spectra).
         options: ``ProfileOptions``.
         loss_fn: ``loss_fn(model, batch) -> summed loss`` for Fisher weights on non-LM models.
+        under: sequential calibration: collect every statistic while this plan runs eagerly, so each
+            unit is calibrated on the inputs the *adapted* upstream layers give it (re-plan from the
+            result at the same budget). Not cached.
         cache: True to reuse/store the profile under the ranapass cache (token-window data only),
             a directory to use instead, or False.
 
@@ -466,7 +482,7 @@ def profile(model: torch.nn.Module, data: Any = None, *, options: ProfileOptions
     fingerprint = weights_fingerprint(model)
     linears = candidate_linears(model, options.exclude)
     key = None
-    if cache and (data is None or isinstance(data, torch.Tensor)):
+    if cache and under is None and (data is None or isinstance(data, torch.Tensor)):
         key = hashlib.blake2b((fingerprint + _data_key(data) + json.dumps(dataclasses.asdict(options)) +
                                f"v{PROFILE_VERSION}").encode(), digest_size=12).hexdigest()
         folder = Path(cache) / key if not isinstance(cache, bool) else cache_dir("profiles", key)
@@ -476,8 +492,14 @@ def profile(model: torch.nn.Module, data: Any = None, *, options: ProfileOptions
 
     t0 = time.perf_counter()
     if data is None:
+        if under is not None:
+            raise ValueError("sequential calibration (under=plan) needs calibration data")
         sites = _profile_data_free(model, linears)
         holdout, meta = None, {"data": "none (weights' spectra)"}
+    elif under is not None:
+        with running(model, under):
+            sites, holdout, meta = _profile_with_data(model, data, linears, options, loss_fn)
+        meta["calibrated_under"] = f"plan at budget {under.budget} ({under.allocation})"
     else:
         sites, holdout, meta = _profile_with_data(model, data, linears, options, loss_fn)
     meta.update({"model": type(model).__name__, "profile_seconds": round(time.perf_counter() - t0, 1),
@@ -510,15 +532,17 @@ def _profile_with_data(model, data, linears, options: ProfileOptions, loss_fn):
         log.warning("no loss for Fisher weights on %s: using relative error weighting", type(model).__name__)
         grad_data = None
     stats = collect(model, data, linears=linears, batch_size=options.batch_size,
-                    sample_tokens=options.sample_tokens, gradient_data=grad_data, loss_fn=loss_fn, seed=options.seed)
+                    sample_tokens=options.sample_tokens, rank_min_aspect=options.rank_min_aspect,
+                    gradient_data=grad_data, loss_fn=loss_fn, seed=options.seed)
     sites = []
     for s in tqdm(stats.sites, desc="candidate curves", unit="site"):
         factor = gram_factor(s.gram, s.tokens) if s.gram is not None else None
         out_w = _output_weights(stats, s, linears, options.error_weighting, factor)
-        separate = [_unit_candidates(m, [m], linears, s, factor, out_w, with_neuron=True) for m in s.members]
+        aspect = options.rank_min_aspect
+        separate = [_unit_candidates(m, [m], linears, s, factor, out_w, True, aspect) for m in s.members]
         stacked = None
         if len(s.members) > 1 and factor is not None:
-            stacked = _unit_candidates(_stack_name(s.members), s.members, linears, s, factor, out_w, with_neuron=False)
+            stacked = _unit_candidates(_stack_name(s.members), s.members, linears, s, factor, out_w, False, aspect)
         sites.append(Site(tuple(s.members), stacked, separate))
     meta = {"data": f"{stats.windows} windows, {stats.tokens} tokens",
             "error_weighting": "fisher" if stats.grad_sq else "relative"}

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ranapass.attach import attach, attachment_of, detach
+from ranapass.attach import running
 from ranapass.calibrate import run_model
 from ranapass.plan import Plan, UnitPlan
 
@@ -46,14 +46,10 @@ def fit_thresholds(model: torch.nn.Module, plan: Plan, windows: Any) -> dict[str
     Returns:
         ``{unit name: fitted tau}``.
     """
-    previous = attachment_of(model)
-    attachment = attach(model, plan, check_fingerprint=False)
     fitted: dict[str, float] = {}
     handles = []
 
-    def hook(unit: UnitPlan):
-        ref = attachment.refs[unit.members[0]]
-        buffers = ref.adapter.buffers
+    def hook(unit: UnitPlan, buffers: dict[str, torch.Tensor]):
 
         def pre(module, args):
             x = args[0].detach()
@@ -74,19 +70,17 @@ def fit_thresholds(model: torch.nn.Module, plan: Plan, windows: Any) -> dict[str
             fitted[unit.name] = tau
         return pre
 
-    try:
-        for unit in plan.adapted:
-            module = model.get_submodule(unit.members[0])
-            handles.append(module.register_forward_pre_hook(hook(unit)))
-        with attachment.eager():
+    with running(model, plan) as attachment:
+        try:
+            for unit in plan.adapted:
+                module = model.get_submodule(unit.members[0])
+                buffers = attachment.refs[unit.members[0]].adapter.buffers
+                handles.append(module.register_forward_pre_hook(hook(unit, buffers)))
             run_model(model, windows.to(next(model.parameters()).device) if isinstance(windows, torch.Tensor)
                       else windows)
-    finally:
-        for h in handles:
-            h.remove()
-        detach(model)
-        if previous is not None:
-            attach(model, previous.plan, check_fingerprint=False)
+        finally:
+            for h in handles:
+                h.remove()
     missing = [u.name for u in plan.adapted if u.name not in fitted]
     if missing:
         log.warning("%d adapted units never ran on the held-out windows; thresholds left as calibrated: %s",

@@ -158,3 +158,17 @@ def test_plain_mlp_module():
     att.detach()
     assert meter.ratio(plan) == pytest.approx(0.6, abs=0.08)
     assert (y - mlp(x)).norm() / mlp(x).norm() < 0.5
+
+
+def test_sequential_calibration_under_a_plan(model, prof):
+    plan = prof.plan(0.6)
+    again = profile(model, token_windows(24), options=OPTIONS, under=plan, cache=False)
+    assert again.meta["calibrated_under"].startswith("plan at budget 0.6")
+    refined = again.plan(0.6)
+    assert refined.expected_ratio() <= 0.6 + 1e-9
+    assert getattr(model, "_ranapass_attachment", None) is None  # nothing left attached
+
+
+def test_mask_cost_ablation_overspends(prof):
+    free = prof.plan(0.5, count_mask_cost=False, fit=False)
+    assert free.expected_ratio() > 0.5  # the masks it did not pay for still cost FLOPs

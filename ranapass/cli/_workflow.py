@@ -1,0 +1,47 @@
+"""Steps the commands share: calibration arguments and the (cached) profile of a model."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from ranapass.data import calibration_windows
+from ranapass.profiling import Profile, ProfileOptions, profile
+
+DEFAULT_CALIBRATION_WINDOWS = 128
+
+
+def add_profile_args(parser: argparse.ArgumentParser) -> None:
+    """``--calib-windows``, ``--calib-window-len``, ``--error-weighting``, ``--no-cache``."""
+    parser.add_argument("--calib-windows", type=int, default=DEFAULT_CALIBRATION_WINDOWS,
+                        help=f"calibration windows of 512 tokens from the calibration split of --text "
+                             f"(default {DEFAULT_CALIBRATION_WINDOWS}; 4 are held out to fit thresholds)")
+    parser.add_argument("--calib-window-len", type=int, default=512, help="tokens per calibration window")
+    parser.add_argument("--error-weighting", choices=("fisher", "relative"), default="fisher",
+                        help="how errors are made comparable across layers (default: output-gradient weighted)")
+    parser.add_argument("--no-cache", action="store_true", help="recalibrate even if a cached profile exists")
+
+
+def add_plan_args(parser: argparse.ArgumentParser, budget_required: bool = False) -> None:
+    """``--budget``, ``--allocation``, ``--kinds``."""
+    parser.add_argument("--budget", type=float, required=budget_required, default=None if budget_required else 0.56,
+                        help="adapted / dense FLOPs of the block linears, in (0, 1]")
+    parser.add_argument("--allocation", choices=("global", "uniform"), default="global",
+                        help="global (one allocation over all layers) or uniform (the reference's recipe)")
+    parser.add_argument("--kinds", default="rank,neuron",
+                        help="candidate families for global allocation: rank, lowrank, neuron (comma-separated)")
+
+
+def load_profile(args: argparse.Namespace, model: torch.nn.Module, tokenizer) -> tuple[Profile, float]:
+    """Profile ``model`` on the calibration split of ``args.text`` (cached); returns it and the seconds taken."""
+    start = time.perf_counter()
+    windows = calibration_windows(tokenizer, args.text, num_windows=args.calib_windows, window=args.calib_window_len)
+    prof = profile(model, windows, options=ProfileOptions(error_weighting=args.error_weighting),
+                   cache=not args.no_cache)
+    return prof, time.perf_counter() - start
+
+
+def plan_from_args(args: argparse.Namespace, prof: Profile):
+    return prof.plan(args.budget, allocation=args.allocation, kinds=tuple(k for k in args.kinds.split(",") if k))

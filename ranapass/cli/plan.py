@@ -1,0 +1,75 @@
+"""``ranapass plan``: allocate ranks under a FLOP budget from the (cached) profile; print and save the plan."""
+
+from __future__ import annotations
+
+import argparse
+
+from ranapass.cli import eval as eval_cli
+from ranapass.cli._output import add_json_flag, emit
+from ranapass.cli._workflow import add_plan_args, add_profile_args, load_profile, plan_from_args
+from ranapass.data import TextSourceError
+from ranapass.models import DEFAULT_MODEL, ModelLoadError, load_model
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("plan", aliases=["budget"], description=__doc__,
+                                   help="allocate under a FLOP budget: per-layer table, expected FLOPs")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model name, folder, .gguf or HF id")
+    parser.add_argument("--text", default="python-docs", help="text source; its calibration split is used")
+    add_profile_args(parser)
+    add_plan_args(parser)
+    parser.add_argument("--curve", default=None, metavar="B1,B2,...",
+                        help="also print the predicted error at these budgets")
+    parser.add_argument("--plot", default=None, metavar="FILE.png", help="plot predicted error against budget")
+    parser.add_argument("--out", help="save the plan into this directory (plan.json + tensors.safetensors)")
+    add_json_flag(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        model, tokenizer = load_model(args.model)
+        prof, _ = load_profile(args, model, tokenizer)
+        plan = plan_from_args(args, prof)
+    except (ModelLoadError, TextSourceError, ValueError) as e:
+        return eval_cli.fail(args, e)
+    if args.out:
+        plan.save(args.out)
+    budgets = [float(b) for b in args.curve.split(",")] if args.curve else []
+    if args.plot and not budgets:
+        budgets = [round(0.3 + 0.05 * i, 2) for i in range(15)]
+    curve = prof.curve(budgets, allocation=args.allocation) if budgets else []
+    if args.plot:
+        _plot(curve, args.plot, args.allocation)
+    payload = {"budget": plan.budget, "allocation": plan.allocation, "expected_ratio": plan.expected_ratio(),
+               "dense_flops_per_token": plan.dense_flops(), "expected_flops_per_token": plan.expected_flops(),
+               "units": [{"name": u.name, "kind": u.kind, "rank": getattr(u.adapter, "rank", None),
+                          "expected_kept": u.expected_kept, "tau": getattr(u.adapter, "tau", None),
+                          "dense_flops": u.dense_flops, "flops": u.flops(), "predicted_error": u.predicted_error}
+                         for u in plan.units],
+               "meta": plan.meta, "curve": curve, "saved_to": args.out}
+    text = plan.summary()
+    if curve:
+        text += "\n\npredicted error by budget:\n" + "\n".join(
+            f"  {c['budget']:.2f}: expected ratio {c['expected_ratio']:.4f}, predicted error {c['predicted_error']:.4g}"
+            for c in curve)
+    emit(args, payload, text)
+    return 0
+
+
+def _plot(curve: list[dict], path: str, allocation: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([c["expected_ratio"] for c in curve], [c["predicted_error"] for c in curve], marker="o")
+    ax.set_xlabel("expected FLOP ratio (block linears)")
+    ax.set_ylabel("predicted error (weighted)")
+    ax.set_yscale("log")
+    ax.set_title(f"ranapass {allocation} allocation")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
