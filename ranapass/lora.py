@@ -405,11 +405,14 @@ class LoraCompression:
 
 
 def _compressed_config(config: dict[str, Any], kept: dict[str, int], dropped: bool) -> dict[str, Any]:
-    """The input config with the new per-module ranks; alpha = rank per module, as the scale is folded in."""
+    """The input config with the new per-module ranks; alpha = rank per module, as the scale is folded in.
+
+    Pattern keys are full module paths, PEFT's documented form: older PEFT looks them up as exact
+    names, newer PEFT as regexes on a dotted suffix, which a full path matches for that module only.
+    """
     out = dict(config)
     top = max(kept.values())
-    patterns = {re.escape(name): k for name, k in kept.items()}
-    out.update(r=top, lora_alpha=top, rank_pattern=patterns, alpha_pattern=dict(patterns), use_rslora=False)
+    out.update(r=top, lora_alpha=top, rank_pattern=dict(kept), alpha_pattern=dict(kept), use_rslora=False)
     if dropped:
         out["target_modules"] = sorted(kept)
     return out
