@@ -6,12 +6,13 @@ each method (ranapass's global allocation, PARA's global singular-value threshol
 writes each result as a PEFT adapter, loads it back with ``PeftModel.from_pretrained`` and measures the
 mean next-token loss on held-out evaluation windows (the project's evaluation protocol by default).
 
-    python benchmarks/lora_compress.py --threads 1 --keep 0.25 0.1 0.05 --json results.json
+    python benchmarks/lora_compress.py --threads 1 --keep 0.25 0.125 0.0625 --json results.json
     python benchmarks/lora_compress.py --adapter DIR        # an adapter of your own
 
-CPU only. Training is 300 steps of 2 x 128 tokens (1-3 s a step on a quiet 2-core CPU, several times
-that on a shared one: pass --threads 1 there, as two OpenMP threads on one free core crawl); each
-evaluation is 32 x 512 tokens.
+Keeps that are whole ranks of the rank-16 adapter (0.25, 0.125, 0.0625: 4, 2, 1) compare uniform
+truncation at exactly the same size. CPU only. Training is 300 steps of 2 x 128 tokens (1-3 s a step
+on a quiet 2-core CPU, several times that on a shared one: pass --threads 1 there, as two OpenMP
+threads on one free core crawl); each evaluation is 32 x 512 tokens.
 """
 
 from __future__ import annotations

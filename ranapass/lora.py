@@ -14,7 +14,8 @@ every rank reproduces the adapter to rounding. Ranks are chosen per module by on
   It minimises the total discarded energy under the budget, so it pays for each rank what it costs.
 - ``"threshold"``: PARA (arXiv 2604.27796): pool the singular values of all modules and keep the largest
   until the budget is spent, one global threshold. It ignores that a rank of a wide module costs more.
-- ``"uniform"``: the same fraction of every module's rank; the baseline.
+- ``"uniform"``: the same fraction of every module's rank, rounded down (so it may keep less than the
+  budget when keep x rank is not whole); the baseline.
 
 Modules left at rank 0 are dropped from the written adapter (its ``target_modules`` lists the kept ones).
 """
@@ -465,8 +466,9 @@ def compress_lora(
     else:
         ranks = _allocate_uniform(modules, spectra, keep)
     if not any(ranks):
-        raise ValueError(f"keep={keep} leaves no rank in any module: the cheapest rank costs {min(costs)} "
-                         f"{target} of {cost_before:,.0f}; raise keep")
+        why = (f"uniform keeps floor(keep x rank) ranks per module, so keep must be at least 1/{max(f.rank for f in modules)}"
+               if method == "uniform" else f"the cheapest rank costs {min(costs)} {target} of {cost_before:,.0f}")
+        raise ValueError(f"keep={keep} leaves no rank in any module: {why}; raise keep")
 
     new_modules, rows, kept = [], [], {}
     for f, spec, k in zip(modules, spectra, ranks):

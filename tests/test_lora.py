@@ -311,3 +311,9 @@ def test_cli_table_and_errors(tmp_path, default_adapter, capsys):
         main(["lora-compress", str(folder), "--keep", "1.5"])
     with pytest.raises(SystemExit, match="must differ"):
         main(["lora-compress", str(folder), "--out", str(folder)])
+
+
+def test_uniform_below_one_rank_says_why(default_adapter):
+    _, folder, _ = default_adapter
+    with pytest.raises(ValueError, match="at least 1/8"):
+        compress_lora(folder, 0.1, method="uniform")
