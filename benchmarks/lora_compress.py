@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     args.cache_dir = args.cache_dir or cache_dir("lora-bench")
     base, tokenizer = load_model()
-    adapter_dir = args.adapter or args.cache_dir / (
-        f"adapter-r{args.rank}-s{args.train_steps}x{args.train_batch}x{args.train_seq_len}-lr{args.lr:g}-seed{args.seed}")
+    adapter_dir = args.adapter or args.cache_dir / (f"adapter-r{args.rank}-s{args.train_steps}x{args.train_batch}"
+                                                    f"x{args.train_seq_len}-lr{args.lr:g}-seed{args.seed}")
     if not (adapter_dir / "adapter_model.safetensors").is_file():
         if args.adapter:
             raise SystemExit(f"{args.adapter} holds no adapter_model.safetensors")

@@ -32,4 +32,5 @@ if args.base:
     from transformers import AutoModelForCausalLM
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(args.base), args.out)
-    print(f"loaded on {args.base}: {sum(p.numel() for n, p in model.named_parameters() if 'lora_' in n):,} LoRA parameters")
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    print(f"loaded on {args.base}: {lora:,} LoRA parameters")

@@ -141,7 +141,7 @@ class LoraAdapter:
         return out
 
     def save(self, out_dir: str | os.PathLike) -> Path:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors``, loadable by ``PeftModel.from_pretrained``."""
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors``, the folder PEFT loads."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
@@ -466,7 +466,8 @@ def compress_lora(
     else:
         ranks = _allocate_uniform(modules, spectra, keep)
     if not any(ranks):
-        why = (f"uniform keeps floor(keep x rank) ranks per module, so keep must be at least 1/{max(f.rank for f in modules)}"
+        top = max(f.rank for f in modules)
+        why = (f"uniform keeps floor(keep x rank) ranks per module: keep must be at least 1/{top}"
                if method == "uniform" else f"the cheapest rank costs {min(costs)} {target} of {cost_before:,.0f}")
         raise ValueError(f"keep={keep} leaves no rank in any module: {why}; raise keep")
 

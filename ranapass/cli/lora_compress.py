@@ -16,9 +16,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Compress a PEFT LoRA adapter post hoc: the SVD of every update ΔW = B·A (from the factors), "
                     "ranks allocated across modules for the budget, a new adapter PEFT loads as it is.",
     )
-    parser.add_argument("adapter", type=Path, help="PEFT adapter folder (adapter_config.json, adapter_model.safetensors)")
-    parser.add_argument("--keep", type=float, default=0.25, help="fraction of the cost to keep, in (0, 1] (default 0.25)")
-    parser.add_argument("--out", type=Path, help="folder to write the compressed adapter to (omit to only print the table)")
+    parser.add_argument("adapter", type=Path,
+                        help="PEFT adapter folder (adapter_config.json, adapter_model.safetensors)")
+    parser.add_argument("--keep", type=float, default=0.25,
+                        help="fraction of the cost to keep, in (0, 1] (default 0.25)")
+    parser.add_argument("--out", type=Path,
+                        help="folder to write the compressed adapter to (omit to only print the table)")
     parser.add_argument("--method", choices=METHODS, default="global",
                         help="global: ranapass allocator (least discarded energy for the cost); threshold: PARA's "
                              "one global singular-value threshold; uniform: the same rank fraction everywhere")
