@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["Candidate", "Unit", "Allocation", "allocate", "InfeasibleBudgetError"]
+__all__ = ["Candidate", "Unit", "Allocation", "Allocator", "allocate", "InfeasibleBudgetError"]
 
 
 class InfeasibleBudgetError(ValueError):
@@ -83,21 +83,105 @@ def _lower_hull(costs: np.ndarray, errors: np.ndarray) -> np.ndarray:
     return np.asarray(hull, dtype=np.int64)
 
 
-class _Part:
-    def __init__(self, candidates: Sequence[Candidate]):
-        if not candidates:
-            raise ValueError("every part needs at least one candidate")
-        c = np.array([x.cost for x in candidates], dtype=np.float64)
-        e = np.array([x.error for x in candidates], dtype=np.float64)
-        if not (np.isfinite(c).all() and np.isfinite(e).all()):
-            raise ValueError("candidate costs and errors must be finite")
-        self.hull = _lower_hull(c, e)
-        self.cost = c[self.hull]
-        self.error = e[self.hull]
+class Allocator:
+    """The hulls of a set of units, computed once; ``solve(budget)`` for as many budgets as needed."""
 
-    def best(self, lam: float) -> int:
-        """Position on the hull minimising error + lam * cost (ties: the cheaper)."""
-        return int(np.argmin(self.error + lam * self.cost))
+    def __init__(self, units: Sequence[Unit]):
+        costs, errors, hulls, part_alt, alt_unit = [], [], [], [], []
+        for ui, u in enumerate(units):
+            if not u.alternatives:
+                raise ValueError("every unit needs at least one alternative")
+            for alt in u.alternatives:
+                for part in alt:
+                    if not part:
+                        raise ValueError("every part needs at least one candidate")
+                    c = np.array([x.cost for x in part], dtype=np.float64)
+                    e = np.array([x.error for x in part], dtype=np.float64)
+                    if not (np.isfinite(c).all() and np.isfinite(e).all()):
+                        raise ValueError("candidate costs and errors must be finite")
+                    h = _lower_hull(c, e)
+                    hulls.append(h)
+                    costs.append(c[h])
+                    errors.append(e[h])
+                    part_alt.append(len(alt_unit))
+                alt_unit.append(ui)
+        width = max(len(h) for h in hulls)
+        self.cost = np.zeros((len(hulls), width))
+        self.error = np.full((len(hulls), width), np.inf)
+        for i, (c, e) in enumerate(zip(costs, errors)):
+            self.cost[i, :len(c)] = c
+            self.error[i, :len(e)] = e
+            self.cost[i, len(c):] = c[-1]
+        self.length = np.array([len(h) for h in hulls])
+        self.hulls = hulls
+        self.part_alt = np.array(part_alt)
+        self.alt_unit = np.array(alt_unit)
+        self.num_units = len(units)
+        self.num_alts = len(alt_unit)
+
+    def _choose(self, lam: float) -> tuple[np.ndarray, np.ndarray, float]:
+        """Per part the hull position minimising error + lam * cost; per unit the best alternative."""
+        value = self.error + lam * self.cost
+        pos = np.argmin(value, axis=1)
+        best = value[np.arange(len(pos)), pos]
+        alt_value = np.bincount(self.part_alt, weights=best, minlength=self.num_alts)
+        # lexicographic: unit, then value -> the first alternative of each unit is its best
+        order = np.lexsort((alt_value, self.alt_unit))
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = self.alt_unit[order][1:] != self.alt_unit[order][:-1]
+        chosen_alt = np.zeros(self.num_alts, dtype=bool)
+        chosen_alt[order[first]] = True
+        active = chosen_alt[self.part_alt]
+        cost = float(self.cost[np.arange(len(pos)), pos][active].sum())
+        return pos, active, cost
+
+    def solve(self, budget: float, *, iterations: int = 100) -> Allocation:
+        """Choose one candidate per part (and one alternative per unit) minimising total error.
+
+        Raises:
+            InfeasibleBudgetError: if the cheapest choices together exceed ``budget``.
+        """
+        min_alt = np.bincount(self.part_alt, weights=self.cost[:, 0], minlength=self.num_alts)
+        min_cost = float(sum(min_alt[self.alt_unit == u].min() for u in range(self.num_units)))
+        if min_cost > budget * (1 + 1e-12):
+            raise InfeasibleBudgetError(f"the cheapest configuration costs {min_cost:.6g}, over the budget {budget:.6g}")
+        lo, hi = 0.0, 1.0
+        while self._choose(hi)[2] > budget:
+            hi *= 4.0
+            if hi > 1e300:
+                raise InfeasibleBudgetError("no multiplier meets the budget")
+        if self._choose(lo)[2] <= budget:
+            hi = lo
+        else:
+            for _ in range(iterations):
+                mid = 0.5 * (lo + hi)
+                if self._choose(mid)[2] <= budget:
+                    hi = mid
+                else:
+                    lo = mid
+        pos, active, total = self._choose(hi)
+        rows = np.flatnonzero(active)
+        # Fill the slack: step parts up their hulls, steepest error drop per cost first.
+        while True:
+            nxt = np.minimum(pos[rows] + 1, self.length[rows] - 1)
+            dc = self.cost[rows, nxt] - self.cost[rows, pos[rows]]
+            de = self.error[rows, pos[rows]] - self.error[rows, nxt]
+            ok = (nxt > pos[rows]) & (total + dc <= budget) & (dc > 0)
+            if not ok.any():
+                break
+            slope = np.where(ok, de / np.where(dc > 0, dc, 1.0), -np.inf)
+            k = int(np.argmax(slope))
+            pos[rows[k]] += 1
+            total += float(dc[k])
+        alternative, choice, error = [], [], 0.0
+        for u in range(self.num_units):
+            alts = np.flatnonzero(self.alt_unit == u)
+            a = next(i for i, al in enumerate(alts) if active[self.part_alt == al].any())
+            parts = np.flatnonzero(self.part_alt == alts[a])
+            alternative.append(a)
+            choice.append([int(self.hulls[p][pos[p]]) for p in parts])
+            error += float(sum(self.error[p, pos[p]] for p in parts))
+        return Allocation(alternative, choice, total, error, hi)
 
 
 def allocate(units: Sequence[Unit], budget: float, *, iterations: int = 100) -> Allocation:
@@ -111,62 +195,4 @@ def allocate(units: Sequence[Unit], budget: float, *, iterations: int = 100) -> 
     Raises:
         InfeasibleBudgetError: if the cheapest choices together exceed ``budget``.
     """
-    parts = [[[_Part(p) for p in alt] for alt in u.alternatives] for u in units]
-
-    def solve(lam: float) -> tuple[list[int], list[list[int]], float]:
-        alts, picks, total = [], [], 0.0
-        for u in parts:
-            best = None
-            for a, alt in enumerate(u):
-                pos = [p.best(lam) for p in alt]
-                value = sum(p.error[i] + lam * p.cost[i] for p, i in zip(alt, pos))
-                if best is None or value < best[0]:
-                    best = (value, a, pos)
-            _, a, pos = best
-            alts.append(a)
-            picks.append(pos)
-            total += sum(p.cost[i] for p, i in zip(u[a], pos))
-        return alts, picks, total
-
-    min_cost = sum(min(sum(p.cost[0] for p in alt) for alt in u) for u in parts)
-    if min_cost > budget * (1 + 1e-12):
-        raise InfeasibleBudgetError(f"the cheapest configuration costs {min_cost:.6g}, over the budget {budget:.6g}")
-
-    lo, hi = 0.0, 1.0
-    while solve(hi)[2] > budget:
-        hi *= 4.0
-        if hi > 1e300:
-            raise InfeasibleBudgetError("no multiplier meets the budget")
-    if solve(lo)[2] <= budget:
-        hi = lo
-    else:
-        for _ in range(iterations):
-            mid = 0.5 * (lo + hi)
-            if solve(mid)[2] <= budget:
-                hi = mid
-            else:
-                lo = mid
-    alts, picks, total = solve(hi)
-
-    # Fill the slack: step parts up their hulls, steepest error drop per cost first.
-    while True:
-        best = None
-        for ui, (a, pos) in enumerate(zip(alts, picks)):
-            for pi, (p, i) in enumerate(zip(parts[ui][a], pos)):
-                if i + 1 < len(p.cost):
-                    dc = p.cost[i + 1] - p.cost[i]
-                    de = p.error[i] - p.error[i + 1]
-                    if total + dc <= budget and (best is None or de / dc > best[0]):
-                        best = (de / dc, ui, pi, dc)
-        if best is None:
-            break
-        _, ui, pi, dc = best
-        picks[ui][pi] += 1
-        total += dc
-
-    choice, error = [], 0.0
-    for ui, (a, pos) in enumerate(zip(alts, picks)):
-        alt = parts[ui][a]
-        choice.append([int(p.hull[i]) for p, i in zip(alt, pos)])
-        error += sum(p.error[i] for p, i in zip(alt, pos))
-    return Allocation(alts, choice, total, error, hi)
+    return Allocator(units).solve(budget, iterations=iterations)

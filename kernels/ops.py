@@ -1,14 +1,19 @@
 """The ``torch.ops.ranapass`` operators that the FX pass emits.
 
 Each op is a ``triton_op``: torch.compile traces its body, so on CUDA Inductor launches the Triton
-kernels directly, and on any other device the body is the torch reference math, which Inductor's
-C++ backend compiles. Output shapes never depend on the masks (static shapes, CUDA-graph safe).
+kernels directly (rank_adapter.py, neuron_adapter.py), and on any other device the body is the torch
+reference math, which Inductor's C++ backend compiles. Output shapes never depend on the masks and
+the kernels never sync with the host (static shapes, CUDA-graph safe). One decode token runs the
+row-skipping kernels with tiles chosen from the weight shapes (configs.py); more tokens (batched
+decode, prefill) run cuBLAS GEMMs on the masked inputs (masked_gemm.py).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ranapass.kernels import neuron_adapter as _neuron
+from ranapass.kernels import rank_adapter as _rank
 from ranapass.kernels.reference import gated_activation, neuron_adapter_reference, rank_adapter_reference
 
 __all__ = ["rank_adapter", "neuron_adapter", "gated_neuron_adapter"]
@@ -23,7 +28,9 @@ def rank_adapter(
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """``y = At^T (keep * B x) + bias`` with ``keep = |B x| >= thresholds``; see kernels/reference.py."""
-    return rank_adapter_reference(x, B, At, thresholds, bias)
+    if x.device.type != "cuda":
+        return rank_adapter_reference(x, B, At, thresholds, bias)
+    return _rank.rank_adapter(x, B, At, thresholds, bias)
 
 
 @torch.library.triton_op("ranapass::neuron_adapter", mutates_args=())
@@ -34,7 +41,9 @@ def neuron_adapter(
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """``y = (keep * x) Wt + bias`` with ``keep = |x| >= thresholds``; see kernels/reference.py."""
-    return neuron_adapter_reference(x, Wt, thresholds, bias)
+    if x.device.type != "cuda":
+        return neuron_adapter_reference(x, Wt, thresholds, bias)
+    return _neuron.neuron_adapter(x, Wt, thresholds, bias)
 
 
 @torch.library.triton_op("ranapass::gated_neuron_adapter", mutates_args=())
@@ -47,4 +56,6 @@ def gated_neuron_adapter(
     activation: str,
 ) -> torch.Tensor:
     """Neuron adapter on ``h = act(gate) * up``: the down projection of a gated MLP with its middle fused."""
-    return neuron_adapter_reference(gated_activation(gate, up, activation), Wt, thresholds, bias)
+    if gate.device.type != "cuda":
+        return neuron_adapter_reference(gated_activation(gate, up, activation), Wt, thresholds, bias)
+    return _neuron.gated_neuron_adapter(gate, up, Wt, thresholds, bias, activation)

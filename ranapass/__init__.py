@@ -6,9 +6,13 @@ Calibrate once (``profile``), allocate ranks globally under a FLOP budget (``Pro
 
 from ranapass.adapters import AdapterSpec, NeuronAdapterSpec, RankAdapterSpec, register_adapter
 from ranapass.attach import Attachment, FlopMeter, attach, detach
+from ranapass.backend import RanaBackend, rana_backend
 from ranapass.data import calibration_windows, evaluation_windows, load_texts, token_windows
+from ranapass.diff import GraphDiff, diff
 from ranapass.evaluate import PerplexityResult, perplexity
 from ranapass.fingerprint import weights_fingerprint
+from ranapass.fx_pass import RewriteError, RewriteReport
+from ranapass.generation import CompiledGenerator
 from ranapass.lora import LoraAdapter, LoraCompression, compress_lora, load_lora
 from ranapass.models import load_model
 from ranapass.plan import Plan, PlanMismatchError, UnitPlan
@@ -17,7 +21,9 @@ from ranapass.profiling import Profile, ProfileOptions, profile
 __all__ = [
     "AdapterSpec",
     "Attachment",
+    "CompiledGenerator",
     "FlopMeter",
+    "GraphDiff",
     "LoraAdapter",
     "LoraCompression",
     "NeuronAdapterSpec",
@@ -26,18 +32,23 @@ __all__ = [
     "PlanMismatchError",
     "Profile",
     "ProfileOptions",
+    "RanaBackend",
     "RankAdapterSpec",
+    "RewriteError",
+    "RewriteReport",
     "UnitPlan",
     "attach",
     "calibration_windows",
     "compress_lora",
     "detach",
+    "diff",
     "evaluation_windows",
     "load_lora",
     "load_model",
     "load_texts",
     "perplexity",
     "profile",
+    "rana_backend",
     "register_adapter",
     "token_windows",
     "weights_fingerprint",

@@ -32,7 +32,7 @@ from ranapass.attach import running
 from ranapass.cache import cache_dir
 from ranapass.calibrate import RANK_MIN_ASPECT, CalibrationStats, SiteStats, candidate_linears, collect
 from ranapass.cost_model import flops as F
-from ranapass.cost_model.allocate import Candidate, InfeasibleBudgetError, Unit, allocate
+from ranapass.cost_model.allocate import Allocator, Candidate, InfeasibleBudgetError, Unit
 from ranapass.cost_model.curves import Curve, neuron_curve, rank_curve, static_rank_curve
 from ranapass.cost_model.decompose import gram_factor, output_pca, weight_svd
 from ranapass.cost_model.uniform import UniformGroup, allocate_uniform
@@ -67,7 +67,7 @@ class ProfileOptions:
 
     batch_size: int = 4
     sample_tokens: int = 2048
-    holdout_windows: int = 4
+    holdout_windows: int = 2
     error_weighting: str = "fisher"
     gradient_windows: int = 16
     exclude: tuple[str, ...] = ()
@@ -100,30 +100,33 @@ class UnitCandidates:
     def dense_flops(self) -> float:
         return F.per_token(F.dense_linear(sum(self.out_features), self.in_features))
 
-    def options(self, kinds: Sequence[str], dense: bool = True) -> list[tuple[str, int]]:
-        """(curve kind, index) of the allowed candidates; ("dense", -1) first when allowed.
+    def options(self, kinds: Sequence[str], dense: bool = True,
+                count_mask_cost: bool = True) -> tuple[list[tuple[str, int]], list[Candidate]]:
+        """The allowed candidates: their ``(curve kind, index)`` ("dense", -1 first when allowed) and costs.
 
         "rank" allows every rank-adapter candidate (masked or not), "lowrank" only the unmasked ones.
+        ``count_mask_cost=False`` leaves the masks' FLOPs out of the costs (an ablation).
         """
-        out = [("dense", -1)] if dense else []
-        picked: set[tuple[str, int]] = set()
-        for kind in kinds:
-            curve = self.curves.get("rank" if kind == "lowrank" else kind)
-            if curve is None:
+        options = [("dense", -1)] if dense else []
+        cands = [Candidate(self.dense_flops, 0.0)] if dense else []
+        for kind in ("rank", "neuron"):
+            curve = self.curves.get(kind)
+            wanted = [k for k in kinds if (k == "lowrank" and kind == "rank") or k == kind]
+            if curve is None or not wanted:
                 continue
-            idx = np.flatnonzero(curve.tau == 0) if kind == "lowrank" else np.arange(len(curve))
-            picked.update((curve.kind, int(i)) for i in idx)
-        return out + sorted(picked)
+            idx = np.arange(len(curve)) if kind in wanted else np.flatnonzero(curve.tau == 0)
+            cost = curve.flops[idx] - (0.0 if count_mask_cost else F.MASK_FLOPS_PER_SCORE * curve.rank[idx])
+            options += [(kind, i) for i in idx.tolist()]
+            cands += [Candidate(c, e) for c, e in zip(cost.tolist(), curve.error[idx].tolist())]
+        return options, cands
 
-    def candidate(self, option: tuple[str, int], count_mask_cost: bool = True) -> Candidate:
+    def candidate(self, option: tuple[str, int]) -> Candidate:
+        """Cost (FLOPs per token, masks included) and error of one option."""
         kind, i = option
         if kind == "dense":
             return Candidate(self.dense_flops, 0.0)
         c = self.curves[kind]
-        cost = float(c.flops[i])
-        if not count_mask_cost:
-            cost -= F.MASK_FLOPS_PER_SCORE * float(c.rank[i])
-        return Candidate(cost, float(c.error[i]))
+        return Candidate(float(c.flops[i]), float(c.error[i]))
 
 
 @dataclasses.dataclass
@@ -161,6 +164,8 @@ class Profile:
         self.holdout = holdout
         self.fingerprint = fingerprint
         self.meta = meta
+        self._allocators: dict[tuple, tuple[Allocator, list]] = {}
+        self._column_norms: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ queries
     @property
@@ -234,16 +239,23 @@ class Profile:
             return self._allocate_uniform(target, kinds, count_mask_cost)
         raise ValueError(f"allocation must be 'global' or 'uniform', got {allocation!r}")
 
+    def _allocator(self, kinds, grouping, count_mask_cost) -> tuple[Allocator, list]:
+        """The allocation problem for these settings (hulls computed once per profile and settings)."""
+        key = (kinds, grouping, count_mask_cost)
+        if key not in self._allocators:
+            units, index = [], []
+            for site in self.sites:
+                alts = site.alternatives(grouping)
+                found = [[u.options(kinds, count_mask_cost=count_mask_cost) for u in alt] for alt in alts]
+                units.append(Unit([[cands for _, cands in alt] for alt in found]))
+                index.append((alts, [[opts for opts, _ in alt] for alt in found]))
+            self._allocators[key] = (Allocator(units), index)
+        return self._allocators[key]
+
     def _allocate_global(self, target, kinds, grouping, count_mask_cost):
-        units, index = [], []
-        for site in self.sites:
-            alts = site.alternatives(grouping)
-            opts = [[u.options(kinds) for u in alt] for alt in alts]
-            units.append(Unit([[[u.candidate(o, count_mask_cost) for o in uo] for u, uo in zip(alt, ao)]
-                               for alt, ao in zip(alts, opts)]))
-            index.append((alts, opts))
+        allocator, index = self._allocator(kinds, grouping, count_mask_cost)
         try:
-            result = allocate(units, target)
+            result = allocator.solve(target)
         except InfeasibleBudgetError as e:
             raise ValueError(f"budget {target / self.dense_flops():.4f} is below the cheapest configuration "
                              f"the allowed kinds {list(kinds)} offer ({e})") from e
@@ -278,9 +290,9 @@ class Profile:
                         mlp.append((u, rank_kinds if m > n else ("neuron",)))
             for group in (attention, mlp):
                 if group:
-                    opts = [u.options(k, dense=False) for u, k in group]
-                    groups.append(UniformGroup([[u.candidate(o, count_mask_cost) for o in uo]
-                                                for (u, _), uo in zip(group, opts)],
+                    found = [u.options(k, dense=False, count_mask_cost=count_mask_cost) for u, k in group]
+                    opts = [o for o, _ in found]
+                    groups.append(UniformGroup([c for _, c in found],
                                                sum(u.dense_flops for u, _ in group)))
                     members.append([(u, uo) for (u, _), uo in zip(group, opts)])
         try:
@@ -313,7 +325,9 @@ class Profile:
             elif kind == "neuron":
                 c = unit.curves["neuron"]
                 tau = float(c.tau[i])
-                norms = self._weights(unit).norm(dim=0)
+                if unit.name not in self._column_norms:
+                    self._column_norms[unit.name] = self._weights(unit).norm(dim=0)
+                norms = self._column_norms[unit.name]
                 adapter = NeuronAdapterSpec(unit.members, unit.out_features, unit.in_features, tau,
                                             thresholds=_per_entry(tau, norms))
                 kept, err = float(c.kept[i]), float(c.error[i])

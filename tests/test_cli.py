@@ -12,9 +12,8 @@ import pytest
 from ranapass.cli import main
 
 
-@pytest.mark.parametrize("command", ["eval", "demo"])
-def test_json_output_parses(command, capsys, tiny_llama_dir, text_dir):
-    code = main([command, "--model", str(tiny_llama_dir), "--text", str(text_dir), "--windows", "3",
+def test_json_output_parses(capsys, tiny_llama_dir, text_dir):
+    code = main(["eval", "--model", str(tiny_llama_dir), "--text", str(text_dir), "--windows", "3",
                  "--window-len", "16", "--batch-size", "2", "--json"])
     assert code == 0
     rep = json.loads(capsys.readouterr().out)  # exactly one JSON object on stdout
@@ -47,7 +46,7 @@ def test_too_little_text_is_a_clear_error(json_flag, capsys, tiny_llama_dir, tex
 def test_entry_point_lists_the_commands():
     out = subprocess.run([sys.executable, "-m", "ranapass.cli", "--help"], capture_output=True, text=True,
                          check=True).stdout
-    assert "eval" in out and "demo" in out
+    assert all(c in out for c in ("eval", "demo", "profile", "plan", "diff"))
 
 
 CALIB = ["--calib-windows", "16", "--calib-window-len", "32", "--error-weighting", "relative"]
@@ -72,5 +71,19 @@ def test_profile_plan_and_adapted_eval(capsys, tmp_path, tiny_llama_dir, text_di
     assert main(["eval", *model, "--windows", "2", "--window-len", "16", "--budget", "0.7", *CALIB]) == 0
     assert "adapted    budget 0.700" in capsys.readouterr().out
 
+    assert main(["plan", *model, "--data-free", "--budget", "0.7", "--json"]) == 0
+    free = json.loads(capsys.readouterr().out)
+    assert {u["kind"] for u in free["units"]} <= {"rank", "dense"} and free["expected_ratio"] <= 0.7
+
     assert main(["plan", *model, *CALIB, "--budget", "1.5"]) == 2
     assert "budget must be in (0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_compiles_and_compares(capsys, tiny_llama_dir, text_dir, isolated_cache):
+    assert main(["demo", "--model", str(tiny_llama_dir), "--text", str(text_dir), "--windows", "4", "--window-len",
+                 "16", "--batch-size", "2", *CALIB, "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["plan"]["budget"] == 0.56 and rep["units_rewritten"] > 0
+    assert rep["compiled_ppl"] == pytest.approx(rep["eager_ppl"], rel=5e-3)
+    assert 0 < rep["flop_ratio_measured"] < 1 and "rewrote" in rep["diff_summary"].lower()

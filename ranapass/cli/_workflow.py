@@ -8,20 +8,30 @@ import time
 import torch
 
 from ranapass.data import calibration_windows
+from ranapass.models import DEFAULT_MODEL
 from ranapass.profiling import Profile, ProfileOptions, profile
 
 DEFAULT_CALIBRATION_WINDOWS = 128
 
 
+def add_model_calibration_args(parser: argparse.ArgumentParser) -> None:
+    """``--model`` and ``--text`` (whose calibration split is used), then the profile arguments."""
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model name, folder, .gguf or HF id")
+    parser.add_argument("--text", default="python-docs", help="text source; its calibration split is used")
+    add_profile_args(parser)
+
+
 def add_profile_args(parser: argparse.ArgumentParser) -> None:
-    """``--calib-windows``, ``--calib-window-len``, ``--error-weighting``, ``--no-cache``."""
+    """``--calib-windows``, ``--calib-window-len``, ``--error-weighting``, ``--no-cache``, ``--data-free``."""
     parser.add_argument("--calib-windows", type=int, default=DEFAULT_CALIBRATION_WINDOWS,
                         help=f"calibration windows of 512 tokens from the calibration split of --text "
-                             f"(default {DEFAULT_CALIBRATION_WINDOWS}; 4 are held out to fit thresholds)")
+                             f"(default {DEFAULT_CALIBRATION_WINDOWS}; 2 are held out to fit thresholds)")
     parser.add_argument("--calib-window-len", type=int, default=512, help="tokens per calibration window")
     parser.add_argument("--error-weighting", choices=("fisher", "relative"), default="fisher",
                         help="how errors are made comparable across layers (default: output-gradient weighted)")
     parser.add_argument("--no-cache", action="store_true", help="recalibrate even if a cached profile exists")
+    parser.add_argument("--data-free", action="store_true",
+                        help="no calibration text: static low rank from the weights' spectra, globally allocated")
 
 
 def add_plan_args(parser: argparse.ArgumentParser, budget_required: bool = False) -> None:
@@ -37,6 +47,8 @@ def add_plan_args(parser: argparse.ArgumentParser, budget_required: bool = False
 def load_profile(args: argparse.Namespace, model: torch.nn.Module, tokenizer) -> tuple[Profile, float]:
     """Profile ``model`` on the calibration split of ``args.text`` (cached); returns it and the seconds taken."""
     start = time.perf_counter()
+    if args.data_free:
+        return profile(model, None, cache=not args.no_cache), time.perf_counter() - start
     windows = calibration_windows(tokenizer, args.text, num_windows=args.calib_windows, window=args.calib_window_len)
     prof = profile(model, windows, options=ProfileOptions(error_weighting=args.error_weighting),
                    cache=not args.no_cache)

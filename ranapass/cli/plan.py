@@ -6,17 +6,15 @@ import argparse
 
 from ranapass.cli import eval as eval_cli
 from ranapass.cli._output import add_json_flag, emit
-from ranapass.cli._workflow import add_plan_args, add_profile_args, load_profile, plan_from_args
+from ranapass.cli._workflow import add_model_calibration_args, add_plan_args, load_profile, plan_from_args
 from ranapass.data import TextSourceError
-from ranapass.models import DEFAULT_MODEL, ModelLoadError, load_model
+from ranapass.models import ModelLoadError, load_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("plan", aliases=["budget"], description=__doc__,
                                    help="allocate under a FLOP budget: per-layer table, expected FLOPs")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="model name, folder, .gguf or HF id")
-    parser.add_argument("--text", default="python-docs", help="text source; its calibration split is used")
-    add_profile_args(parser)
+    add_model_calibration_args(parser)
     add_plan_args(parser)
     parser.add_argument("--curve", default=None, metavar="B1,B2,...",
                         help="also print the predicted error at these budgets")

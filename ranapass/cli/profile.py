@@ -6,9 +6,9 @@ import argparse
 
 from ranapass.cli import eval as eval_cli
 from ranapass.cli._output import add_json_flag, emit
-from ranapass.cli._workflow import add_profile_args, load_profile
+from ranapass.cli._workflow import add_model_calibration_args, load_profile
 from ranapass.data import TextSourceError
-from ranapass.models import DEFAULT_MODEL, ModelLoadError, load_model
+from ranapass.models import ModelLoadError, load_model
 
 BUDGETS = (0.4, 0.5, 0.56, 0.6, 0.7, 0.8, 0.9)
 
@@ -16,9 +16,7 @@ BUDGETS = (0.4, 0.5, 0.56, 0.6, 0.7, 0.8, 0.9)
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("profile", help="calibrate a model (cached) and print predicted error by budget",
                                    description=__doc__)
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="model name, folder, .gguf or HF id")
-    parser.add_argument("--text", default="python-docs", help="text source; its calibration split is used")
-    add_profile_args(parser)
+    add_model_calibration_args(parser)
     parser.add_argument("--out", help="also save the profile into this directory")
     add_json_flag(parser)
     parser.set_defaults(func=run)

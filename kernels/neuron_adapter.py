@@ -1,0 +1,88 @@
+"""Neuron adapter ``y = (keep * x) Wt + bias``, ``keep = |x| >= thresholds``, and its gated-MLP form.
+
+Decode: one masked GEMV over ``Wt: [n, m]`` (input-major), mask computed in its load stage
+(masked_gemv.py, NEURON prologue), then the split sum. The gated form takes the gate and up
+projections of a gated MLP and computes ``h = act(gate) * up`` and its mask in the same load stage
+(GATED prologue): the middle of the MLP is no chain of tiny launches and ``h`` never goes to memory.
+Prefill runs cuBLAS with the same mask (masked_gemm.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ranapass.kernels.configs import KernelConfig, masked_gemv_config, use_kernels
+from ranapass.kernels.launch import flatten_tokens
+from ranapass.kernels.masked_gemv import ACTIVATIONS, PROLOGUE_GATED, PROLOGUE_NEURON, masked_gemv
+from ranapass.kernels.masked_gemm import gated_neuron_adapter_gemm, neuron_adapter_gemm
+
+__all__ = ["neuron_adapter", "gated_neuron_adapter"]
+
+
+def _check(name: str, n: int, Wt: torch.Tensor, thresholds: torch.Tensor) -> None:
+    if Wt.shape[0] != n or thresholds.shape != (n,):
+        raise ValueError(f"{name}: input width {n}, Wt {tuple(Wt.shape)} and thresholds {tuple(thresholds.shape)} "
+                         "do not agree (want Wt [n, m], thresholds [n])")
+    if Wt.stride(-1) != 1:
+        raise ValueError(f"{name}: Wt must have a contiguous last dimension")
+
+
+def neuron_adapter(
+    x: torch.Tensor,
+    Wt: torch.Tensor,
+    thresholds: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """Run the neuron adapter on ``x: [..., n]``; returns ``[..., m]`` in ``x.dtype``.
+
+    Args:
+        x: input, any leading dims.
+        Wt: ``[n, m]``, W transposed (a dropped input skips one contiguous row).
+        thresholds: ``[n]`` float32.
+        bias: ``[m]`` or None.
+        config: decode tiles; default from ``configs.masked_gemv_config``.
+    """
+    x2, lead = flatten_tokens(x)
+    T, n = x2.shape
+    _check("neuron_adapter", n, Wt, thresholds)
+    m = Wt.shape[1]
+    if not use_kernels(T, config):
+        return neuron_adapter_gemm(x2, Wt, thresholds, bias).reshape(*lead, m)
+    cfg = config if config is not None else masked_gemv_config(n, m, T)
+    y = masked_gemv(x2, None, thresholds, Wt, bias, x.dtype, cfg, PROLOGUE_NEURON)
+    return y.reshape(*lead, m)
+
+
+def gated_neuron_adapter(
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    Wt: torch.Tensor,
+    thresholds: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str = "silu",
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """Run the neuron adapter on ``h = act(gate) * up`` (``[..., n]`` each); returns ``[..., m]``.
+
+    Args:
+        gate, up: the gate and up projections' outputs, same shape and dtype.
+        Wt, thresholds, bias: as in ``neuron_adapter``.
+        activation: ``"silu"``, ``"gelu_tanh"`` or ``"gelu"``.
+        config: decode tiles; default from ``configs.masked_gemv_config``.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown gated activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"gated_neuron_adapter: gate {tuple(gate.shape)} {gate.dtype} and up "
+                         f"{tuple(up.shape)} {up.dtype} must match")
+    g2, lead = flatten_tokens(gate)
+    u2, _ = flatten_tokens(up)
+    T, n = g2.shape
+    _check("gated_neuron_adapter", n, Wt, thresholds)
+    m = Wt.shape[1]
+    if not use_kernels(T, config):
+        return gated_neuron_adapter_gemm(g2, u2, Wt, thresholds, bias, activation).reshape(*lead, m)
+    cfg = config if config is not None else masked_gemv_config(n, m, T)
+    y = masked_gemv(g2, u2, thresholds, Wt, bias, gate.dtype, cfg, PROLOGUE_GATED, ACTIVATIONS[activation])
+    return y.reshape(*lead, m)

@@ -1,0 +1,525 @@
+"""The FX pass: rewrite the linears whose weights carry an attached adapter into ``torch.ops.ranapass`` ops.
+
+It runs on the torch-IR graph Dynamo hands to the backend, before AOTAutograd (reference/compile.md
+§1.3), in two phases like Inductor's passes:
+
+1. *Decide.* Every linear node (``F.linear`` / ``torch._C._nn.linear`` calls, ``call_module`` on an
+   ``nn.Linear``) becomes a ``LinearSite``: its input node, and its weight and bias as the *real*
+   tensors (placeholder ``i`` is ``example_inputs[i]``; ``get_attr`` and module attributes are read
+   off the GraphModule). The weight is looked up in the attach registry by identity, never by name.
+   ``_should_rewrite(site)`` accepts it or names the reason it must stay dense.
+2. *Rewrite.* Accepted sites are grouped by (adapter, input node). A group becomes one op node that
+   computes the unit's stacked output (q, k and v from one B product and one mask) and one slice per
+   member linear, which takes the linear's place::
+
+       q = linear(x, Wq); k = linear(x, Wk); v = linear(x, Wv)
+       --->  qkv = ranapass.rank_adapter(x, B, At, thresholds, bias)
+             q = qkv[..., :m_q]; k = qkv[..., m_q:m_q+m_k]; v = qkv[..., m_q+m_k:]
+
+   The adapter tensors become buffers of the GraphModule, registered once per adapter with a
+   ``ConstantSource`` so AOTAutograd lifts them as static inputs (compile.md §2.2). A down
+   projection with a neuron adapter whose input is ``act(gate) * up`` may become one
+   ``gated_neuron_adapter`` call, so the kernels can fuse the MLP middle.
+
+Nothing is silent: the ``RewriteReport`` lists the units rewritten, every registered weight left
+dense with its reason, and the unregistered linears; it is logged at INFO (WARNING when a
+registered weight was left dense), and ``strict=True`` raises instead.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import operator
+import re
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+from torch._dynamo.source import ConstantSource
+from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
+
+from ranapass.attach import AdapterRef, lookup
+from ranapass.cost_model import flops as flops_model
+
+__all__ = ["rewrite_linears", "RewriteReport", "OpRewrite", "LeftDense", "RewriteError"]
+
+log = logging.getLogger(__name__)
+
+LINEAR_TARGETS = (torch._C._nn.linear,)  # F.linear is torch._C._nn.linear
+SILU_TARGETS = (F.silu, torch._C._nn.silu)  # F.gelu is torch._C._nn.gelu; its approximate kwarg names the kind
+MUL_TARGETS = (operator.mul, torch.mul)
+META_KEYS = ("nn_module_stack", "stack_trace", "source_fn_stack")
+VALUE_KEYS = ("example_value", "val")  # Dynamo graphs carry example_value, AOT graphs val
+NOT_REGISTERED = "not_registered"
+
+
+class RewriteError(RuntimeError):
+    """Raised in strict mode when a registered weight could not be rewritten."""
+
+
+# ---------------------------------------------------------------------------------------- report
+@dataclasses.dataclass
+class OpRewrite:
+    """One op node the pass emitted and the linear nodes it replaced.
+
+    Args:
+        node: name of the new op node.
+        unit: name of the plan unit.
+        op: the op, e.g. ``ranapass.rank_adapter``.
+        old_op: what the replaced nodes called (``torch._C._nn.linear`` or ``call_module:nn.Linear``).
+        replaced: names of the replaced linear nodes, in member order.
+        members: module paths of the replaced linears.
+        outputs: replaced node name -> name of the node that now stands for it (a slice, or the op).
+        partial: the unit has members that do not read this input (the op still computes all of them).
+        width: static rank nB (rank adapter) or input width n (neuron adapter).
+        expected_kept: expected kept ranks/inputs per token from the plan.
+        flops_before: dense FLOPs per token of the replaced linears.
+        flops_after: FLOPs per token of the op at the expected kept count.
+    """
+
+    node: str
+    unit: str
+    op: str
+    old_op: str
+    replaced: tuple[str, ...]
+    members: tuple[str, ...]
+    outputs: dict[str, str]
+    partial: bool
+    width: int
+    expected_kept: float | None
+    flops_before: float
+    flops_after: float
+    _unit: Any = dataclasses.field(default=None, repr=False, compare=False)  # weakref to the UnitPlan
+
+    def rewrote(self, unit: Any) -> bool:
+        """Whether this op stands for ``unit`` (a ``UnitPlan``), by identity."""
+        return self._unit is not None and self._unit() is unit
+
+
+@dataclasses.dataclass
+class LeftDense:
+    """A linear node the pass left as it was, with its dense FLOPs per token (0 if its weight is unknown)."""
+
+    node: str
+    path: str
+    reason: str
+    flops: float = 0.0
+
+
+@dataclasses.dataclass
+class RewriteReport:
+    """What the pass did to one graph.
+
+    Args:
+        rewrites: the op nodes emitted.
+        skipped: linears with a registered weight that stayed dense, each with its reason.
+        dense: linears without a registered weight (e.g. lm_head), left dense.
+        unfound: member paths of registered weights that this graph reads but never through a linear
+            the pass recognises (e.g. ``x @ w.t()``): they stay dense.
+        counters: ``rewritten_units``, ``rewritten_linears``, ``ops``, ``dense_unregistered``,
+            ``skipped_<reason>``.
+    """
+
+    rewrites: list[OpRewrite] = dataclasses.field(default_factory=list)
+    skipped: list[LeftDense] = dataclasses.field(default_factory=list)
+    dense: list[LeftDense] = dataclasses.field(default_factory=list)
+    unfound: list[str] = dataclasses.field(default_factory=list)
+    counters: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    @property
+    def units(self) -> list[str]:
+        """Names of the units rewritten in this graph, in graph order."""
+        return list(dict.fromkeys(r.unit for r in self.rewrites))
+
+    @property
+    def rewritten(self) -> int:
+        """Number of units rewritten (a unit called twice counts once)."""
+        return len(self.units)
+
+    @property
+    def complete(self) -> bool:
+        """True when every registered weight this graph reads was rewritten."""
+        return not self.skipped and not self.unfound
+
+    def summary(self) -> str:
+        """A few lines: units and linears rewritten, and everything left dense with its reason."""
+        c = self.counters
+        lines = [f"rewrote {self.rewritten} unit(s): {c['rewritten_linears']} linear(s) -> {c['ops']} ranapass op(s)"]
+        partial = [r.unit for r in self.rewrites if r.partial]
+        if partial:
+            lines.append(f"  partial units (members read different inputs; each op computes the whole unit): "
+                         f"{', '.join(dict.fromkeys(partial))}")
+        by_reason: dict[str, list[str]] = {}
+        for s in self.skipped:
+            by_reason.setdefault(s.reason, []).append(s.path)
+        for reason, paths in by_reason.items():
+            lines.append(f"  left dense (registered) {reason}: {', '.join(paths)}")
+        if self.unfound:
+            lines.append(f"  left dense (registered, read outside any linear): {', '.join(self.unfound)}")
+        if self.dense:
+            lines.append(f"  dense, no adapter registered: {', '.join(d.path for d in self.dense)}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------- decide
+@dataclasses.dataclass
+class LinearSite:
+    """A linear node with its operands resolved to real tensors."""
+
+    node: fx.Node
+    input: fx.Node
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    bias_resolved: bool  # False when the bias is computed in the graph, not a parameter
+    old_op: str
+    ref: AdapterRef | None
+
+    @property
+    def path(self) -> str:
+        return self.ref.path if self.ref is not None else module_path(self.node)
+
+    def left_dense(self, reason: str) -> LeftDense:
+        flops = 0.0
+        if isinstance(self.weight, torch.Tensor) and self.weight.dim() == 2:
+            flops = flops_model.per_token(flops_model.dense_linear(*self.weight.shape))
+        return LeftDense(self.node.name, self.path, reason, flops)
+
+
+def module_path(node: fx.Node) -> str:
+    """The module path of a node, from ``nn_module_stack``, without Dynamo's frame prefix (for reports only)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return node.name
+    path = list(stack.values())[-1][0]
+    path = re.sub(r"^L\[[^\]]*\](\[[^\]]*\])*\.?", "", path)  # L['self'].x / L['args'][0].x -> x
+    return re.sub(r"\[(\d+)\]", r".\1", path) or node.name
+
+
+def _value(node: Any) -> Any:
+    """The fake value Dynamo (``example_value``) or AOT (``val``) recorded for a node."""
+    if not isinstance(node, fx.Node):
+        return None
+    for key in VALUE_KEYS:
+        if key in node.meta:
+            return node.meta[key]
+    return None
+
+
+def _real_tensor(gm: fx.GraphModule, node: Any, real_of: dict[fx.Node, Any]) -> tuple[bool, torch.Tensor | None]:
+    """Resolve a weight/bias argument to the real tensor: ``(resolved, tensor)``; None resolves to None."""
+    if node is None:
+        return True, None
+    if not isinstance(node, fx.Node):
+        return False, None
+    if node.op == "placeholder":
+        t = real_of.get(node)
+        return isinstance(t, torch.Tensor), t if isinstance(t, torch.Tensor) else None
+    if node.op == "get_attr":
+        t = operator.attrgetter(node.target)(gm)
+        return isinstance(t, torch.Tensor), t if isinstance(t, torch.Tensor) else None
+    return False, None
+
+
+def find_linears(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[LinearSite]:
+    """Every linear node of ``gm`` with its real weight and bias, and the adapter registered for the weight."""
+    real_of = dict(zip(gm.graph.find_nodes(op="placeholder"), example_inputs))
+    sites = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in LINEAR_TARGETS:
+            x = node.args[0] if node.args else node.kwargs.get("input")
+            w_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+            b_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            _, weight = _real_tensor(gm, w_arg, real_of)
+            bias_resolved, bias = _real_tensor(gm, b_arg, real_of)
+            old_op = "torch._C._nn.linear"
+        elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), torch.nn.Linear):
+            module = gm.get_submodule(node.target)  # torch 2.11 with inline_inbuilt_nn_modules=False
+            x = node.args[0] if node.args else node.kwargs.get("input")
+            weight, bias, bias_resolved = module.weight, module.bias, True
+            old_op = "call_module:nn.Linear"
+        else:
+            continue
+        if not isinstance(x, fx.Node):
+            continue
+        ref = lookup(weight) if isinstance(weight, torch.Tensor) else None
+        sites.append(LinearSite(node, x, weight, bias, bias_resolved, old_op, ref))
+    return sites
+
+
+def _should_rewrite(site: LinearSite) -> tuple[bool, str]:
+    """Whether a linear can become its adapter's op, reading only resolved tensors and fake values."""
+    ref = site.ref
+    if ref is None:
+        return False, NOT_REGISTERED
+    adapter = ref.adapter
+    like = next(t for t in adapter.buffers.values() if t is not None)
+    if site.weight.dtype != like.dtype or site.weight.device != like.device:
+        return False, (f"stale_adapter: the weight is {site.weight.dtype} on {site.weight.device} but the adapter "
+                       f"was bound for {like.dtype} on {like.device}; attach the plan again after moving the model")
+    x, out = _value(site.input), _value(site.node)
+    if isinstance(x, torch.Tensor):
+        if x.dim() == 0 or not statically_known_true(sym_eq(x.shape[-1], adapter.spec.in_features)):
+            return False, f"input_shape: input {tuple(x.shape)} does not end in {adapter.spec.in_features}"
+        if x.dtype != like.dtype or x.device != like.device:
+            return False, f"input_dtype: input is {x.dtype} on {x.device}, the adapter {like.dtype} on {like.device}"
+        if x.requires_grad:
+            return False, ("requires_grad: adapters are inference-only (no backward); run the compiled model under "
+                           "torch.no_grad() or torch.inference_mode()")
+    if isinstance(out, torch.Tensor) and out.dtype != like.dtype:
+        return False, f"autocast: the linear returns {out.dtype}, the adapter {like.dtype}"
+    if not site.bias_resolved:
+        return False, "bias_computed: the bias is computed in the graph, not a parameter"
+    stacked = adapter.buffers.get("bias")
+    mine = None if stacked is None else stacked[adapter.member_slices()[ref.member]]
+    if site.bias is None:
+        if mine is not None and bool(mine.any()):
+            return False, "bias_mismatch: the linear has no bias but the adapter adds one"
+    elif mine is None or not torch.equal(site.bias.detach().to(mine.dtype), mine):
+        return False, "bias_mismatch: the linear's bias differs from the one bound at attach time; attach again"
+    return True, ""
+
+
+def _gated_input(node: fx.Node) -> tuple[fx.Node, fx.Node, str, list[fx.Node]] | None:
+    """If ``node`` is ``act(gate) * up`` with a fusable activation: (gate, up, activation, [mul, act])."""
+    is_mul = (node.op == "call_function" and node.target in MUL_TARGETS) or \
+        (node.op == "call_method" and node.target == "mul")
+    if not is_mul or len(node.args) != 2 or node.kwargs:
+        return None
+    for act, up in (node.args, node.args[::-1]):
+        name = _activation(act)
+        if name is None or not isinstance(up, fx.Node):
+            continue
+        vals = [_value(n) for n in (act.args[0], up, node)]
+        if not all(isinstance(v, torch.Tensor) for v in vals) or not all(_same_shape(v, vals[0]) for v in vals):
+            return None  # broadcasting or unknown shapes: not the plain gated MLP
+        return act.args[0], up, name, [node, act]
+    return None
+
+
+def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Shapes provably equal, without adding a guard on symbolic sizes."""
+    return a.dim() == b.dim() and all(statically_known_true(sym_eq(x, y)) for x, y in zip(a.shape, b.shape))
+
+
+def _activation(node: Any) -> str | None:
+    """The gated-activation name of an ``F.silu``/``F.gelu`` call node (no in-place), else None."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or len(node.args) != 1:
+        return None
+    if node.target in SILU_TARGETS and not node.kwargs.get("inplace", False):
+        return "silu"
+    if node.target is torch._C._nn.gelu and set(node.kwargs) <= {"approximate"}:
+        return {"tanh": "gelu_tanh", "none": "gelu"}.get(node.kwargs.get("approximate", "none"))
+    return None
+
+
+# ---------------------------------------------------------------------------------------- rewrite
+class _Rewriter:
+    """Graph surgery for one GraphModule: buffers, op nodes, slices, meta."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.graph = gm.graph
+        self.buffer_names: dict[int, dict[str, str]] = {}  # id(bound adapter) -> op arg -> buffer name
+        self.fake_mode = None
+        for node in self.graph.nodes:
+            val = _value(node)
+            if isinstance(val, torch._subclasses.FakeTensor):
+                self.fake_mode = val.fake_mode
+                break
+
+    def buffers(self, ref: AdapterRef) -> list[fx.Node | None]:
+        """``get_attr`` nodes for the adapter's tensors (registered once per adapter), None for absent ones."""
+        adapter = ref.adapter
+        names = self.buffer_names.get(id(adapter))
+        if names is None:
+            names = {}
+            stem = "rana_" + re.sub(r"\W+", "_", ref.unit.name).strip("_")
+            for key, t in adapter.buffers.items():
+                if t is None:
+                    continue
+                name, i = f"{stem}_{key}", 1
+                while hasattr(self.gm, name):
+                    name, i = f"{stem}_{key}_{i}", i + 1
+                self.gm.register_buffer(name, t)
+                if getattr(self.gm, "_param_name_to_source", None) is not None:
+                    # AOTAutograd needs a source for every buffer of a Dynamo graph; it then lifts it as a
+                    # static input (compile.md §2.2).
+                    self.gm._param_name_to_source[name] = ConstantSource(name)
+                names[key] = name
+            self.buffer_names[id(adapter)] = names
+        nodes = []
+        for key, t in adapter.buffers.items():
+            if t is None:
+                nodes.append(None)
+                continue
+            node = self.graph.get_attr(names[key])
+            self._set_value(node, lambda t=t: self.fake_mode.from_tensor(t, static_shapes=True))
+            nodes.append(node)
+        return nodes
+
+    def call(self, target: Any, args: tuple, like: fx.Node, compute) -> fx.Node:
+        """A new call_function node carrying ``like``'s module meta and the fake value ``compute()``."""
+        node = self.graph.call_function(target, args)
+        for key in META_KEYS:
+            if key in like.meta:
+                node.meta[key] = like.meta[key]
+        self._set_value(node, compute, keys=[k for k in VALUE_KEYS if k in like.meta] or ["example_value"])
+        return node
+
+    def _set_value(self, node: fx.Node, compute, keys: Sequence[str] = ("example_value",)) -> None:
+        if self.fake_mode is None:
+            return
+        with self.fake_mode:
+            value = compute()
+        for key in keys:
+            node.meta[key] = value
+
+    def replace(self, old: fx.Node, new: fx.Node) -> None:
+        old.replace_all_uses_with(new)
+        self.graph.erase_node(old)
+
+
+def _rewrite_group(rw: _Rewriter, sites: list[LinearSite], order: dict[fx.Node, int],
+                   fuse_gated_mlp: bool) -> OpRewrite:
+    """Replace the linears of one (adapter, input) group by one op node and a slice per member."""
+    ref = sites[0].ref
+    adapter, unit = ref.adapter, ref.unit
+    first = min(sites, key=lambda s: order[s.node])
+    sites = sorted(sites, key=lambda s: (s.ref.member, order[s.node]))
+    slices = adapter.member_slices()
+    x = first.input
+    gated = None
+    if fuse_gated_mlp and adapter.op is torch.ops.ranapass.neuron_adapter.default and len(slices) == 1:
+        gated = _gated_input(x)
+
+    with rw.graph.inserting_before(first.node):
+        buffers = rw.buffers(ref)
+        if gated is not None:
+            gate, up, activation, _ = gated
+            target, args = torch.ops.ranapass.gated_neuron_adapter.default, (gate, up, *buffers, activation)
+        else:
+            target, args = adapter.op, (x, *buffers)
+        op_node = rw.call(target, args, first.node,
+                          lambda: target(*(_value(a) if isinstance(a, fx.Node) else a for a in args)))
+        stands_for: dict[fx.Node, fx.Node] = {}
+        for s in sites:
+            if len(slices) == 1:
+                stands_for[s.node] = op_node
+            else:
+                sl = slices[s.ref.member]
+                stands_for[s.node] = rw.call(operator.getitem, (op_node, (Ellipsis, sl)), s.node,
+                                             lambda sl=sl: _value(op_node)[..., sl])
+    outputs = {old.name: new.name for old, new in stands_for.items()}
+    for old, new in stands_for.items():
+        rw.replace(old, new)
+    if gated is not None:
+        for dead in gated[3]:  # the mul and the activation, now computed inside the fused op
+            if not dead.users:
+                rw.graph.erase_node(dead)
+    present = sorted({s.ref.member for s in sites})
+    return OpRewrite(
+        node=op_node.name,
+        unit=unit.name,
+        op=f"ranapass.{target._schema.name.split('::')[-1]}",
+        old_op=first.old_op,
+        replaced=tuple(outputs),
+        members=tuple(unit.members[m] for m in present),
+        outputs=outputs,
+        partial=len(present) != len(slices),
+        width=adapter.spec.width,
+        expected_kept=unit.expected_kept,
+        flops_before=sum(flops_model.per_token(flops_model.dense_linear(unit.out_features[m], unit.in_features))
+                         for m in present),
+        flops_after=unit.flops(),
+        _unit=weakref.ref(unit),
+    )
+
+
+def _unfound(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[LinearSite]) -> list[str]:
+    """Member paths of registered weights the graph reads (as inputs or attributes) outside any linear node."""
+    seen = {id(s.weight) for s in sites}
+    candidates = [*example_inputs, *gm.parameters()]
+    out = []
+    for t in candidates:
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            ref = lookup(t)
+            if ref is not None:
+                out.append(ref.path)
+                seen.add(id(t))
+    return out
+
+
+def _reason_key(reason: str) -> str:
+    return reason.split(":", 1)[0]
+
+
+# ---------------------------------------------------------------------------------------- the pass
+def rewrite_linears(gm: fx.GraphModule, example_inputs: Sequence[Any], *, fuse_gated_mlp: bool = True,
+                    strict: bool = False) -> RewriteReport:
+    """Rewrite, in place, every linear of ``gm`` whose weight has an attached adapter.
+
+    Args:
+        gm: the GraphModule Dynamo hands to a backend (torch IR, before AOTAutograd).
+        example_inputs: the backend's example inputs; placeholder ``i`` reads ``example_inputs[i]``.
+        fuse_gated_mlp: emit ``gated_neuron_adapter`` for a neuron-adapted down projection whose input
+            is ``act(gate) * up``.
+        strict: raise ``RewriteError`` (leaving ``gm`` unchanged) if a registered weight this graph
+            reads would stay dense.
+
+    Returns:
+        The ``RewriteReport`` (also logged).
+
+    Example::
+
+        report = rewrite_linears(gm, example_inputs)
+        assert report.rewritten == len(plan.adapted)
+    """
+    sites = find_linears(gm, example_inputs)
+    report = RewriteReport()
+    groups: dict[tuple[int, fx.Node], list[LinearSite]] = {}
+    for site in sites:
+        ok, reason = _should_rewrite(site)
+        if ok:
+            groups.setdefault((id(site.ref.adapter), site.input), []).append(site)
+        elif reason == NOT_REGISTERED:
+            report.dense.append(site.left_dense(reason))
+            report.counters["dense_unregistered"] += 1
+        else:
+            report.skipped.append(site.left_dense(reason))
+            report.counters[f"skipped_{_reason_key(reason)}"] += 1
+    report.unfound = _unfound(gm, example_inputs, sites)
+    report.counters["skipped_unfound"] += len(report.unfound)
+    if strict and not report.complete:
+        raise RewriteError("ranapass (strict): registered weights would stay dense; the graph is unchanged.\n"
+                           + report.summary())
+    if groups:
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        rw = _Rewriter(gm)
+        for group in groups.values():
+            try:
+                report.rewrites.append(_rewrite_group(rw, group, order, fuse_gated_mlp))
+            except Exception as e:
+                raise RewriteError(f"ranapass: rewriting unit {group[0].ref.unit.name!r} at "
+                                   f"{group[0].node.format_node()} failed: {e}") from e
+        gm.graph.lint()
+        gm.recompile()
+    report.counters["rewritten_units"] = report.rewritten
+    report.counters["rewritten_linears"] = sum(len(r.replaced) for r in report.rewrites)
+    report.counters["ops"] = len(report.rewrites)
+    _log_report(report)
+    return report
+
+
+def _log_report(report: RewriteReport) -> None:
+    if not report.complete:
+        log.warning("ranapass: %s", report.summary())
+    elif not report.rewrites and report.dense:
+        log.warning("ranapass: no linear of this graph has an attached adapter (%d dense); was "
+                    "ranapass.attach(model, plan) called before compiling?", len(report.dense))
+    else:
+        log.info("ranapass: %s", report.summary())

@@ -1,0 +1,106 @@
+"""Graph-diff inspection: the table, the unified diff and the HTML page; the CLI; no effect on a later compile."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from plans import build_plan, fresh_dynamo, logits, tiny_inputs, tiny_model  # noqa: F401 (fixture)
+
+import ranapass
+from ranapass.backend import RanaBackend, unrewritten_units
+from ranapass.cli import main
+from ranapass.diff import diff
+
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+ARCH = "LlamaForCausalLM"
+
+
+@pytest.fixture
+def attached():
+    model, inputs = tiny_model(ARCH), tiny_inputs(ARCH)
+    plan = build_plan(model, inputs)
+    ranapass.attach(model, plan)
+    return model, inputs, plan
+
+
+def test_table_has_one_row_per_unit_and_dense_linear(attached):
+    model, inputs, plan = attached
+    d = diff(model, inputs)
+
+    rows = d.rows()
+    assert [r["module"] for r in rows] == [u.name for u in plan.adapted] + ["lm_head"]
+    qkv = rows[0]
+    assert qkv["old_op"] == "torch._C._nn.linear x3" and qkv["new_op"] == "ranapass.rank_adapter"
+    assert qkv["nB"] == plan.adapted[0].adapter.rank and qkv["expected_kept"] == plan.adapted[0].expected_kept
+    assert qkv["flops_before"] == plan.adapted[0].dense_flops and qkv["flops_after"] == plan.adapted[0].flops()
+    assert rows[-1]["new_op"] == "dense (no adapter)"
+    assert d.unrewritten == []
+    assert "rewrote 8 unit(s): 14 linear(s) -> 8 ranapass op(s)" in d.summary()
+    assert "model.layers.1.mlp.down_proj" in d.table()
+
+
+def test_unified_diff_shows_only_the_rewrite(attached):
+    model, inputs, plan = attached
+    text = diff(model, inputs).unified()
+    removed = [line for line in text.splitlines() if line.startswith("-") and not line.startswith("---")]
+    added = [line for line in text.splitlines() if line.startswith("+") and not line.startswith("+++")]
+
+    # 14 linears go, plus each gated MLP's activation and mul (fused into the down projection's op).
+    assert sum("torch._C._nn.linear" in line for line in removed) == 14
+    assert len(removed) == 14 + 2 * 2
+    # 8 ops come, plus one slice per member of the grouped units (q, k, v and gate, up, twice).
+    assert sum("torch.ops.ranapass." in line for line in added) == 8
+    assert len(added) == 8 + 2 * (3 + 2)
+    assert "weight" in removed[0] and "model.layers.0.self_attn.q_proj.weight" in text  # weights by name
+
+
+def test_html_and_dict(attached):
+    model, inputs, _ = attached
+    d = diff(model, inputs)
+    page = d.to_html()
+    assert page.startswith("<!DOCTYPE html>") and page.count("<tr>") == 1 + 9 and 'class="add"' in page
+    data = d.to_dict()
+    json.dumps(data)
+    assert data["units_rewritten"] == 8 and data["ops"] == 8 and data["unrewritten_units"] == []
+
+
+def test_diff_does_not_disturb_a_later_compile(attached):
+    model, inputs, plan = attached
+    diff(model, inputs)
+    backend = RanaBackend(compiler="eager")
+    with torch.no_grad(), ranapass.attach(model, plan).eager():
+        ref = logits(model, inputs)
+    with torch.no_grad():
+        out = logits(torch.compile(model, backend=backend), inputs)
+    assert len(backend.reports) == 1 and backend.reports[0].rewritten == len(plan.adapted)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+
+
+def test_units_a_traced_submodule_never_reaches_are_named(attached):
+    model, _, plan = attached
+    d = diff(model.model.layers[1].mlp, torch.randn(2, 12, 64))  # only the second layer's MLP is traced
+    assert [r["module"] for r in d.rows()] == ["model.layers.1.mlp.{gate_proj,up_proj}",
+                                               "model.layers.1.mlp.down_proj"]
+    assert d.unrewritten is None  # the plan is attached to the whole model, not to this module
+    missing = unrewritten_units(model, [g.report for g in d.graphs])
+    assert missing == [u.name for u in plan.adapted if ".layers.1.mlp." not in u.name]
+
+
+def test_cli_writes_html_and_prints_json(tmp_path, capsys):
+    model, inputs = tiny_model(ARCH), tiny_inputs(ARCH)
+    model.save_pretrained(tmp_path / "model")
+    build_plan(model, inputs).save(tmp_path / "plan")
+
+    out = tmp_path / "diff.html"
+    assert main(["diff", "--model", str(tmp_path / "model"), "--plan", str(tmp_path / "plan"),
+                 "--tokens", "8", "--out", str(out), "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["units_rewritten"] == 8 and payload["out"] == str(out)
+    assert out.read_text().startswith("<!DOCTYPE html>")
+
+    assert main(["diff", "--model", str(tmp_path / "model"), "--plan", str(tmp_path / "plan"),
+                 "--tokens", "8"]) == 0
+    text = capsys.readouterr().out
+    assert "ranapass.rank_adapter" in text and "+++ graph 0: after ranapass" in text

@@ -1,0 +1,265 @@
+"""The FX pass on graphs Dynamo captures: what it rewrites, what it leaves dense and says so, and that the
+rewritten graph computes what the eager adapters compute (run here without Inductor; test_backend.py
+compiles with it)."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import operator
+
+import pytest
+import torch
+from plans import build_plan, fresh_dynamo, logits, tiny_inputs, tiny_model  # noqa: F401 (fixture)
+from torch import fx
+
+import ranapass
+from ranapass.attach import lookup
+from ranapass.fx_pass import RewriteError, rewrite_linears
+
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
+ARCHS = ["LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "GemmaForCausalLM",
+         "GPTNeoXForCausalLM", "Phi3ForCausalLM", "mlp"]
+RANAPASS_OPS = {torch.ops.ranapass.rank_adapter.default, torch.ops.ranapass.neuron_adapter.default,
+                torch.ops.ranapass.gated_neuron_adapter.default}
+
+
+def capture(model, inputs, grad: bool = False, **kwargs):
+    """Compile with a backend that runs the pass and then the graph as is: (graph module, report, output)."""
+    graphs, reports = [], []
+
+    def backend(gm, example_inputs):
+        reports.append(rewrite_linears(gm, example_inputs, **kwargs))
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.set_grad_enabled(grad):
+        out = logits(torch.compile(model, backend=backend, fullgraph=True), inputs)
+    assert len(graphs) == 1
+    return graphs[0], reports[0], out
+
+
+def eager_adapted(model, plan, inputs):
+    with torch.no_grad(), ranapass.attach(model, plan).eager():
+        return logits(model, inputs)
+
+
+def ops_in(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in RANAPASS_OPS]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_registered_unit_is_rewritten_once(arch):
+    model, inputs = tiny_model(arch), tiny_inputs(arch)
+    plan = build_plan(model, inputs)
+    ref = eager_adapted(model, plan, inputs)
+    gm, report, out = capture(model, inputs)
+
+    members = sum(len(u.members) for u in plan.adapted)
+    assert report.rewritten == len(plan.adapted)
+    assert report.counters["rewritten_linears"] == members
+    assert len(ops_in(gm)) == report.counters["ops"] == len(plan.adapted)
+    assert report.complete and not report.skipped and not report.unfound
+    assert not any(n.target is torch._C._nn.linear for n in gm.graph.nodes
+                   if n.op == "call_function" and n.name not in {d.node for d in report.dense})
+    expected_dense = [] if arch == "mlp" else [model.get_output_embeddings()]
+    assert [model.get_submodule(d.path) for d in report.dense] == expected_dense
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+
+
+def test_grouped_unit_is_one_op_sliced_per_member():
+    model, inputs = tiny_model("LlamaForCausalLM"), tiny_inputs("LlamaForCausalLM")
+    plan = build_plan(model, inputs)
+    ranapass.attach(model, plan)
+    gm, report, _ = capture(model, inputs)
+
+    qkv = next(r for r in report.rewrites if r.unit == "model.layers.0.self_attn.{q_proj,k_proj,v_proj}")
+    assert qkv.members == tuple(f"model.layers.0.self_attn.{p}_proj" for p in "qkv") and not qkv.partial
+    op = next(n for n in gm.graph.nodes if n.name == qkv.node)
+    slices = [u for u in op.users if u.target is operator.getitem]
+    assert [s.args[1][1] for s in slices] == [slice(0, 64), slice(64, 96), slice(96, 128)]  # GQA: k, v narrower
+    assert op.meta["example_value"].shape == (*inputs.shape, 128)
+    assert op.meta["nn_module_stack"] and op.meta["stack_trace"]
+    assert [s.meta["example_value"].shape[-1] for s in slices] == [64, 32, 32]
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "GPTNeoXForCausalLM", "mlp"])
+def test_budget_one_plan_equals_dense(arch):
+    model, inputs = tiny_model(arch), tiny_inputs(arch)
+    with torch.no_grad():
+        dense = logits(model, inputs)
+    ranapass.attach(model, build_plan(model, inputs, keep=1.0))
+    _, report, out = capture(model, inputs)
+    assert report.rewritten > 0
+    torch.testing.assert_close(out, dense, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_gated_mlp_fusion_is_optional_and_exact(fuse):
+    model, inputs = tiny_model("LlamaForCausalLM"), tiny_inputs("LlamaForCausalLM")
+    plan = build_plan(model, inputs)
+    ref = eager_adapted(model, plan, inputs)
+    gm, report, out = capture(model, inputs, fuse_gated_mlp=fuse)
+
+    down = [r for r in report.rewrites if r.unit.endswith("down_proj")]
+    assert {r.op for r in down} == {"ranapass.gated_neuron_adapter" if fuse else "ranapass.neuron_adapter"}
+    silus = [n for n in gm.graph.nodes if n.target is torch.nn.functional.silu]
+    assert len(silus) == (0 if fuse else 2)  # the fused op computes act(gate) * up itself
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+
+
+class TwoInputs(torch.nn.Module):
+    """Two linears that read one input when ``shared`` and different inputs otherwise."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(32, 16)
+        self.b = torch.nn.Linear(32, 24)
+        self.shared = True
+
+    def forward(self, x):
+        return torch.cat([self.a(x), self.b(x if self.shared else x.flip(-1))], -1)
+
+
+def test_members_reading_different_inputs_get_one_op_each():
+    model, inputs = TwoInputs().eval(), torch.randn(3, 32)
+    plan = build_plan(model, inputs)  # a and b share the input here: one unit
+    assert [u.members for u in plan.adapted] == [("a", "b")]
+    model.shared = False
+    ref = eager_adapted(model, plan, inputs)
+    gm, report, out = capture(model, inputs)
+
+    assert report.rewritten == 1 and report.counters["ops"] == 2
+    assert [r.members for r in report.rewrites] == [("a",), ("b",)] and all(r.partial for r in report.rewrites)
+    assert "partial units" in report.summary()
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+
+
+class Twice(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.lin(torch.relu(self.lin(x)))
+
+
+def test_adapter_called_twice_registers_its_buffers_once():
+    model, inputs = Twice().eval(), torch.randn(4, 32)
+    plan = build_plan(model, inputs)
+    ref = eager_adapted(model, plan, inputs)
+    gm, report, out = capture(model, inputs)
+
+    assert report.rewritten == 1 and report.counters["ops"] == 2
+    rana_buffers = [name for name, _ in gm.named_buffers() if name.startswith("rana_")]
+    assert len(rana_buffers) == 4  # B, At, thresholds, bias
+    assert all(name in gm._param_name_to_source for name in rana_buffers)
+    bound = lookup(model.lin.weight).adapter
+    assert dict(gm.named_buffers())["rana_lin_thresholds"] is bound.buffers["thresholds"]  # no copy
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+
+
+class TracedLinear(torch.nn.Linear):
+    """Not a leaf for fx.symbolic_trace (defined outside torch.nn): traced into F.linear with get_attr weights."""
+
+
+class Mixed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.leaf = torch.nn.Linear(32, 48)
+        self.traced = TracedLinear(48, 32)
+
+    def forward(self, x):
+        return self.traced(torch.relu(self.leaf(x)))
+
+
+def test_call_module_and_get_attr_forms():
+    model, inputs = Mixed().eval(), torch.randn(5, 32)
+    plan = build_plan(model, inputs, neuron="none")
+    ref = eager_adapted(model, plan, inputs)
+    gm = fx.symbolic_trace(model)  # what Dynamo gives with inline_inbuilt_nn_modules=False (torch 2.11)
+    kinds = {(n.op, n.args[1].op if n.op == "call_function" else "") for n in gm.graph.nodes
+             if n.op == "call_module" or n.target is torch._C._nn.linear}
+    assert kinds == {("call_module", ""), ("call_function", "get_attr")}
+
+    report = rewrite_linears(gm, [])
+    assert report.rewritten == 2 and {r.old_op for r in report.rewrites} == {"call_module:nn.Linear",
+                                                                             "torch._C._nn.linear"}
+    with torch.no_grad():
+        torch.testing.assert_close(gm(inputs), ref, rtol=0, atol=1e-6)
+
+
+class MatmulUser(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(32, 32, bias=False)
+
+    def forward(self, x):
+        return x @ self.lin.weight.t()
+
+
+def test_registered_weight_read_outside_a_linear_is_named():
+    model, inputs = MatmulUser().eval(), torch.randn(4, 32)
+    # The plan comes from a model that calls lin as a module; its parameter names, so its fingerprint, match.
+    ranapass.attach(model, build_plan(torch.nn.Sequential(collections.OrderedDict(lin=model.lin)), inputs))
+    _, report, _ = capture(model, inputs)
+    assert report.rewritten == 0 and report.unfound == ["lin"] and not report.complete
+    assert "read outside any linear): lin" in report.summary()
+
+
+def test_left_dense_with_reasons():
+    model, inputs = tiny_model("Qwen2ForCausalLM"), tiny_inputs("Qwen2ForCausalLM")
+    plan = build_plan(model, inputs)
+    ranapass.attach(model, plan)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.bias.add_(1.0)  # after attach: the bound bias is stale
+    _, report, out = capture(model, inputs)
+
+    assert [(s.path, s.reason.split(":")[0]) for s in report.skipped] == [
+        ("model.layers.0.self_attn.q_proj", "bias_mismatch")]
+    assert report.counters["skipped_bias_mismatch"] == 1
+    qkv = next(r for r in report.rewrites if r.unit == "model.layers.0.self_attn.{q_proj,k_proj,v_proj}")
+    assert qkv.partial and qkv.members == ("model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj")
+    assert report.rewritten == len(plan.adapted)
+
+
+def test_grad_mode_and_stale_adapters_stay_dense():
+    model, inputs = tiny_model("LlamaForCausalLM"), tiny_inputs("LlamaForCausalLM")
+    plan = build_plan(model, inputs)
+    ranapass.attach(model, plan)
+    with torch.no_grad():
+        dense = logits(model, inputs)
+    _, report, out = capture(model, inputs, grad=True)
+    assert report.rewritten == 0 and {s.reason.split(":")[0] for s in report.skipped} == {"requires_grad"}
+    torch.testing.assert_close(out.detach(), dense)
+
+    torch._dynamo.reset()
+    model.to(torch.float64)  # same Parameter objects, new dtype: the bound adapters are stale
+    _, report, _ = capture(model, inputs)
+    assert report.rewritten == 0 and {s.reason.split(":")[0] for s in report.skipped} == {"stale_adapter"}
+    assert len(report.skipped) == sum(len(u.members) for u in plan.adapted)
+
+
+def test_strict_raises_and_leaves_the_graph_unchanged():
+    model, inputs = tiny_model("mlp"), tiny_inputs("mlp")
+    ranapass.attach(model, build_plan(model, inputs))
+    seen = {}
+
+    def backend(gm, example_inputs):
+        seen["before"] = gm.code
+        with pytest.raises(RewriteError, match="requires_grad"):
+            rewrite_linears(gm, example_inputs, strict=True)
+        seen["after"] = gm.code
+        return gm.forward
+
+    torch.compile(model, backend=backend)(inputs)  # grad mode: inputs of the linears require grad
+    assert seen["before"] == seen["after"]
+
+
+def test_graph_without_adapters_warns(caplog):
+    model, inputs = tiny_model("mlp"), tiny_inputs("mlp")
+    with caplog.at_level(logging.INFO, logger="ranapass.fx_pass"):
+        _, report, _ = capture(model, inputs)
+    assert report.rewritten == 0 and len(report.dense) == 2
+    assert any(r.levelno == logging.WARNING and "ranapass.attach" in r.message for r in caplog.records)

@@ -1,0 +1,187 @@
+"""The Triton kernels against the reference math: random odd shapes, densities 0-100%, dtypes, batches.
+
+The kernels run where they can: on a GPU, or on CPU tensors under Triton's interpreter. Triton
+decides at import time whether ``@triton.jit`` makes interpreted functions, so on a CPU-only machine
+these tests skip in the main pytest process and ``test_kernels_interpreter.py`` runs this file again
+in a subprocess with ``TRITON_INTERPRET=1`` set before anything is imported. The rest of the suite
+never sees the interpreter.
+
+Thresholds are kept away from every score by a margin (``_thresholds``), so a mask decision cannot
+flip between the kernel's and the reference's summation order; the comparison is then the plain
+relative error of the outputs, with a tolerance per dtype.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ranapass.capabilities import has_cuda, has_triton, triton_interpret
+
+pytestmark = pytest.mark.skipif(
+    not has_triton() or not (has_cuda() or triton_interpret()),
+    reason="needs a GPU or TRITON_INTERPRET=1; on CPU test_kernels_interpreter.py runs this file in a subprocess")
+
+if has_triton() and (has_cuda() or triton_interpret()):
+    from ranapass.kernels.configs import KernelConfig
+    from ranapass.kernels.launch import direct_launch
+    from ranapass.kernels.neuron_adapter import gated_neuron_adapter, neuron_adapter
+    from ranapass.kernels.rank_adapter import rank_adapter
+    from ranapass.kernels.reference import (
+        gated_activation,
+        neuron_adapter_reference,
+        rank_adapter_reference,
+        rank_adapter_scores,
+    )
+
+DEVICE = "cpu" if triton_interpret() else "cuda"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# relative error ||y - ref|| / ||ref||; bf16/fp16 outputs are rounded once, on top of fp32 math
+RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# how far (relative) thresholds stay from any score: more than one ulp of the input dtype
+MARGIN = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+EXAMPLES = 50 if triton_interpret() else 30
+
+
+def _thresholds(scores: torch.Tensor, density: float, margin: float, gen: torch.Generator) -> torch.Tensor:
+    """Per-column thresholds keeping about ``density`` of ``scores: [T, k]``, none within ``margin`` of a score.
+
+    density 1 gives zeros (keep everything, ``|s| >= 0``), density 0 gives +inf.
+    """
+    mag = scores.abs().double()
+    if density >= 1.0:
+        return torch.zeros(scores.shape[-1])
+    if density <= 0.0:
+        return torch.full((scores.shape[-1],), float("inf"))
+    q = torch.quantile(mag.flatten(), 1.0 - density).item()
+    thr = q * (0.5 + torch.rand(scores.shape[-1], generator=gen, dtype=torch.float64))
+    for _ in range(60):  # push thresholds out of the margin around every score
+        near = ((mag - thr).abs() <= margin * torch.maximum(mag, thr)).any(0)
+        if not near.any():
+            break
+        thr = torch.where(near, thr * (1 + 3 * margin), thr)
+    return thr.float()
+
+
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not torch.isnan(y).any(), "NaN in the kernel output"
+    den = ref.double().norm().item()
+    num = (y.double() - ref.double()).norm().item()
+    return num / den if den > 0 else num
+
+
+def _rand(shape, dtype, gen, scale=1.0):
+    return (torch.randn(shape, generator=gen) * scale).to(dtype).to(DEVICE)
+
+
+def _configs(draw_int):
+    """A small random decode tile config, or None (the launcher's own choice)."""
+    if draw_int(0, 3) == 0:
+        return None
+    return KernelConfig(16 << draw_int(0, 1), 16 << draw_int(0, 1), draw_int(1, 4), 4, 1)
+
+
+TOKENS = st.sampled_from([1, 2, 3, 5, 8, 21])  # >1 token: union kernels (explicit config) or masked GEMMs
+DIM = st.integers(1, 72)
+DENSITY = st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]) | st.floats(0.0, 1.0)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(T=TOKENS, n=DIM, nB=DIM, m=DIM, density=DENSITY, dtype=st.sampled_from(DTYPES), with_bias=st.booleans(),
+       data=st.data())
+def test_rank_adapter(T, n, nB, m, density, dtype, with_bias, data):
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    x = _rand((T, n), dtype, gen)
+    B = _rand((nB, n), dtype, gen, n ** -0.5)
+    At = _rand((nB, m), dtype, gen)
+    z, _ = rank_adapter_scores(x.cpu(), B.cpu(), torch.zeros(nB))
+    thr = _thresholds(z, density, MARGIN[dtype], gen).to(DEVICE)
+    bias = _rand((m,), dtype, gen) if with_bias else None
+    draw = lambda lo, hi: data.draw(st.integers(lo, hi))  # noqa: E731
+    rc, gc = _configs(draw), _configs(draw)
+    config = (rc, gc) if rc is not None and gc is not None else None
+    with direct_launch():
+        y = rank_adapter(x, B, At, thr, bias, config=config)
+    ref = rank_adapter_reference(x, B, At, thr, bias)
+    assert y.shape == ref.shape and y.dtype == dtype
+    assert _rel_err(y, ref) <= RTOL[dtype]
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(T=TOKENS, n=DIM, m=DIM, density=DENSITY, dtype=st.sampled_from(DTYPES), with_bias=st.booleans(),
+       data=st.data())
+def test_neuron_adapter(T, n, m, density, dtype, with_bias, data):
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    x = _rand((T, n), dtype, gen)
+    Wt = _rand((n, m), dtype, gen, n ** -0.5)
+    thr = _thresholds(x.cpu().float(), density, MARGIN[dtype], gen).to(DEVICE)
+    bias = _rand((m,), dtype, gen) if with_bias else None
+    with direct_launch():
+        y = neuron_adapter(x, Wt, thr, bias, config=_configs(lambda lo, hi: data.draw(st.integers(lo, hi))))
+    ref = neuron_adapter_reference(x, Wt, thr, bias)
+    assert y.shape == ref.shape and y.dtype == dtype
+    assert _rel_err(y, ref) <= RTOL[dtype]
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(T=TOKENS, n=DIM, m=DIM, density=DENSITY, dtype=st.sampled_from(DTYPES),
+       activation=st.sampled_from(["silu", "gelu_tanh", "gelu"]), with_bias=st.booleans(), data=st.data())
+def test_gated_neuron_adapter(T, n, m, density, dtype, activation, with_bias, data):
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    gate, up = _rand((T, n), dtype, gen, 2.0), _rand((T, n), dtype, gen)
+    Wt = _rand((n, m), dtype, gen, n ** -0.5)
+    h = gated_activation(gate.cpu(), up.cpu(), activation).float()
+    thr = _thresholds(h, density, MARGIN[dtype], gen).to(DEVICE)
+    bias = _rand((m,), dtype, gen) if with_bias else None
+    with direct_launch():
+        y = gated_neuron_adapter(gate, up, Wt, thr, bias, activation,
+                                 config=_configs(lambda lo, hi: data.draw(st.integers(lo, hi))))
+    ref = neuron_adapter_reference(gated_activation(gate, up, activation), Wt, thr, bias)
+    assert y.shape == ref.shape and y.dtype == dtype
+    assert _rel_err(y, ref) <= RTOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_rows_equal_single_token_rows(dtype):
+    """A batch loads the union of kept rows, yet each row equals that token run alone."""
+    gen = torch.Generator().manual_seed(0)
+    T, n, nB, m = 6, 48, 40, 36
+    x = _rand((T, n), dtype, gen)
+    B, At = _rand((nB, n), dtype, gen, n ** -0.5), _rand((nB, m), dtype, gen)
+    z, _ = rank_adapter_scores(x.cpu(), B.cpu(), torch.zeros(nB))
+    thr = _thresholds(z, 0.4, MARGIN[dtype], gen).to(DEVICE)
+    Wt = _rand((n, m), dtype, gen, n ** -0.5)
+    thr_n = _thresholds(x.cpu().float(), 0.4, MARGIN[dtype], gen).to(DEVICE)
+    cfg = KernelConfig(16, 32, 2)
+    with direct_launch():  # explicit configs: the union kernels, not the batched GEMMs
+        batch = [rank_adapter(x, B, At, thr, config=(cfg, cfg)), neuron_adapter(x, Wt, thr_n, config=cfg)]
+        single = [torch.cat([rank_adapter(x[t:t + 1], B, At, thr) for t in range(T)]),
+                  torch.cat([neuron_adapter(x[t:t + 1], Wt, thr_n) for t in range(T)])]
+    for yb, ys in zip(batch, single):
+        assert _rel_err(yb, ys) <= RTOL[dtype]
+
+
+def test_leading_dims_and_prefill_regime():
+    """``[batch, seq, n]`` inputs, and a token count past the decode kernels (masked GEMMs)."""
+    gen = torch.Generator().manual_seed(1)
+    dtype = torch.bfloat16
+    x = _rand((2, 19, 40), dtype, gen)
+    B, At = _rand((24, 40), dtype, gen, 40 ** -0.5), _rand((24, 33), dtype, gen)
+    z, _ = rank_adapter_scores(x.cpu(), B.cpu(), torch.zeros(24))
+    thr = _thresholds(z.reshape(-1, 24), 0.5, MARGIN[dtype], gen).to(DEVICE)
+    with direct_launch():
+        y = rank_adapter(x, B, At, thr)
+    assert y.shape == (2, 19, 33)
+    assert _rel_err(y, rank_adapter_reference(x, B, At, thr)) <= RTOL[dtype]
+
+
+def test_bad_shapes_raise():
+    x = torch.zeros(1, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="do not agree"):
+        rank_adapter(x, torch.zeros(4, 9, device=DEVICE), torch.zeros(4, 5, device=DEVICE), torch.zeros(4, device=DEVICE))
+    with pytest.raises(ValueError, match="do not agree"):
+        neuron_adapter(x, torch.zeros(7, 5, device=DEVICE), torch.zeros(7, device=DEVICE))
+    with pytest.raises(ValueError, match="unknown gated activation"):
+        gated_neuron_adapter(x, x, torch.zeros(8, 5, device=DEVICE), torch.zeros(8, device=DEVICE), None, "relu")

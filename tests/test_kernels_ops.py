@@ -1,0 +1,35 @@
+"""The ``torch.ops.ranapass`` ops on CPU: schema and fake implementation (opcheck), the reference branch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ranapass.kernels.ops  # noqa: F401  (registers torch.ops.ranapass.*)
+from ranapass.kernels.reference import gated_activation, neuron_adapter_reference, rank_adapter_reference
+
+OPS = torch.ops.ranapass
+
+
+def _args(dtype: torch.dtype, with_bias: bool):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 24, generator=g).to(dtype)
+    B, At = torch.randn(10, 24, generator=g).to(dtype), torch.randn(10, 17, generator=g).to(dtype)
+    Wt = torch.randn(24, 17, generator=g).to(dtype)
+    bias = torch.randn(17, generator=g).to(dtype) if with_bias else None
+    return x, B, At, Wt, torch.rand(10, generator=g), torch.rand(24, generator=g), bias
+
+
+@pytest.mark.parametrize("dtype, with_bias", [(torch.float32, False), (torch.bfloat16, True)])
+def test_ops_pass_opcheck_and_equal_the_reference_on_cpu(dtype, with_bias):
+    x, B, At, Wt, thr_r, thr_n, bias = _args(dtype, with_bias)
+    up = x * 0.5
+    cases = [(OPS.rank_adapter.default, (x, B, At, thr_r, bias), rank_adapter_reference(x, B, At, thr_r, bias)),
+             (OPS.neuron_adapter.default, (x, Wt, thr_n, bias), neuron_adapter_reference(x, Wt, thr_n, bias)),
+             (OPS.gated_neuron_adapter.default, (x, up, Wt, thr_n, bias, "silu"),
+              neuron_adapter_reference(gated_activation(x, up, "silu"), Wt, thr_n, bias))]
+    for op, args, ref in cases:
+        torch.library.opcheck(op, args)
+        y = op(*args)
+        assert y.shape == (2, 3, 17) and y.dtype == dtype
+        torch.testing.assert_close(y, ref, rtol=0, atol=0)
