@@ -17,11 +17,18 @@ every rank reproduces the adapter to rounding. Ranks are chosen per module by on
 - ``"uniform"``: the same fraction of every module's rank, rounded down (so it may keep less than the
   budget when keep x rank is not whole); the baseline.
 
+All of that is data-free. With calibration text (``error="output"``, :func:`calibrate_lora`) the error
+becomes what the adapter does to the layer's outputs: with ``C = E[x xᵀ] = L Lᵀ`` over the calibration
+tokens, the SVD of ``ΔW L`` (the same QR trick, on ``A L``) gives the truncation minimising
+``E‖(ΔW - ΔW_k) x‖²``, and the global allocation minimises the sum over modules of that error relative
+to the base layer's own output energy ``E‖W x‖²``.
+
 Modules left at rank 0 are dropped from the written adapter (its ``target_modules`` lists the kept ones).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import json
@@ -37,6 +44,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from ranapass.calibrate import collect
 from ranapass.cost_model.allocate import Candidate, Unit, allocate
 
 if TYPE_CHECKING:
@@ -44,10 +52,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LoraAdapter",
+    "LoraCalibration",
     "LoraCompression",
     "LoraFactors",
     "LoraSpectrum",
     "ModuleRanks",
+    "calibrate_lora",
     "compress_lora",
     "load_lora",
     "lora_spectrum",
@@ -59,14 +69,14 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 METHODS = ("global", "threshold", "uniform")
 TARGETS = ("params", "flops")
-ERRORS = ("energy", "relative")
+ERRORS = ("energy", "relative", "output")
 # The key of an adapted module's A factor: <prefix>.lora_A.weight (Linear) or <prefix>.lora_embedding_A.
 _A_KEY = re.compile(r"^(?P<prefix>.+)\.(?:(?P<linear>lora_A)\.weight|(?P<embedding>lora_embedding_A))$")
 _PEFT_PREFIX = "base_model.model."
 
 Method = Literal["global", "threshold", "uniform"]
 Target = Literal["params", "flops"]
-ErrorKind = Literal["energy", "relative"]
+ErrorKind = Literal["energy", "relative", "output"]
 
 
 @dataclasses.dataclass
@@ -259,10 +269,13 @@ def load_lora(source: str | os.PathLike | PeftModel, adapter_name: str = "defaul
 class LoraSpectrum:
     """The SVD of one module's update, ``ΔW = left · diag(values) · rightᵀ`` (float64).
 
+    Data-free, it is the SVD of ΔW. Calibrated (``whiten=L``), it is the SVD of ``ΔW L`` mapped back:
+    ``right = L⁻ᵀ Q_A V`` is then not orthonormal, and ``values²`` are output energies per token.
+
     Args:
         left: ``[m, t]``, orthonormal columns.
         values: ``[t]``, descending; t = min(r, m, n).
-        right: ``[n, t]``, orthonormal columns.
+        right: ``[n, t]``.
     """
 
     left: torch.Tensor
@@ -270,7 +283,7 @@ class LoraSpectrum:
     right: torch.Tensor
 
     def energy(self, k: int) -> float:
-        """Energy of the k largest singular values (``‖ΔW_k‖²_F``)."""
+        """Energy of the k largest singular values (``‖ΔW_k‖²_F``, or ``E‖ΔW_k x‖²`` calibrated)."""
         return float(self.values[:k].square().sum())
 
     def factors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,12 +292,90 @@ class LoraSpectrum:
         return self.left[:, :k] * root, (self.right[:, :k] * root).T
 
 
-def lora_spectrum(factors: LoraFactors) -> LoraSpectrum:
-    """The spectrum of ``scale · B A`` from a QR of each factor and an r×r SVD (ΔW is never formed)."""
-    qb, rb = torch.linalg.qr(factors.B.detach().double())    # qb: [m, p], rb: [p, r]
-    qa, ra = torch.linalg.qr(factors.A.detach().double().T)  # qa: [n, q], ra: [q, r]
+def lora_spectrum(factors: LoraFactors, whiten: torch.Tensor | None = None) -> LoraSpectrum:
+    """The spectrum of ``scale · B A`` from a QR of each factor and an r×r SVD (ΔW is never formed).
+
+    Args:
+        factors: the module's LoRA factors.
+        whiten: optional lower-triangular ``L`` ``[n, n]`` with ``L Lᵀ`` the input second moment: the
+            spectrum is then that of ``ΔW L``, whose truncation minimises the expected output error.
+    """
+    A = factors.A.detach().double()
+    if whiten is not None:
+        A = A @ whiten
+    qb, rb = torch.linalg.qr(factors.B.detach().double())  # qb: [m, p], rb: [p, r]
+    qa, ra = torch.linalg.qr(A.T)                          # qa: [n, q], ra: [q, r]
     u, s, vh = torch.linalg.svd(factors.scale * rb @ ra.T, full_matrices=False)  # core: [p, q]
-    return LoraSpectrum(qb @ u, s, qa @ vh.T)
+    right = qa @ vh.T
+    if whiten is not None:
+        right = torch.linalg.solve_triangular(whiten.T, right, upper=True)  # L⁻ᵀ right
+    return LoraSpectrum(qb @ u, s, right)
+
+
+@dataclasses.dataclass
+class LoraCalibration:
+    """Input statistics of the adapted modules, measured on the base model (see :func:`calibrate_lora`).
+
+    Args:
+        whiten: per module path, the Cholesky factor ``L`` of its input second moment ``E[x xᵀ] = L Lᵀ``
+            (float64; modules reading the same input share one tensor).
+        output_energy: per module path, ``E‖W x‖²`` of the base layer (the scale its errors are relative to).
+        tokens: calibration tokens seen.
+    """
+
+    whiten: dict[str, torch.Tensor]
+    output_energy: dict[str, float]
+    tokens: int
+
+
+def calibrate_lora(adapter: LoraAdapter | str | os.PathLike | PeftModel, model: torch.nn.Module, data: Any, *,
+                   batch_size: int = 4) -> LoraCalibration:
+    """Measure the inputs of the adapter's modules on the base model, for ``compress_lora(error="output")``.
+
+    Args:
+        adapter: the adapter (or its folder, or a ``PeftModel``) whose modules to measure.
+        model: the base model the adapter was trained on (its adapted modules must be ``nn.Linear`` of the
+            adapter's shapes), or a ``PeftModel`` on it, which is run with its adapters disabled.
+        data: calibration token windows ``[N, L]`` (e.g. :func:`ranapass.data.calibration_windows`), or an
+            iterable of model inputs; at least as many tokens as the widest adapted input.
+        batch_size: windows per forward.
+
+    Example::
+
+        model, tokenizer = ranapass.load_model()
+        calibration = ranapass.calibrate_lora("my-adapter", model, ranapass.calibration_windows(tokenizer))
+        result = ranapass.compress_lora("my-adapter", 0.25, error="output", calibration=calibration)
+    """
+    if not isinstance(adapter, LoraAdapter):
+        adapter = load_lora(adapter)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    linears = {}
+    for f in adapter.modules:
+        try:
+            module = base.get_submodule(f.name)
+        except AttributeError as e:
+            raise ValueError(f"the model has no module {f.name!r}: pass the base model the adapter was "
+                             "trained on") from e
+        module = getattr(module, "base_layer", module)  # a PEFT LoRA layer wraps the base linear
+        if f.embedding or not isinstance(module, torch.nn.Linear):
+            raise ValueError(f"{f.name!r} is a {type(module).__name__}: error='output' needs nn.Linear modules "
+                             "(embedding LoRA is compressed data-free only)")
+        if tuple(module.weight.shape) != f.shape:
+            raise ValueError(f"{f.name!r} has weight {tuple(module.weight.shape)} but the adapter's update is "
+                             f"{f.shape}: not the adapter's base model")
+        linears[f.name] = module
+    disabled = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    with disabled:
+        stats = collect(base, data, linears=linears, batch_size=batch_size, sample_tokens=0, rank_min_aspect=0.0)
+    whiten, output_energy = {}, {}
+    for site in stats.sites:
+        gram = site.gram / site.tokens
+        ridge = 1e-6 * float(gram.diagonal().mean()) + 1e-12  # keeps L invertible for inputs that never vary
+        L = torch.linalg.cholesky(gram + ridge * torch.eye(len(gram), dtype=gram.dtype))
+        for name in site.members:
+            whiten[name] = L
+            output_energy[name] = float((linears[name].weight.detach().double().cpu() @ L).square().sum())
+    return LoraCalibration(whiten, output_energy, stats.tokens)
 
 
 def _tail_energy(values: torch.Tensor) -> list[float]:
@@ -294,11 +385,11 @@ def _tail_energy(values: torch.Tensor) -> list[float]:
 
 
 def _allocate_global(spectra: Sequence[LoraSpectrum], costs: Sequence[int], budget: float,
-                     error: ErrorKind) -> list[int]:
+                     norms: Sequence[float]) -> list[int]:
+    """The allocator over ranks 0..t per module, error = discarded energy / the module's norm."""
     units = []
-    for spec, c in zip(spectra, costs):
+    for spec, c, norm in zip(spectra, costs, norms):
         tail = _tail_energy(spec.values)
-        norm = tail[0] if error == "relative" and tail[0] > 0 else 1.0
         units.append(Unit.simple([Candidate(k * c, e / norm) for k, e in enumerate(tail)]))
     return [choice[0] for choice in allocate(units, budget).choice]
 
@@ -321,7 +412,8 @@ def _allocate_uniform(modules: Sequence[LoraFactors], spectra: Sequence[LoraSpec
 
 @dataclasses.dataclass
 class ModuleRanks:
-    """One row of the compression table: a module's rank before and after, and the share of ‖ΔW‖²_F kept."""
+    """One row of the compression table: a module's rank before and after, and the share of its update's
+    energy kept (``‖ΔW‖²_F``, or ``E‖ΔW x‖²`` with a calibration)."""
 
     name: str
     shape: tuple[int, int]
@@ -426,6 +518,7 @@ def compress_lora(
     method: Method = "global",
     target: Target = "params",
     error: ErrorKind = "energy",
+    calibration: LoraCalibration | None = None,
 ) -> LoraCompression:
     """Truncate each module of a LoRA adapter to the rank an allocation gives it, within ``keep`` of its cost.
 
@@ -434,8 +527,11 @@ def compress_lora(
         keep: fraction of the adapter's cost to keep, in (0, 1].
         method: ``"global"`` (ranapass allocator), ``"threshold"`` (PARA's global threshold) or ``"uniform"``.
         target: cost counted by the budget: ``"params"`` (LoRA parameters) or ``"flops"`` (per token).
-        error: what ``"global"`` minimises: ``"energy"`` (Σ discarded s², i.e. ‖ΔW - ΔW'‖²_F summed over
-            modules) or ``"relative"`` (each module's discarded share of its own energy).
+        error: what is measured and, by ``"global"``, minimised: ``"energy"`` (Σ discarded s², i.e.
+            ‖ΔW - ΔW'‖²_F summed over modules), ``"relative"`` (each module's discarded share of its own
+            energy), or ``"output"`` (needs ``calibration``: the expected output error ``E‖(ΔW - ΔW')x‖²``,
+            relative to the base layer's ``E‖W x‖²``; the truncation then minimises it too).
+        calibration: input statistics from :func:`calibrate_lora`, for ``error="output"``.
 
     Returns:
         The compressed adapter and a per-module report; the input is not changed.
@@ -451,16 +547,32 @@ def compress_lora(
     for value, allowed, what in ((method, METHODS, "method"), (target, TARGETS, "target"), (error, ERRORS, "error")):
         if value not in allowed:
             raise ValueError(f"{what} must be one of {', '.join(allowed)}; got {value!r}")
+    if (error == "output") != (calibration is not None):
+        raise ValueError("error='output' needs a calibration (calibrate_lora), and a calibration is only used "
+                         f"by error='output' (got error={error!r})")
     if not isinstance(adapter, LoraAdapter):
         adapter = load_lora(adapter)
 
     modules = adapter.modules
-    spectra = [lora_spectrum(f) for f in tqdm(modules, desc="LoRA spectra", unit="module", disable=None)]
+    if calibration is not None:
+        missing = [f.name for f in modules if f.name not in calibration.whiten]
+        if missing:
+            raise ValueError(f"the calibration does not cover {len(missing)} modules of the adapter, e.g. "
+                             f"{missing[:3]}: calibrate this adapter with calibrate_lora")
+    whiten = calibration.whiten if calibration is not None else {}
+    spectra = [lora_spectrum(f, whiten.get(f.name)) for f in tqdm(modules, desc="LoRA spectra", unit="module",
+                                                                  disable=None)]
     costs = [f.cost_per_rank(target) for f in modules]
     cost_before = float(sum(f.rank * c for f, c in zip(modules, costs)))
     budget = keep * cost_before
     if method == "global":
-        ranks = _allocate_global(spectra, costs, budget, error)
+        if error == "output":
+            norms = [calibration.output_energy[f.name] for f in modules]
+        elif error == "relative":
+            norms = [spec.energy(len(spec.values)) or 1.0 for spec in spectra]
+        else:
+            norms = [1.0] * len(modules)
+        ranks = _allocate_global(spectra, costs, budget, norms)
     elif method == "threshold":
         ranks = _allocate_threshold(spectra, costs, budget)
     else:

@@ -13,10 +13,11 @@ import math
 import pytest
 import torch
 
-from ranapass.lora import LoraFactors, compress_lora, load_lora, lora_spectrum
-from tiny_models import tiny_llama
+from ranapass.lora import LoraFactors, calibrate_lora, compress_lora, load_lora, lora_spectrum
+from tiny_models import tiny_llama, token_windows
 
 peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FP32 = dict(atol=1e-5, rtol=1e-5)
@@ -245,6 +246,64 @@ def test_input_is_not_changed(tmp_path, default_adapter):
 
 
 # ---------------------------------------------------------------------------------------------
+# Calibrated (output-error) compression
+
+
+def test_whitened_spectrum_is_output_error():
+    gen = torch.Generator().manual_seed(3)
+    m, n, r = 24, 40, 8
+    f = LoraFactors("x", "base_model.model.x", False, torch.randn(r, n, generator=gen),
+                    torch.randn(m, r, generator=gen), 0.5)
+    x = torch.randn(400, n, generator=gen, dtype=torch.float64) * torch.linspace(0.1, 3, n, dtype=torch.float64)
+    gram = x.T @ x / len(x)
+    whiten = torch.linalg.cholesky(gram)
+    plain, spec = lora_spectrum(f), lora_spectrum(f, whiten)
+    delta = f.delta()
+    def output_error(b, a) -> float:  # E‖(ΔW - B'A') x‖²
+        return (x @ (delta - b @ a).T).square().sum(1).mean().item()
+
+    for k in range(r + 1):
+        err = output_error(*spec.factors(k))
+        assert err == pytest.approx(spec.values[k:].square().sum().item(), rel=1e-9, abs=1e-12)
+        assert err <= output_error(*plain.factors(k)) + 1e-12  # the whitened truncation is optimal for outputs
+
+
+def test_output_error_round_trip(tmp_path, ids, default_adapter):
+    model, folder, _ = default_adapter
+    calibration = calibrate_lora(folder, tiny_llama(), token_windows(8), batch_size=4)
+    assert calibration.tokens == 8 * 64
+    # q, k and v read the same input: one statistic.
+    assert calibration.whiten["model.layers.0.self_attn.q_proj"] is calibration.whiten["model.layers.0.self_attn.v_proj"]
+    full = compress_lora(folder, 1.0, error="output", calibration=calibration)
+    out = full.adapter.save(tmp_path / "full")
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(), out).eval()
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), **FP32)
+    quarter = compress_lora(folder, 0.25, error="output", calibration=calibration)
+    assert quarter.params_after <= 0.25 * quarter.params_before
+
+
+def test_calibrating_a_peft_model_measures_its_base(default_adapter, ids):
+    model, folder, _ = default_adapter
+    from_base = calibrate_lora(folder, tiny_llama(), token_windows(8))
+    from_peft = calibrate_lora(folder, model, token_windows(8))
+    for name, whiten in from_base.whiten.items():
+        torch.testing.assert_close(from_peft.whiten[name], whiten)
+    assert not model.base_model.model.model.layers[0].self_attn.q_proj.disable_adapters  # enabled again
+    assert not torch.allclose(logits(model, ids), logits(tiny_llama(), ids))
+
+
+def test_output_error_needs_the_base_model(tmp_path, default_adapter):
+    _, folder, _ = default_adapter
+    with pytest.raises(ValueError, match="not the adapter's base model"):
+        calibrate_lora(folder, tiny_llama(hidden=32, intermediate=80), token_windows(8))
+    with pytest.raises(ValueError, match="needs a calibration"):
+        compress_lora(folder, 0.25, error="output")
+    _, with_embedding, _ = make_adapter(tmp_path, targets=["embed_tokens", "q_proj"])
+    with pytest.raises(ValueError, match="data-free only"):
+        calibrate_lora(with_embedding, tiny_llama(), token_windows(8))
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad input
 
 
@@ -307,13 +366,31 @@ def test_cli_table_and_errors(tmp_path, default_adapter, capsys):
     text = capsys.readouterr().out
     assert "model.layers.1.mlp.down_proj" in text and "LoRA parameters: 17,920 -> 4,480 (25.00%)" in text
     assert not (tmp_path / "out").exists()
-    with pytest.raises(SystemExit, match="keep must be in"):
-        main(["lora-compress", str(folder), "--keep", "1.5"])
-    with pytest.raises(SystemExit, match="must differ"):
-        main(["lora-compress", str(folder), "--out", str(folder)])
+    for argv, message in [(["--keep", "1.5"], "keep must be in"),
+                          (["--out", str(folder)], "must differ"),
+                          (["--error", "output"], "the adapter names none, pass --model")]:
+        assert main(["lora-compress", str(folder), *argv]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_uniform_below_one_rank_says_why(default_adapter):
     _, folder, _ = default_adapter
     with pytest.raises(ValueError, match="at least 1/8"):
         compress_lora(folder, 0.1, method="uniform")
+
+
+def test_cli_output_error_calibrates_on_the_base_model(tmp_path, capsys, tiny_llama_dir, text_dir):
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)).eval()
+    set_known_spectra(model)
+    model.save_pretrained(tmp_path / "adapter")  # records base_model_name_or_path = tiny_llama_dir
+    out = tmp_path / "out"
+    argv = ["lora-compress", str(tmp_path / "adapter"), "--keep", "0.5", "--error", "output", "--out", str(out),
+            "--text", str(text_dir), "--calib-windows", "4", "--calib-window-len", "16", "--json"]
+    from ranapass.cli import main
+
+    assert main(argv) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["error"] == "output" and payload["params_after"] <= 0.5 * payload["params_before"]
+    fresh = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    assert len(peft.PeftModel.from_pretrained(fresh, out).peft_config["default"].rank_pattern) > 0
