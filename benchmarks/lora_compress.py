@@ -2,9 +2,10 @@
 
 Trains (once, cached) a rank-16 LoRA on q, k, v, o, gate, up and down of SmolLM2-135M-Instruct over the
 calibration split of the Python docs prose, then compresses it to ``--keep`` of its LoRA parameters with
-each method (ranapass's global allocation, PARA's global singular-value threshold, uniform truncation),
-writes each result as a PEFT adapter, loads it back with ``PeftModel.from_pretrained`` and measures the
-mean next-token loss on held-out evaluation windows (the project's evaluation protocol by default).
+each method (ranapass's global allocation, PARA's global singular-value threshold, uniform truncation;
+data-free, or with ``-output`` calibrated on 32 windows of the calibration split), writes each result as
+a PEFT adapter, loads it back with ``PeftModel.from_pretrained`` and measures the mean next-token loss
+on held-out evaluation windows (the project's evaluation protocol by default).
 
     python benchmarks/lora_compress.py --threads 1 --keep 0.25 0.125 0.0625 --json results.json
     python benchmarks/lora_compress.py --adapter DIR        # an adapter of your own
@@ -29,12 +30,15 @@ import torch
 from tqdm import tqdm
 
 from ranapass.cache import cache_dir
-from ranapass.data import evaluation_windows, load_texts, token_windows
+from ranapass.data import calibration_windows, evaluation_windows, load_texts, token_windows
 from ranapass.evaluate import perplexity, protocol
-from ranapass.lora import METHODS, compress_lora, load_lora
+from ranapass.lora import METHODS, calibrate_lora, compress_lora, load_lora
 from ranapass.models import load_model
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# METHOD[-ERROR]: "global" is the data-free global allocation (discarded energy); "-output" is calibrated.
+VARIANTS = [*METHODS, "global-relative", "global-output", "uniform-output", "threshold-output"]
+DEFAULT_VARIANTS = ["global", "threshold", "uniform", "global-output", "uniform-output"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,8 +97,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapter", type=Path, help="a trained PEFT adapter folder (default: train one, cached)")
     parser.add_argument("--keep", type=float, nargs="+", default=[0.25], help="fractions of LoRA parameters to keep")
-    parser.add_argument("--methods", nargs="+", default=[*METHODS, "global-relative"],
-                        choices=[*METHODS, "global-relative"])
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_VARIANTS, choices=VARIANTS,
+                        help="METHOD or METHOD-ERROR (error: relative, or output = calibrated)")
+    parser.add_argument("--calib-windows", type=int, default=32, help="512-token windows for error=output")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--train-batch", type=int, default=2)
@@ -123,13 +128,17 @@ def main(argv: list[str] | None = None) -> dict:
     windows = evaluation_windows(tokenizer, num_windows=args.eval_windows, window=args.eval_seq_len)
 
     full = load_lora(adapter_dir)
+    calibration = None
+    if any(name.endswith("-output") for name in args.methods):
+        calibration = calibrate_lora(full, base, calibration_windows(tokenizer, num_windows=args.calib_windows))
     rows = [{"method": "base model", "params": 0, "loss": eval_loss(base, windows, args.batch_size)},
             {"method": "full LoRA", "params": full.num_parameters,
              "loss": evaluate_adapter(base, adapter_dir, windows, args.batch_size), "energy_kept": 1.0}]
     for keep in args.keep:
         for name in args.methods:
             method, _, error = name.partition("-")
-            result = compress_lora(full, keep, method=method, error=error or "energy")
+            result = compress_lora(full, keep, method=method, error=error or "energy",
+                                   calibration=calibration if error == "output" else None)
             out = args.cache_dir / "compressed" / f"{adapter_dir.name}-keep{keep:g}-{name}"
             result.adapter.save(out)
             rows.append({"method": name, "keep": keep, "params": result.params_after,

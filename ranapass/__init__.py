@@ -13,7 +13,7 @@ from ranapass.evaluate import PerplexityResult, perplexity
 from ranapass.fingerprint import weights_fingerprint
 from ranapass.fx_pass import RewriteError, RewriteReport
 from ranapass.generation import CompiledGenerator
-from ranapass.lora import LoraAdapter, LoraCompression, compress_lora, load_lora
+from ranapass.lora import LoraAdapter, LoraCalibration, LoraCompression, calibrate_lora, compress_lora, load_lora
 from ranapass.models import load_model
 from ranapass.plan import Plan, PlanMismatchError, UnitPlan
 from ranapass.profiling import Profile, ProfileOptions, profile
@@ -25,6 +25,7 @@ __all__ = [
     "FlopMeter",
     "GraphDiff",
     "LoraAdapter",
+    "LoraCalibration",
     "LoraCompression",
     "NeuronAdapterSpec",
     "PerplexityResult",
@@ -38,6 +39,7 @@ __all__ = [
     "RewriteReport",
     "UnitPlan",
     "attach",
+    "calibrate_lora",
     "calibration_windows",
     "compress_lora",
     "detach",

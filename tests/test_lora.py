@@ -273,7 +273,8 @@ def test_output_error_round_trip(tmp_path, ids, default_adapter):
     calibration = calibrate_lora(folder, tiny_llama(), token_windows(8), batch_size=4)
     assert calibration.tokens == 8 * 64
     # q, k and v read the same input: one statistic.
-    assert calibration.whiten["model.layers.0.self_attn.q_proj"] is calibration.whiten["model.layers.0.self_attn.v_proj"]
+    layer = "model.layers.0.self_attn"
+    assert calibration.whiten[f"{layer}.q_proj"] is calibration.whiten[f"{layer}.v_proj"]
     full = compress_lora(folder, 1.0, error="output", calibration=calibration)
     out = full.adapter.save(tmp_path / "full")
     loaded = peft.PeftModel.from_pretrained(tiny_llama(), out).eval()
