@@ -461,7 +461,7 @@ class LoraCompression:
 
     @property
     def energy_kept(self) -> float:
-        """Share of the adapter's total ΔW energy (Σ ‖ΔW‖²_F) kept."""
+        """Share of the adapter's total update energy kept (Σ ‖ΔW‖²_F, or Σ E‖ΔW x‖² calibrated)."""
         whole = sum(m.energy for m in self.modules)
         return sum(m.energy * m.energy_kept for m in self.modules) / whole if whole else 1.0
 
@@ -493,7 +493,9 @@ class LoraCompression:
         if self.target == "flops":
             lines.append(f"FLOPs per token: {self.cost_before:,.0f} -> {self.cost_after:,.0f} "
                          f"({self.cost_after / self.cost_before:.2%})")
-        lines.append(f"energy kept: {self.energy_kept:.2%}; modules dropped (rank 0): {dropped} of {len(self.modules)}")
+        energy = "output energy (E|dW x|^2)" if self.error == "output" else "update energy (|dW|_F^2)"
+        lines.append(f"{energy} kept: {self.energy_kept:.2%}; modules dropped (rank 0): {dropped} of "
+                     f"{len(self.modules)}")
         return "\n".join(lines)
 
 
