@@ -13,6 +13,7 @@ from ranapass.evaluate import AdaptedResult, PerplexityResult, adapted_perplexit
 from ranapass.fingerprint import weights_fingerprint
 from ranapass.fx_pass import RewriteError, RewriteReport
 from ranapass.generation import CompiledGenerator
+from ranapass.lora import LoraAdapter, LoraCalibration, LoraCompression, calibrate_lora, compress_lora, load_lora
 from ranapass.models import load_model
 from ranapass.plan import Plan, PlanMismatchError, UnitPlan
 from ranapass.profiling import Profile, ProfileOptions, profile
@@ -24,6 +25,9 @@ __all__ = [
     "CompiledGenerator",
     "FlopMeter",
     "GraphDiff",
+    "LoraAdapter",
+    "LoraCalibration",
+    "LoraCompression",
     "NeuronAdapterSpec",
     "PerplexityResult",
     "Plan",
@@ -37,10 +41,13 @@ __all__ = [
     "UnitPlan",
     "adapted_perplexity",
     "attach",
+    "calibrate_lora",
     "calibration_windows",
+    "compress_lora",
     "detach",
     "diff",
     "evaluation_windows",
+    "load_lora",
     "load_model",
     "load_texts",
     "perplexity",
