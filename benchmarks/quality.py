@@ -19,27 +19,32 @@ linears (adapted / dense FLOPs per token; the lm_head stays dense and is reporte
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-import logging
 import os
-import platform
-import sys
-import tempfile
-import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
-import torch
-import transformers
+# Idle OpenMP threads sleep instead of spinning. Set before torch loads OpenMP. On a shared machine
+# spinning threads made float64 eigh 30-300x and eager forwards 3-4x slower (see the README).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import ranapass
-from ranapass import baselines
-from ranapass.cost_model import dense_flops, per_token_at
-from ranapass.plan import Plan
-from ranapass.profiling import Profile, ProfileOptions
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import ranapass  # noqa: E402
+from ranapass import baselines  # noqa: E402
+from ranapass.cost_model import dense_flops, per_token_at  # noqa: E402
+from ranapass.plan import Plan  # noqa: E402
+from ranapass.profiling import Profile, ProfileOptions  # noqa: E402
 
 log = logging.getLogger("quality")
 
@@ -47,6 +52,9 @@ BUDGETS = (0.4, 0.5, 0.56, 0.6, 0.7, 0.8, 0.9)
 ABLATION_BUDGETS = (0.5, 0.56, 0.7)
 TEXTS = ("python-docs", "debian-handbook")
 RESULTS = Path(__file__).resolve().parent / "results"
+QUIET_DENSE_SECONDS_PER_WINDOW = 47.8 / 32
+"""Dense SmolLM2 perplexity, seconds per 512-token window on the quiet 2-core machine (32 windows in
+47.8 s, shared/reference/env.md §3): the yardstick for how much slower a shared machine ran."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,15 +94,17 @@ ABLATIONS: dict[str, str] = {
 
 
 class Timer:
-    """Wall time of named stages, in seconds."""
+    """Wall time and this process's CPU time of named stages, in seconds (summed over repeats)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
 
     def __call__(self, name: str, fn: Callable[[], Any]) -> Any:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         out = fn()
         self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 2)
+        self.cpu_seconds[name] = round(self.cpu_seconds.get(name, 0.0) + time.process_time() - cpu, 2)
         return out
 
 
@@ -209,6 +219,12 @@ class Run:
         row.update(feasible=True, expected_ratio=plan.expected_ratio(), composition=composition(plan))
         if "sparsity" in plan.meta:
             row["sparsity"] = plan.meta["sparsity"]
+        if method == "mask-cost-free":
+            # planned at a lower nominal budget so the real FLOPs (masks included) meet the budget; planned at
+            # the budget itself it would overspend by the masks it did not pay for
+            row["planned_at"] = plan.budget
+            row["expected_ratio_if_planned_at_budget"] = self.profiles["fisher"].curve(
+                [budget], count_mask_cost=False)[0]["expected_ratio"]
         row["texts"] = self.timer("evaluation", lambda: evaluate(self.model, plan, self.windows))
         log.info("%-18s %.2f  %s", method, budget, "  ".join(
             f"{t}: ppl {r['ppl']:.3f} @ {r['ratio']:.4f}" for t, r in row["texts"].items()))
@@ -225,7 +241,9 @@ class Run:
         for budget in s.ablation_budgets:
             for ablation in ABLATIONS:
                 self.measure(ablation, budget, "ablation")
-        return self.report(dense)
+        # the dense evaluation again, as a yardstick of the machine's speed at the end of the run
+        again = self.timer("evaluation (dense, timing yardstick)", lambda: evaluate(self.model, None, self.windows))
+        return {**self.report(dense), "dense_again_seconds": {t: r["seconds"] for t, r in again.items()}}
 
     def report(self, dense: dict[str, Any]) -> dict[str, Any]:
         s = self.settings
@@ -248,19 +266,25 @@ class Run:
                             "python": platform.python_version(), "threads": torch.get_num_threads(),
                             "cpus": os.cpu_count(), "load_average_end": os.getloadavg()},
             "timings_seconds": self.timer.seconds,
+            "cpu_seconds": self.timer.cpu_seconds,
             "dense": dense,
             "rows": self.rows,
         }
 
 
 # ---------------------------------------------------------------------------------------- output
-def _cell(row: dict[str, Any] | None, text: str, dense_ppl: float) -> str:
+def _ppl(ppl: float) -> str:
+    return f"{ppl:.2f}" if ppl < 1000 else f"{ppl:.3g}"
+
+
+def _cell(row: dict[str, Any] | None, text: str, best: float) -> str:
     if row is None:
         return ""
     if not row["feasible"]:
         return "n/a"
     r = row["texts"][text]
-    return f"{r['ppl']:.2f} ({r['ratio']:.3f})"
+    cell = f"{_ppl(r['ppl'])} ({r['ratio']:.3f})"
+    return f"**{cell}**" if r["ppl"] == best else cell
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -270,12 +294,15 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"Model: {result['model']}. FLOP ratio: {result['protocol']['flop_ratio']}.", ""]
     for text in TEXTS:
         dense = result["dense"][text]["ppl"]
-        lines += [f"**{result['protocol']['texts'][text]}**: perplexity (measured FLOP ratio); dense {dense:.2f}", "",
+        lines += [f"**{result['protocol']['texts'][text]}**: perplexity (measured FLOP ratio), lowest per budget in "
+                  f"bold; dense {dense:.2f}", "",
                   "| method | " + " | ".join(f"{b:g}" for b in budgets) + " |",
                   "|---|" + "---|" * len(budgets)]
+        found = {(r["method"], r["budget"]): r for r in rows if r["group"] == "method"}
+        best = {b: min((r["texts"][text]["ppl"] for (m, bb), r in found.items() if bb == b and r["feasible"]),
+                       default=None) for b in budgets}
         for method, label in METHODS.items():
-            cells = [_cell(next((r for r in rows if r["method"] == method and r["budget"] == b), None), text, dense)
-                     for b in budgets]
+            cells = [_cell(found.get((method, b)), text, best[b]) for b in budgets]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     ab_budgets = sorted({r["budget"] for r in rows if r["group"] == "ablation"})
@@ -292,11 +319,11 @@ def markdown(result: dict[str, Any]) -> str:
                     cells.append("n/a")
                     continue
                 t = row["texts"]
-                cells.append(f"{t[TEXTS[0]]['ppl']:.2f} / {t[TEXTS[1]]['ppl']:.2f} ({t[TEXTS[0]]['ratio']:.3f})")
+                cells.append(f"{_ppl(t[TEXTS[0]]['ppl'])} / {_ppl(t[TEXTS[1]]['ppl'])} ({t[TEXTS[0]]['ratio']:.3f})")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["**Wall time** (seconds, this run)", "", "| stage | s |", "|---|---|"]
-    lines += [f"| {k} | {v:.0f} |" for k, v in result["timings_seconds"].items()]
+    lines += ["**Time** (this run; CPU = this process, all threads)", "", "| stage | wall s | CPU s |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.0f} | {result['cpu_seconds'][k]:.0f} |" for k, v in result["timings_seconds"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -317,7 +344,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 ax.plot(*zip(*pts), marker="o", ms=4, label=label)
         ax.axhline(dense, color="k", ls="--", lw=1, label=f"dense ({dense:.2f})")
         ax.set_yscale("log")
-        ax.set_ylim(dense * 0.95, dense * 8)
+        lowest = min([dense] + [r["texts"][text]["ppl"] for r in result["rows"] if r["feasible"]])
+        ax.set_ylim(lowest * 0.97, dense * 8)  # points above 8x dense are in the table only
         ax.set_xlabel("measured FLOP ratio (block linears, adapted / dense)")
         ax.set_ylabel("perplexity")
         ax.set_title(f"{result['model']} on {text} (evaluation split)")
@@ -325,6 +353,20 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axes[0].legend(fontsize=8)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def quiet_estimate(result: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """Total time scaled by how much slower than on a quiet machine the dense evaluation ran (at the start
+    and at the end of this run)."""
+    dense_s = sum(r["seconds"] for r in result["dense"].values()) + sum(result["dense_again_seconds"].values())
+    per_window = dense_s / (2 * len(result["dense"]) * settings.eval_windows) * 512 / settings.window
+    slowdown = per_window / QUIET_DENSE_SECONDS_PER_WINDOW
+    minutes = result["total_seconds"] / 60 / slowdown
+    return {"dense_seconds_per_window": round(per_window, 2), "slowdown": round(slowdown, 2),
+            "quiet_minutes": round(minutes, 1),
+            "note": f"The dense evaluation ran {slowdown:.1f}x slower than on the quiet machine "
+                    f"({per_window:.2f} s against {QUIET_DENSE_SECONDS_PER_WINDOW:.2f} s per window), so the "
+                    f"whole run would take about {minutes:.0f} min there (assuming every stage slowed alike)."}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -342,9 +384,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     result = Run(settings, args.model).run()
     result["total_seconds"] = round(time.perf_counter() - start, 1)
+    result["quiet_estimate"] = quiet_estimate(result, settings)
     result["command"] = "python benchmarks/quality.py" + (" --quick" if args.quick else "")
     (out / "quality.json").write_text(json.dumps(result, indent=1))
-    table = markdown(result) + f"\nTotal wall time: {result['total_seconds'] / 60:.1f} min.\n"
+    q = result["quiet_estimate"]
+    table = markdown(result) + (f"\nTotal wall time: {result['total_seconds'] / 60:.1f} min. {q['note']}\n")
     (out / "quality.md").write_text(table)
     plot(result, out / "quality.png")
     print(table)
