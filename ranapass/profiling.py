@@ -267,8 +267,10 @@ class Profile:
     def _allocate_uniform(self, target, kinds, count_mask_cost):
         """Reference recipe, derived from the structure: per block, the first site read (the attention
         input: q/k/v, stacked) and the MLP (units wider out than in: rank; narrower: neuron) share one
-        ratio; square linears (o_proj) stay dense. ``kinds`` may narrow rank units to "lowrank"."""
+        ratio; square linears (o_proj) stay dense. ``kinds`` may narrow rank units to "lowrank"; with
+        "lowrank" alone (static low rank, no masks) narrow units take low rank too, or stay dense."""
         rank_kinds = ("lowrank",) if "lowrank" in kinds and "rank" not in kinds else ("rank",)
+        narrow = rank_kinds if kinds == ("lowrank",) else ("neuron",)
         blocks: dict[str, list[Site]] = {}
         for site in self.sites:
             blocks.setdefault(_block_of(site.members[0]), []).append(site)
@@ -281,13 +283,14 @@ class Profile:
                     continue
                 for u in site.separate:
                     m, n = sum(u.out_features), u.in_features
-                    if m == n:
+                    unit_kinds = rank_kinds if m > n else narrow
+                    if m == n or not u.options(unit_kinds, dense=False):
                         fixed += u.dense_flops
                         dense_chosen.append(u)
                     elif i == 0:
-                        attention.append((u, rank_kinds if m > n else ("neuron",)))
+                        attention.append((u, unit_kinds))
                     else:
-                        mlp.append((u, rank_kinds if m > n else ("neuron",)))
+                        mlp.append((u, unit_kinds))
             for group in (attention, mlp):
                 if group:
                     found = [u.options(k, dense=False, count_mask_cost=count_mask_cost) for u, k in group]

@@ -1,0 +1,400 @@
+"""Quality benchmark: perplexity against measured FLOP ratio, every method on one model and one accounting.
+
+One command runs everything on CPU and writes ``quality.json`` (raw numbers), ``quality.md`` (tables)
+and ``quality.png`` (perplexity against measured FLOP ratio, one line per method)::
+
+    python benchmarks/quality.py            # SmolLM2-135M-Instruct, the full run (under an hour, 2 cores)
+    python benchmarks/quality.py --quick    # smoke run: small windows, two budgets (a few minutes)
+
+Methods, all built from ranapass's own adapters and measured by ``FlopMeter`` on the evaluation
+windows themselves (real masks): dense; ranapass with global and with uniform allocation; static
+data-aware low rank (no masks; global and uniform); data-free static low rank from the weights'
+spectra (``ranapass.profile(model, None)``, global); TEAL-style and CATS-style activation sparsity
+(``ranapass.baselines``). Ablations of ranapass (global): relative instead of output-gradient
+(Fisher) error weights, mask cost not counted during allocation, sequential calibration.
+
+One profile serves every ranapass and static-low-rank method; the FLOP ratio is over the block
+linears (adapted / dense FLOPs per token; the lm_head stays dense and is reported separately).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Idle OpenMP threads sleep instead of spinning. Set before torch loads OpenMP. On a shared machine
+# spinning threads made float64 eigh 30-300x and eager forwards 3-4x slower (see the README).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import ranapass  # noqa: E402
+from ranapass import baselines  # noqa: E402
+from ranapass.cost_model import dense_flops, per_token_at  # noqa: E402
+from ranapass.plan import Plan  # noqa: E402
+from ranapass.profiling import Profile, ProfileOptions  # noqa: E402
+
+log = logging.getLogger("quality")
+
+BUDGETS = (0.4, 0.5, 0.56, 0.6, 0.7, 0.8, 0.9)
+ABLATION_BUDGETS = (0.5, 0.56, 0.7)
+TEXTS = ("python-docs", "debian-handbook")
+RESULTS = Path(__file__).resolve().parent / "results"
+QUIET_DENSE_SECONDS_PER_WINDOW = 47.8 / 32
+"""Dense SmolLM2 perplexity, seconds per 512-token window on the quiet 2-core machine (32 windows in
+47.8 s, shared/reference/env.md §3): the yardstick for how much slower a shared machine ran."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What one run measures; ``--quick`` shrinks every size."""
+
+    budgets: tuple[float, ...] = BUDGETS
+    ablation_budgets: tuple[float, ...] = ABLATION_BUDGETS
+    calibration_windows: int = 32
+    baseline_windows: int = 16
+    eval_windows: int = 8
+    window: int = 512
+    threads: int = 2
+    profile_options: ProfileOptions = ProfileOptions()
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(budgets=(0.56, 0.8), ablation_budgets=(0.56,), calibration_windows=12, baseline_windows=6,
+                   eval_windows=2, window=256,
+                   profile_options=ProfileOptions(sample_tokens=512, holdout_windows=2, gradient_windows=2))
+
+
+METHODS: dict[str, str] = {
+    "ranapass-global": "ranapass (global)",
+    "ranapass-uniform": "ranapass (uniform, reference recipe)",
+    "lowrank-global": "static low rank (global)",
+    "lowrank-uniform": "static low rank (uniform)",
+    "datafree-global": "data-free low rank (global)",
+    "teal": "TEAL-style",
+    "cats": "CATS-style (MLP only)",
+}
+ABLATIONS: dict[str, str] = {
+    "relative-weighting": "relative error weights (not output-gradient)",
+    "mask-cost-free": "mask cost not counted in allocation",
+    "sequential": "sequential calibration (under the plan)",
+}
+
+
+class Timer:
+    """Wall time and this process's CPU time of named stages, in seconds (summed over repeats)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, fn: Callable[[], Any]) -> Any:
+        start, cpu = time.perf_counter(), time.process_time()
+        out = fn()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 2)
+        self.cpu_seconds[name] = round(self.cpu_seconds.get(name, 0.0) + time.process_time() - cpu, 2)
+        return out
+
+
+# ---------------------------------------------------------------------------------------- measuring
+def evaluate(model: torch.nn.Module, plan: Plan | None, windows: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Perplexity and measured FLOP ratio of ``plan`` (None: dense) on each text's windows."""
+    out = {}
+    for text, w in windows.items():
+        start = time.perf_counter()
+        if plan is None:
+            ppl, ratio = ranapass.perplexity(model, w, progress=False).ppl, 1.0
+        else:
+            with ranapass.attach(model, plan).eager(), ranapass.FlopMeter() as meter:
+                ppl = ranapass.perplexity(model, w, progress=False).ppl
+            ratio = meter.ratio(plan)
+            ranapass.detach(model)
+        out[text] = {"ppl": ppl, "ratio": ratio, "seconds": round(time.perf_counter() - start, 1)}
+    return out
+
+
+def composition(plan: Plan) -> dict[str, Any]:
+    """Units and expected FLOP share per adapter kind (``dense`` included)."""
+    units: dict[str, int] = {}
+    share: dict[str, float] = {}
+    for u in plan.units:
+        units[u.kind] = units.get(u.kind, 0) + 1
+        share[u.kind] = share.get(u.kind, 0.0) + u.flops() / plan.dense_flops()
+    return {"units": units, "flop_share": {k: round(v, 4) for k, v in share.items()}}
+
+
+def mask_free_budget(profile: Profile, budget: float) -> float:
+    """Requested budget at which allocation *without* mask costs spends ``budget`` real FLOPs."""
+    lo, hi = 0.5 * budget, budget
+    for _ in range(30):
+        mid = 0.5 * (lo + hi)
+        real = profile.curve([mid], count_mask_cost=False)[0]["expected_ratio"]
+        lo, hi = (mid, hi) if real <= budget else (lo, mid)
+    return lo
+
+
+# ---------------------------------------------------------------------------------------- the run
+class Run:
+    """Everything one benchmark run holds: model, windows, profiles, baselines, timings, results."""
+
+    def __init__(self, settings: Settings, model_name: str):
+        self.settings = settings
+        self.timer = Timer()
+        self.model, self.tokenizer = self.timer("load model", lambda: ranapass.load_model(model_name))
+        self.model_name = model_name
+        s = settings
+        self.calibration = self.timer("windows", lambda: ranapass.calibration_windows(
+            self.tokenizer, num_windows=s.calibration_windows, window=s.window))
+        self.windows = self.timer("windows", lambda: {t: ranapass.evaluation_windows(
+            self.tokenizer, t, num_windows=s.eval_windows, window=s.window) for t in TEXTS})
+        self.rows: list[dict[str, Any]] = []
+        self.profiles: dict[str, Profile] = {}
+        self.sparsity: dict[str, baselines.SparsityBaseline] = {}
+
+    def calibrate(self) -> None:
+        s, t, m = self.settings, self.timer, self.model
+        opts = s.profile_options
+        self.profiles["fisher"] = t("profile (output-gradient weights)",
+                                    lambda: ranapass.profile(m, self.calibration, options=opts, cache=False))
+        self.profiles["relative"] = t("profile (relative weights)", lambda: ranapass.profile(
+            m, self.calibration, options=dataclasses.replace(opts, error_weighting="relative"), cache=False))
+        self.profiles["data-free"] = t("profile (data-free)", lambda: ranapass.profile(m, None, cache=False))
+        # TEAL and CATS: dense activations of the first calibration windows, the profile's held-out
+        # windows (the last ones) to search the sparsity that meets each budget.
+        holdout = opts.holdout_windows
+        data = torch.cat([self.calibration[:s.baseline_windows], self.calibration[-holdout:]])
+        self.sparsity["teal"] = t("calibrate TEAL-style", lambda: baselines.teal(
+            m, data, holdout_windows=holdout, batch_size=opts.batch_size))
+        self.sparsity["cats"] = t("calibrate CATS-style", lambda: baselines.cats(
+            m, data, holdout_windows=holdout, batch_size=opts.batch_size))
+
+    def plan(self, method: str, budget: float) -> Plan:
+        fisher = self.profiles["fisher"]
+        if method == "ranapass-global":
+            return fisher.plan(budget)
+        if method == "ranapass-uniform":
+            return fisher.plan(budget, allocation="uniform")
+        if method == "lowrank-global":
+            return fisher.plan(budget, kinds=("lowrank",), fit=False)
+        if method == "lowrank-uniform":
+            return fisher.plan(budget, allocation="uniform", kinds=("lowrank",), fit=False)
+        if method == "datafree-global":
+            return self.profiles["data-free"].plan(budget)
+        if method in self.sparsity:
+            return self.sparsity[method].plan(budget)
+        if method == "relative-weighting":
+            return self.profiles["relative"].plan(budget)
+        if method == "mask-cost-free":
+            return fisher.plan(mask_free_budget(fisher, budget), count_mask_cost=False)
+        if method == "sequential":
+            under = fisher.plan(budget)
+            again = self.timer(f"profile (sequential, {budget})", lambda: ranapass.profile(
+                self.model, self.calibration, options=self.settings.profile_options, under=under, cache=False))
+            return again.plan(budget)
+        raise KeyError(method)
+
+    def measure(self, method: str, budget: float, group: str) -> None:
+        row: dict[str, Any] = {"group": group, "method": method, "budget": budget}
+        start = time.perf_counter()
+        try:
+            plan = self.plan(method, budget)
+        except ValueError as e:  # a budget the method cannot reach
+            log.info("%s at %.2f: %s", method, budget, e)
+            row.update(feasible=False, reason=str(e))
+            self.rows.append(row)
+            return
+        row["plan_seconds"] = round(time.perf_counter() - start, 1)
+        row.update(feasible=True, expected_ratio=plan.expected_ratio(), composition=composition(plan))
+        if "sparsity" in plan.meta:
+            row["sparsity"] = plan.meta["sparsity"]
+        if method == "mask-cost-free":
+            # planned at a lower nominal budget so the real FLOPs (masks included) meet the budget; planned at
+            # the budget itself it would overspend by the masks it did not pay for
+            row["planned_at"] = plan.budget
+            row["expected_ratio_if_planned_at_budget"] = self.profiles["fisher"].curve(
+                [budget], count_mask_cost=False)[0]["expected_ratio"]
+        row["texts"] = self.timer("evaluation", lambda: evaluate(self.model, plan, self.windows))
+        log.info("%-18s %.2f  %s", method, budget, "  ".join(
+            f"{t}: ppl {r['ppl']:.3f} @ {r['ratio']:.4f}" for t, r in row["texts"].items()))
+        self.rows.append(row)
+
+    def run(self) -> dict[str, Any]:
+        s = self.settings
+        dense = self.timer("evaluation", lambda: evaluate(self.model, None, self.windows))
+        log.info("dense: %s", dense)
+        self.calibrate()
+        for budget in s.budgets:
+            for method in METHODS:
+                self.measure(method, budget, "method")
+        for budget in s.ablation_budgets:
+            for ablation in ABLATIONS:
+                self.measure(ablation, budget, "ablation")
+        # the dense evaluation again, as a yardstick of the machine's speed at the end of the run
+        again = self.timer("evaluation (dense, timing yardstick)", lambda: evaluate(self.model, None, self.windows))
+        return {**self.report(dense), "dense_again_seconds": {t: r["seconds"] for t, r in again.items()}}
+
+    def report(self, dense: dict[str, Any]) -> dict[str, Any]:
+        s = self.settings
+        flops = per_token_at(dense_flops(self.model), seq_len=s.window)
+        return {
+            "model": self.model_name,
+            "protocol": {
+                "texts": {t: f"{t} evaluation split, {s.eval_windows} non-overlapping windows of {s.window} tokens "
+                             f"evenly spaced over the token stream, {s.window - 1} predictions scored per window "
+                             f"({s.eval_windows * (s.window - 1)} tokens)" for t in TEXTS},
+                "calibration": f"python-docs calibration split, {s.calibration_windows} windows of {s.window} "
+                               f"tokens (the last {s.profile_options.holdout_windows} held out for threshold "
+                               f"fitting); TEAL/CATS statistics on the first {s.baseline_windows}",
+                "flop_ratio": "block linears, adapted / dense FLOPs per token, counted by FlopMeter from the "
+                              "real masks on the evaluation windows (mask compare/select FLOPs included)",
+                "profile_options": dataclasses.asdict(s.profile_options),
+            },
+            "dense_flops_per_token": flops,
+            "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
+                            "python": platform.python_version(), "threads": torch.get_num_threads(),
+                            "cpus": os.cpu_count(), "load_average_end": os.getloadavg()},
+            "timings_seconds": self.timer.seconds,
+            "cpu_seconds": self.timer.cpu_seconds,
+            "dense": dense,
+            "rows": self.rows,
+        }
+
+
+# ---------------------------------------------------------------------------------------- output
+def _ppl(ppl: float) -> str:
+    return f"{ppl:.2f}" if ppl < 1000 else f"{ppl:.3g}"
+
+
+def _cell(row: dict[str, Any] | None, text: str, best: float) -> str:
+    if row is None:
+        return ""
+    if not row["feasible"]:
+        return "n/a"
+    r = row["texts"][text]
+    cell = f"{_ppl(r['ppl'])} ({r['ratio']:.3f})"
+    return f"**{cell}**" if r["ppl"] == best else cell
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The tables of ``quality.md``: per text, methods x budgets; then ablations and timings."""
+    rows = result["rows"]
+    budgets = sorted({r["budget"] for r in rows if r["group"] == "method"})
+    lines = [f"Model: {result['model']}. FLOP ratio: {result['protocol']['flop_ratio']}.", ""]
+    for text in TEXTS:
+        dense = result["dense"][text]["ppl"]
+        lines += [f"**{result['protocol']['texts'][text]}**: perplexity (measured FLOP ratio), lowest per budget in "
+                  f"bold; dense {dense:.2f}", "",
+                  "| method | " + " | ".join(f"{b:g}" for b in budgets) + " |",
+                  "|---|" + "---|" * len(budgets)]
+        found = {(r["method"], r["budget"]): r for r in rows if r["group"] == "method"}
+        best = {b: min((r["texts"][text]["ppl"] for (m, bb), r in found.items() if bb == b and r["feasible"]),
+                       default=None) for b in budgets}
+        for method, label in METHODS.items():
+            cells = [_cell(found.get((method, b)), text, best[b]) for b in budgets]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    ab_budgets = sorted({r["budget"] for r in rows if r["group"] == "ablation"})
+    if ab_budgets:
+        lines += ["**Ablations of ranapass (global)**: perplexity python-docs / debian-handbook (measured ratio "
+                  "on python-docs)", "",
+                  "| variant | " + " | ".join(f"{b:g}" for b in ab_budgets) + " |",
+                  "|---|" + "---|" * len(ab_budgets)]
+        for method, label in {"ranapass-global": "ranapass (global), as above", **ABLATIONS}.items():
+            cells = []
+            for b in ab_budgets:
+                row = next((r for r in rows if r["method"] == method and r["budget"] == b), None)
+                if row is None or not row["feasible"]:
+                    cells.append("n/a")
+                    continue
+                t = row["texts"]
+                cells.append(f"{_ppl(t[TEXTS[0]]['ppl'])} / {_ppl(t[TEXTS[1]]['ppl'])} ({t[TEXTS[0]]['ratio']:.3f})")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["**Time** (this run; CPU = this process, all threads)", "", "| stage | wall s | CPU s |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.0f} | {result['cpu_seconds'][k]:.0f} |" for k, v in result["timings_seconds"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Perplexity against measured FLOP ratio, one panel per text, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(TEXTS), figsize=(6.5 * len(TEXTS), 5), constrained_layout=True)
+    for ax, text in zip(axes, TEXTS):
+        dense = result["dense"][text]["ppl"]
+        for method, label in METHODS.items():
+            pts = sorted((r["texts"][text]["ratio"], r["texts"][text]["ppl"]) for r in result["rows"]
+                         if r["method"] == method and r["group"] == "method" and r["feasible"])
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=4, label=label)
+        ax.axhline(dense, color="k", ls="--", lw=1, label=f"dense ({dense:.2f})")
+        ax.set_yscale("log")
+        lowest = min([dense] + [r["texts"][text]["ppl"] for r in result["rows"] if r["feasible"]])
+        ax.set_ylim(lowest * 0.97, dense * 8)  # points above 8x dense are in the table only
+        ax.set_xlabel("measured FLOP ratio (block linears, adapted / dense)")
+        ax.set_ylabel("perplexity")
+        ax.set_title(f"{result['model']} on {text} (evaluation split)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def quiet_estimate(result: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """Total time scaled by how much slower than on a quiet machine the dense evaluation ran (at the start
+    and at the end of this run)."""
+    dense_s = sum(r["seconds"] for r in result["dense"].values()) + sum(result["dense_again_seconds"].values())
+    per_window = dense_s / (2 * len(result["dense"]) * settings.eval_windows) * 512 / settings.window
+    slowdown = per_window / QUIET_DENSE_SECONDS_PER_WINDOW
+    minutes = result["total_seconds"] / 60 / slowdown
+    return {"dense_seconds_per_window": round(per_window, 2), "slowdown": round(slowdown, 2),
+            "quiet_minutes": round(minutes, 1),
+            "note": f"The dense evaluation ran {slowdown:.1f}x slower than on the quiet machine "
+                    f"({per_window:.2f} s against {QUIET_DENSE_SECONDS_PER_WINDOW:.2f} s per window), so the "
+                    f"whole run would take about {minutes:.0f} min there (assuming every stage slowed alike)."}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, two budgets")
+    parser.add_argument("--model", default="smollm2", help="model name for ranapass.load_model")
+    parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results; --quick: a temp dir)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    settings = dataclasses.replace(Settings.quick() if args.quick else Settings(), threads=args.threads)
+    torch.set_num_threads(settings.threads)
+    out = args.out or (Path(tempfile.gettempdir()) / "ranapass-quality-quick" if args.quick else RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    result = Run(settings, args.model).run()
+    result["total_seconds"] = round(time.perf_counter() - start, 1)
+    result["quiet_estimate"] = quiet_estimate(result, settings)
+    result["command"] = "python benchmarks/quality.py" + (" --quick" if args.quick else "")
+    (out / "quality.json").write_text(json.dumps(result, indent=1))
+    q = result["quiet_estimate"]
+    table = markdown(result) + (f"\nTotal wall time: {result['total_seconds'] / 60:.1f} min. {q['note']}\n")
+    (out / "quality.md").write_text(table)
+    plot(result, out / "quality.png")
+    print(table)
+    print(f"wrote {out / 'quality.json'}, {out / 'quality.md'}, {out / 'quality.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
