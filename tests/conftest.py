@@ -82,3 +82,15 @@ def smollm2():
     from ranapass.models import load_model
 
     return load_model()
+
+
+@pytest.fixture(scope="session")
+def smollm2_profile(smollm2):
+    """A real profile of SmolLM2, kept small for CI: 12 calibration windows of 256 tokens (2 held out for
+    the thresholds), Fisher weights from 4 of them. About two minutes on a quiet 2-core machine."""
+    import ranapass
+    from ranapass.data import calibration_windows
+
+    model, tokenizer = smollm2
+    windows = calibration_windows(tokenizer, num_windows=12, window=256)
+    return ranapass.profile(model, windows, options=ranapass.ProfileOptions(gradient_windows=4), cache=False)

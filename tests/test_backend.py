@@ -21,7 +21,7 @@ import ranapass
 from ranapass.attach import lookup
 from ranapass.backend import RanaBackend, rana_backend
 from ranapass.compiled_eval import compare_compiled
-from ranapass.data import calibration_windows, evaluation_windows
+from ranapass.data import evaluation_windows
 from ranapass.fx_pass import RewriteError
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
@@ -167,18 +167,15 @@ def test_check_names_units_never_compiled():
 
 
 @pytest.mark.slow
-def test_smollm2_compiled_perplexity_equals_eager_adapted(smollm2):
+def test_smollm2_compiled_perplexity_equals_eager_adapted(smollm2, smollm2_profile):
     model, tokenizer = smollm2
-    calibration = calibration_windows(tokenizer, num_windows=4, window=256)
-    # Grouped q/k/v and gate/up as half-rank data-aware rank adapters, o and down as neuron adapters:
-    # both op kinds on the real model, near the 0.56 budget.
-    plan = build_plan(model, calibration, neuron="single", rank_fraction=0.5, keep=0.7, data_aware=True)
-    assert abs(plan.expected_ratio() - 0.56) < 0.02
+    plan = smollm2_profile.plan(0.56)
+    assert {u.kind for u in plan.adapted} >= {"rank", "neuron"}  # both op kinds on the real model
     try:
         result = compare_compiled(model, plan, evaluation_windows(tokenizer, num_windows=8, window=256),
                                   progress=False)
     finally:
         ranapass.detach(model)  # the model is shared by the session
-    assert result.units_rewritten == len(plan.adapted) == 120 and result.graphs == 1
+    assert result.units_rewritten == len(plan.adapted) and result.graphs == 1
     assert abs(result.compiled_vs_eager) < 0.005, result.format()
-    assert result.dense_ppl < result.eager_ppl
+    assert result.dense_ppl < result.eager_ppl < 1.5 * result.dense_ppl, result.format()
