@@ -167,15 +167,23 @@ def test_check_names_units_never_compiled():
 
 
 @pytest.mark.slow
-def test_smollm2_compiled_perplexity_equals_eager_adapted(smollm2, smollm2_profile):
+@pytest.mark.parametrize("compiler, tolerance", [("aot_eager", 0.0), ("inductor", 0.025)])
+def test_smollm2_compiled_perplexity_equals_eager_adapted(smollm2, smollm2_profile, compiler, tolerance):
+    """The rewritten graph computes exactly what eager adapted computes (aot_eager: bit-identical
+    perplexity). Under Inductor the perplexity moves by rounding: HF's rotary embedding computes sin/cos
+    in float32, Inductor's vectorised sin/cos differ in the last bits, and a hard per-token threshold
+    turns such a difference into a flipped mask wherever a score sits next to it, which changes the
+    downstream activations and flips more. On SmolLM2 at 0.56, moving every threshold by a relative 1e-6
+    moves eager perplexity on these 16 x 256 tokens by about 1%; on the full protocol (16,352 tokens)
+    ``make demo`` shows compiled within 0.3% of eager."""
     model, tokenizer = smollm2
     plan = smollm2_profile.plan(0.56)
     assert {u.kind for u in plan.adapted} >= {"rank", "neuron"}  # both op kinds on the real model
     try:
-        result = compare_compiled(model, plan, evaluation_windows(tokenizer, num_windows=8, window=256),
-                                  progress=False)
+        result = compare_compiled(model, plan, evaluation_windows(tokenizer, num_windows=16, window=256),
+                                  backend=RanaBackend(compiler=compiler, strict=True), progress=False)
     finally:
         ranapass.detach(model)  # the model is shared by the session
     assert result.units_rewritten == len(plan.adapted) and result.graphs == 1
-    assert abs(result.compiled_vs_eager) < 0.005, result.format()
+    assert abs(result.compiled_vs_eager) <= tolerance, result.format()
     assert result.dense_ppl < result.eager_ppl < 1.5 * result.dense_ppl, result.format()
