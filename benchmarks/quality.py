@@ -52,11 +52,6 @@ BUDGETS = (0.4, 0.5, 0.56, 0.6, 0.7, 0.8, 0.9)
 ABLATION_BUDGETS = (0.5, 0.56, 0.7)
 TEXTS = ("python-docs", "debian-handbook")
 RESULTS = Path(__file__).resolve().parent / "results"
-QUIET_DENSE_SECONDS_PER_WINDOW = 47.8 / 32
-"""Dense SmolLM2 perplexity, seconds per 512-token window on the quiet 2-core machine (32 windows in
-47.8 s, shared/reference/env.md §3): the yardstick for how much slower a shared machine ran."""
-
-
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """What one run measures; ``--quick`` shrinks every size."""
@@ -241,9 +236,7 @@ class Run:
         for budget in s.ablation_budgets:
             for ablation in ABLATIONS:
                 self.measure(ablation, budget, "ablation")
-        # the dense evaluation again, as a yardstick of the machine's speed at the end of the run
-        again = self.timer("evaluation (dense, timing yardstick)", lambda: evaluate(self.model, None, self.windows))
-        return {**self.report(dense), "dense_again_seconds": {t: r["seconds"] for t, r in again.items()}}
+        return self.report(dense)
 
     def report(self, dense: dict[str, Any]) -> dict[str, Any]:
         s = self.settings
@@ -324,6 +317,9 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("")
     lines += ["**Time** (this run; CPU = this process, all threads)", "", "| stage | wall s | CPU s |", "|---|---|---|"]
     lines += [f"| {k} | {v:.0f} | {result['cpu_seconds'][k]:.0f} |" for k, v in result["timings_seconds"].items()]
+    env = result["environment"]
+    lines += ["", f"Total wall time: {result['total_seconds'] / 60:.1f} min on {env['cpus']} CPUs, {env['threads']} "
+                  f"torch threads (load average at the end: {', '.join(f'{x:.1f}' for x in env['load_average_end'])})."]
     return "\n".join(lines) + "\n"
 
 
@@ -355,20 +351,6 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def quiet_estimate(result: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """Total time scaled by how much slower than on a quiet machine the dense evaluation ran (at the start
-    and at the end of this run)."""
-    dense_s = sum(r["seconds"] for r in result["dense"].values()) + sum(result["dense_again_seconds"].values())
-    per_window = dense_s / (2 * len(result["dense"]) * settings.eval_windows) * 512 / settings.window
-    slowdown = per_window / QUIET_DENSE_SECONDS_PER_WINDOW
-    minutes = result["total_seconds"] / 60 / slowdown
-    return {"dense_seconds_per_window": round(per_window, 2), "slowdown": round(slowdown, 2),
-            "quiet_minutes": round(minutes, 1),
-            "note": f"The dense evaluation ran {slowdown:.1f}x slower than on the quiet machine "
-                    f"({per_window:.2f} s against {QUIET_DENSE_SECONDS_PER_WINDOW:.2f} s per window), so the "
-                    f"whole run would take about {minutes:.0f} min there (assuming every stage slowed alike)."}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, two budgets")
@@ -384,11 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     result = Run(settings, args.model).run()
     result["total_seconds"] = round(time.perf_counter() - start, 1)
-    result["quiet_estimate"] = quiet_estimate(result, settings)
     result["command"] = "python benchmarks/quality.py" + (" --quick" if args.quick else "")
     (out / "quality.json").write_text(json.dumps(result, indent=1))
-    q = result["quiet_estimate"]
-    table = markdown(result) + (f"\nTotal wall time: {result['total_seconds'] / 60:.1f} min. {q['note']}\n")
+    table = markdown(result)
     (out / "quality.md").write_text(table)
     plot(result, out / "quality.png")
     print(table)
