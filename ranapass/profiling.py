@@ -284,7 +284,7 @@ class Profile:
                 for u in site.separate:
                     m, n = sum(u.out_features), u.in_features
                     unit_kinds = rank_kinds if m > n else narrow
-                    if m == n or not u.options(unit_kinds, dense=False):
+                    if m == n or not u.options(unit_kinds, dense=False)[1]:  # no candidate of these kinds
                         fixed += u.dense_flops
                         dense_chosen.append(u)
                     elif i == 0:
