@@ -484,18 +484,20 @@ def test_uniform_below_one_rank_says_why(default_adapter):
         compress_lora(folder, 0.1, method="uniform")
 
 
-def test_cli_output_error_calibrates_on_the_base_model(tmp_path, capsys, tiny_llama_dir, text_dir):
+@pytest.mark.parametrize("error", ["output", "fisher"])
+def test_cli_calibrated_error_on_the_base_model(tmp_path, capsys, tiny_llama_dir, text_dir, error):
     base = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)).eval()
     set_known_spectra(model)
     model.save_pretrained(tmp_path / "adapter")  # records base_model_name_or_path = tiny_llama_dir
     out = tmp_path / "out"
-    argv = ["lora-compress", str(tmp_path / "adapter"), "--keep", "0.5", "--error", "output", "--out", str(out),
+    argv = ["lora-compress", str(tmp_path / "adapter"), "--keep", "0.5", "--error", error, "--out", str(out),
             "--text", str(text_dir), "--calib-windows", "4", "--calib-window-len", "16", "--json"]
     from ranapass.cli import main
 
     assert main(argv) == 0
     payload = json.loads(capsys.readouterr().out)
-    assert payload["error"] == "output" and payload["params_after"] <= 0.5 * payload["params_before"]
+    assert payload["error"] == error and payload["params_after"] <= 0.5 * payload["params_before"]
+    assert (payload["predicted_loss_change"] is None) == (error == "output")
     fresh = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     assert len(peft.PeftModel.from_pretrained(fresh, out).peft_config["default"].rank_pattern) > 0
