@@ -7,7 +7,9 @@ and error (data-free; ``-output``: output error relative to the base layer's; ``
 loss change from output gradients; both calibrated on ``--calib-windows`` windows of the calibration
 split, on the fine-tuned model), writes each result as a PEFT adapter, loads it back with
 ``PeftModel.from_pretrained`` and measures the mean next-token loss on held-out evaluation windows (the
-project's evaluation protocol by default; ``--texts debian-handbook`` adds an out-of-domain text).
+project's evaluation protocol by default; ``--texts`` adds ``debian-handbook``, out of domain, and
+``python-docs-calibration``, held-out windows of the calibration split: the distribution the adapter was
+trained and calibrated on, in tokens the calibration never read).
 
 Every adapter is scored on the same windows, so two of them are compared by the mean of their
 per-window loss differences, whose standard error (std / sqrt(windows)) is printed beside it: the
@@ -37,7 +39,8 @@ import torch
 from tqdm import tqdm
 
 from ranapass.cache import cache_dir
-from ranapass.data import calibration_windows, evaluation_windows, load_texts, token_windows
+from ranapass.data import (calibration_windows, evaluation_windows, load_texts, token_windows, tokenize_stream,
+                           window_starts)
 from ranapass.evaluate import PerplexityResult, perplexity, protocol
 from ranapass.lora import CALIBRATED_ERRORS, METHODS, calibrate_lora, compress_lora, load_lora
 from ranapass.models import load_model
@@ -47,7 +50,9 @@ TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 VARIANTS = [*METHODS, "global-relative", *(f"{m}-{e}" for e in CALIBRATED_ERRORS for m in METHODS)]
 DEFAULT_VARIANTS = ["global", "threshold", "uniform", "global-output", "uniform-output", "global-fisher",
                     "uniform-fisher"]
-TEXTS = ("python-docs", "debian-handbook")
+HELDOUT = "python-docs-calibration"
+TEXTS = ("python-docs", "debian-handbook", HELDOUT)
+CALIB_WINDOW = 512
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,6 +89,28 @@ def train_adapter(model, tokenizer, out: Path, args: argparse.Namespace) -> None
 
 
 # ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def heldout_windows(tokenizer, calib_windows: int, window: int) -> torch.Tensor:
+    """One ``window``-token window halfway between each two consecutive calibration windows of the calibration
+    split: text of the distribution the adapter was trained and calibrated on that the calibration never read
+    (training read 600 windows of 128 tokens spread over the same stream, so a few percent of it)."""
+    stream = tokenize_stream(tokenizer, load_texts("python-docs", "calibration"))
+    starts = window_starts(len(stream), CALIB_WINDOW, calib_windows)
+    gap = starts[1] - starts[0] - CALIB_WINDOW
+    if gap < window:
+        raise SystemExit(f"{HELDOUT}: the calibration windows leave {gap} tokens between them, fewer than {window}")
+    offset = CALIB_WINDOW + (gap - window) // 2
+    return torch.stack([stream[s + offset:s + offset + window] for s in starts[:-1]])
+
+
+def describe(text: str, windows: torch.Tensor, calib_windows: int) -> str:
+    """The evaluation protocol of ``text``, in one line."""
+    if text == HELDOUT:
+        return (f"python-docs calibration split, {len(windows)} windows of {windows.shape[1]} tokens centred between "
+                f"the {calib_windows} calibration windows (held out from calibration)")
+    return protocol(text, num_windows=len(windows), window=windows.shape[1])
 
 
 def eval_loss(model, windows: dict[str, torch.Tensor], batch_size: int) -> dict[str, dict]:
@@ -149,7 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--calib-windows", type=int, default=32,
                         help="512-token windows for error=output and fisher (fisher: one backward pass each)")
     parser.add_argument("--texts", nargs="+", default=["python-docs"], choices=TEXTS,
-                        help="evaluation texts (python-docs: the protocol, in domain; debian-handbook: out of domain)")
+                        help="evaluation texts (python-docs: the protocol; debian-handbook: out of domain; "
+                             f"{HELDOUT}: held-out windows of the calibration split)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--train-batch", type=int, default=2)
@@ -175,14 +203,15 @@ def main(argv: list[str] | None = None) -> dict:
         if args.adapter:
             raise SystemExit(f"{args.adapter} holds no adapter_model.safetensors")
         train_adapter(base, tokenizer, adapter_dir, args)
-    windows = {t: evaluation_windows(tokenizer, t, num_windows=args.eval_windows, window=args.eval_seq_len)
+    windows = {t: heldout_windows(tokenizer, args.calib_windows, args.eval_seq_len) if t == HELDOUT else
+               evaluation_windows(tokenizer, t, num_windows=args.eval_windows, window=args.eval_seq_len)
                for t in args.texts}
 
     full = load_lora(adapter_dir)
     errors = {name.partition("-")[2] for name in args.methods}
     calibration = None
     if errors & set(CALIBRATED_ERRORS):
-        calib = calibration_windows(tokenizer, num_windows=args.calib_windows)
+        calib = calibration_windows(tokenizer, num_windows=args.calib_windows, window=CALIB_WINDOW)
         calibration = calibrate_lora(full, base, calib, gradient_data=calib if "fisher" in errors else None)
     rows = [{"method": "base model", "params": 0, "eval": eval_loss(base, windows, args.batch_size)},
             {"method": "full LoRA", "params": full.num_parameters,
@@ -202,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"adapter {adapter_dir} ({full.num_parameters:,} LoRA parameters, rank {args.rank})")
     pairs = []
     for text in args.texts:
-        print(f"\neval: {protocol(text, num_windows=args.eval_windows, window=args.eval_seq_len)}")
+        print(f"\neval: {describe(text, windows[text], args.calib_windows)}")
         print_table(rows, text, full.num_parameters)
         pairs += comparisons(rows, text)
     print("\nglobal allocation - uniform truncation, same error (paired over windows; negative: global is better)")
@@ -210,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{c['text']:<16} keep {c['keep']:<6g} {c['a']:<16} - {c['b']:<16} {c['diff']:+.5f} ± {c['se']:.5f}")
     payload = {
         "adapter": str(adapter_dir), "rank": args.rank, "calib_windows": args.calib_windows,
-        "eval": {t: protocol(t, num_windows=args.eval_windows, window=args.eval_seq_len) for t in args.texts},
+        "eval": {t: describe(t, w, args.calib_windows) for t, w in windows.items()},
         "rows": rows, "comparisons": pairs, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "seconds": time.time() - started,
         "date": time.strftime("%Y-%m-%d"), "loadavg": os.getloadavg(),
