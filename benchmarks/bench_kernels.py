@@ -8,7 +8,7 @@ One run does, in order:
    allocator poisoned (NaN) before each call so an unwritten output element shows;
 3. torch.compile: the three ops in one function under ``mode="reduce-overhead"`` (cudagraph skips must
    be 0) and a dynamic-shape prefill compile, both equal to eager;
-4. optionally (``--tune``) a sweep of one-token tile configs at the Llama-2-7B unit shapes (bf16, the
+4. optionally (``--tune``) a sweep of one-token tile configs at the Llama-2-7B / Llama-3-8B unit shapes (bf16, the
    plan's kept fraction), each checked, the fastest installed in ``configs.TUNED`` for the steps below
    and written to ``tuned.json`` (``bench_decode.py --tuned`` loads it);
 5. decode timing, bf16, batch 1/2/4/8: dense ``F.linear`` vs the adapted op at each unit shape of the
@@ -278,10 +278,12 @@ def time_units(units: list[Unit], T: int, gen, fn) -> tuple[float, list]:
     return time_graph([lambda u=u, i=i: fn(u, i) for u, i in zip(units, inps)]), inps
 
 
-GEMV_TILES = [(64, 128, 2), (32, 128, 2), (128, 128, 4), (64, 256, 4), (32, 64, 1)]  # (block_k, block_n, warps)
-GEMV_TARGETS = (2048, 1024, 512)  # programs in the grid (configs.auto_splits)
-ROUTER_TILES = [(256, 32, 4), (512, 16, 4), (256, 64, 8), (128, 32, 2), (512, 32, 8)]
-ROUTER_TARGETS = (528, 264, 1056)
+# (block_k, block_n, warps): run D's winner (32 x 64, one warp) and taller 64-column tiles, which put more
+# weight rows in flight per program; run D's wide tiles (128 x 128 / 4, 64 x 256 / 4) lost at every shape
+GEMV_TILES = [(32, 64, 1), (64, 64, 1), (16, 64, 1), (64, 64, 2), (128, 64, 2), (32, 128, 2)]
+GEMV_TARGETS = (2048, 4096, 1024)  # programs in the grid (configs.auto_splits)
+ROUTER_TILES = [(512, 16, 4), (1024, 16, 4), (512, 16, 2), (256, 16, 2), (256, 32, 4)]
+ROUTER_TARGETS = (528, 1056, 264)
 
 
 def tune(gen: torch.Generator, bw: float, models, rows: list[dict], save=lambda: None) -> dict:
@@ -290,8 +292,9 @@ def tune(gen: torch.Generator, bw: float, models, rows: list[dict], save=lambda:
 
     Every config's output is checked against float64 math (and, with the fused sum, for equal bits on a
     second call) before it may win. The masked GEMV is tuned with the default router, then the router
-    with the winning GEMV. The first GEMV row per shape is run C's version (split sum in a second launch,
-    default tiles), the second the same tiles with the fused sum: the fused sum's gain, same run.
+    with the winning GEMV. The first GEMV row per shape is run C's version (64 x 128 tiles, 2 warps, split
+    sum in a second launch), the second run D's tiles (32 x 64, one warp, fused sum). A config that fails
+    to compile or launch is recorded as failed and skipped.
     """
     best: dict[tuple, tuple[float, C.KernelConfig]] = {}
     seen = set()
@@ -315,13 +318,18 @@ def tune(gen: torch.Generator, bw: float, models, rows: list[dict], save=lambda:
 
             def trial(stage, tkey, gemv, r=None):
                 config = (r or router, gemv) if u.kind == "rank" else gemv
-                y = cs[0].launch(inp, config)
-                err = rel_err(y, ref)
-                ok = err <= TOL[torch.bfloat16] and (not gemv.fused_sum or torch.equal(y, cs[0].launch(inp, config)))
-                t = _time_cfg(cs, inp, config)
-                rows.append({"model": model.name, "unit": u.name, "T": 1, "stage": stage,
-                             "config": _cfg(r if stage == "router" else gemv), "us": t,
-                             "pct_bw": need / (t * 1e-6) / (bw * 1e9) * 100, "rel_err": err, "ok": ok})
+                row = {"model": model.name, "unit": u.name, "T": 1, "stage": stage,
+                       "config": _cfg(r if stage == "router" else gemv)}
+                try:
+                    y = cs[0].launch(inp, config)
+                    err = rel_err(y, ref)
+                    ok = err <= TOL[torch.bfloat16] and (not gemv.fused_sum or torch.equal(y, cs[0].launch(inp, config)))
+                    t = _time_cfg(cs, inp, config)
+                except Exception as e:  # e.g. out of registers or shared memory at this tile
+                    rows.append({**row, "us": float("nan"), "pct_bw": float("nan"), "rel_err": float("nan"),
+                                 "ok": False, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                    return
+                rows.append({**row, "us": t, "pct_bw": need / (t * 1e-6) / (bw * 1e9) * 100, "rel_err": err, "ok": ok})
                 if ok and tkey is not None and (tkey not in best or t < best[tkey][0]):
                     best[tkey] = (t, r if stage == "router" else gemv)
 
@@ -464,8 +472,8 @@ def prefill_timing(gen: torch.Generator, tokens=(512, 2048)) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tune", action="store_true",
-                    help="first time one-token tile configs at the Llama-2-7B shapes and use the fastest "
-                         "(about a minute); writes tuned.json for bench_decode.py --tuned")
+                    help="first time one-token tile configs at the Llama-2-7B and Llama-3-8B shapes and use the "
+                         "fastest (a few minutes); writes tuned.json for bench_decode.py --tuned")
     ap.add_argument("--quick", action="store_true", help="fewer check cases, batch 1 and 8 only")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args()
@@ -490,7 +498,7 @@ def main() -> None:
 
     if args.tune:
         res["tune"] = []
-        winners = tune(gen, bw, (LLAMA2_7B,), res["tune"], save=lambda: _save(out, res))
+        winners = tune(gen, bw, (LLAMA2_7B, LLAMA3_8B), res["tune"], save=lambda: _save(out, res))
         save_tuned(out / "tuned.json", winners)
         print(tune_summary(res["tune"]), flush=True)
         print(f"tune done ({time.time() - t0:.0f} s)", flush=True)
@@ -534,13 +542,13 @@ def report(res: dict) -> str:
 
 
 def tune_summary(rows: list[dict]) -> str:
-    """Per unit: run C's version, the fused sum at the same tiles, and the fastest checked config."""
+    """Per unit: run C's version, run D's tiles (the first GEMV config) and the fastest checked config."""
     lines = []
     for unit in dict.fromkeys((r["model"], r["unit"]) for r in rows):
         mine = [r for r in rows if (r["model"], r["unit"]) == unit]
         run_c = next(r for r in mine if r["stage"] == "gemv (run C)")
-        fused = next(r for r in mine if r["stage"] == "gemv")
-        parts = [f"run C {run_c['us']:.2f}", f"fused {fused['us']:.2f}"]
+        run_d = next(r for r in mine if r["stage"] == "gemv")
+        parts = [f"run C {run_c['us']:.2f}", f"run D tiles {run_d['us']:.2f}"]
         for stage in ("gemv", "router"):
             ok = [r for r in mine if r["stage"] == stage and r["ok"]]
             if ok:
