@@ -19,7 +19,7 @@ from Dynamo's counters; a per-kernel profile of one step says where the time goe
 Usage::
 
     python benchmarks/bench_decode.py [--model llama2-7b|llama3-8b|smollm2] [--layers N]
-        [--batches 1 2 4 8] [--budget 0.56] [--max-cache-len 2048] [--tuned tuned.json] [--out DIR]
+        [--batches 1 2 4 8] [--budget 0.56] [--max-cache-len 2048] [--tuned tuned.json] [--unpaired] [--out DIR]
 """
 
 from __future__ import annotations
@@ -269,13 +269,14 @@ def run_model(shape: ModelShape, layers: int, batches: list[int], args) -> list[
           f"calibration tokens, {held_out_ratio:.4f} on held-out tokens", flush=True)
     for batch in batches:
         prompt = torch.randint(0, shape.vocab, (batch, args.prompt_len), device="cuda", generator=gen)
-        for variant in ("dense", "ranapass"):
+        variants = ["dense", "ranapass"] + (["ranapass, gate and up unpaired"] if args.unpaired and batch == 1 else [])
+        for variant in variants:
             torch._dynamo.reset()
             counters.clear()
             backend = None
-            if variant == "ranapass":
+            if variant != "dense":
                 attach(model, plan)
-                backend = RanaBackend(strict=True)
+                backend = RanaBackend(strict=True, pair_rank_adapters=variant == "ranapass")
             dec = Decoder(model, batch, args.max_cache_len, backend)
             r = time_decode(dec, prompt, args.steps)
             if backend is not None:
@@ -291,8 +292,9 @@ def run_model(shape: ModelShape, layers: int, batches: list[int], args) -> list[
             del dec
             detach(model)
             torch.cuda.empty_cache()
-        dense, rana = rows[-2], rows[-1]
-        rana["speedup"] = rana["tok_per_s"] / dense["tok_per_s"]
+        dense = rows[-len(variants)]
+        for r in rows[-len(variants) + 1:]:
+            r["speedup"] = r["tok_per_s"] / dense["tok_per_s"]
     del model
     torch.cuda.empty_cache()
     return rows
@@ -311,6 +313,8 @@ def main() -> None:
     ap.add_argument("--max-cache-len", type=int, default=2048)
     ap.add_argument("--profile", action="store_true", help="per-kernel profile of one batch-1 step")
     ap.add_argument("--tuned", help="tile table written by bench_kernels.py --tune (into configs.TUNED)")
+    ap.add_argument("--unpaired", action="store_true",
+                    help="batch 1 also without rank_adapter_pair (gate and up in launches of their own)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args()
     try:

@@ -6,7 +6,7 @@ One run does, in order:
 2. correctness: every op at the Llama-2-7B / Llama-3-8B unit shapes and at odd shapes, bf16/fp16/fp32,
    1-8 tokens (decode) and 77/512 (prefill), kept densities 0-100%, against float64 math, with the
    allocator poisoned (NaN) before each call so an unwritten output element shows;
-3. torch.compile: the three ops in one function under ``mode="reduce-overhead"`` (cudagraph skips must
+3. torch.compile: the four ops in one function under ``mode="reduce-overhead"`` (cudagraph skips must
    be 0) and a dynamic-shape prefill compile, both equal to eager;
 4. optionally (``--tune``) a sweep of one-token tile configs at the Llama-2-7B / Llama-3-8B unit shapes (bf16, the
    plan's kept fraction), each checked, the fastest installed in ``configs.TUNED`` for the steps below
@@ -231,6 +231,63 @@ def check(gen: torch.Generator, quick: bool) -> list[dict]:
     return rows
 
 
+def pair_op(first: Unit, second: Unit, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two rank units on one input through ``rank_adapter_pair`` (gate and up)."""
+    return OPS.rank_adapter_pair(x, first.B, first.At, first.thr, first.bias, second.B, second.At, second.thr,
+                                 second.bias)
+
+
+def check_pair(gen: torch.Generator) -> list[dict]:
+    """``rank_adapter_pair`` against float64 math per unit: gate/up shapes of both models and odd shapes."""
+    rows = []
+    shapes = [(m.name, u, u) for m in (LLAMA2_7B, LLAMA3_8B) for u in block_units(m) if u.name == "gate"]
+    shapes.append(("odd", UnitShape("rank-odd", "rank", 1000, 777, 333), UnitShape("rank-odd2", "rank", 1000, 515, 97)))
+    for model, u1, u2 in shapes:
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            a, b = Unit(u1, dtype, gen), Unit(u2, dtype, gen)
+            for with_bias in ((False, True) if model == "odd" else (False,)):
+                for unit in (a, b):
+                    unit.bias = torch.randn(unit.u.m, device="cuda", generator=gen).to(dtype) if with_bias else None
+                for T in (1, 8, 77):
+                    for d in (0.0, 0.67, 1.0):
+                        x = a.inputs(T, gen)
+                        for unit in (a, b):
+                            unit.calibrate(d, gen)
+                            unit.thr = clear_of(unit.thr, unit.scores(x))
+                        poison_allocator()
+                        ys = pair_op(a, b, x[0])
+                        torch.cuda.synchronize()
+                        err = max(rel_err(y, unit.reference(x)) for y, unit in zip(ys, (a, b)))
+                        ok = all(y.shape == (T, unit.u.m) and y.dtype == dtype for y, unit in zip(ys, (a, b)))
+                        ok = ok and err <= TOL[dtype] and all(torch.equal(y, z) for y, z in zip(ys, pair_op(a, b, x[0])))
+                        rows.append({"model": model, "unit": "gate+up pair", "dtype": str(dtype).split(".")[-1],
+                                     "T": T, "density": d, "bias": with_bias, "rel_err": err, "ok": ok})
+            del a, b
+    return rows
+
+
+def pair_timing(gen: torch.Generator, bw: float, models) -> list[dict]:
+    """Gate and up at batch 1 and the plan density: two ``rank_adapter`` ops against one ``rank_adapter_pair``."""
+    rows = []
+    for model in models:
+        units = block_units(model)
+        f = kept_fraction_for_budget(units, 0.56)
+        gate = next(u for u in units if u.name == "gate")
+        gs, us = copies(gate, torch.bfloat16, gen, f), copies(gate, torch.bfloat16, gen, f)
+        inps = [g.inputs(1, gen) for g in gs]
+        need = sum(g.must_read(i) + u.must_read(i) for g, u, i in zip(gs, us, inps)) / len(gs)
+        floor_us = need / (bw * 1e9) * 1e6
+        two = time_graph([lambda g=g, u=u, i=i: (g.op(i), u.op(i)) for g, u, i in zip(gs, us, inps)])
+        one = time_graph([lambda g=g, u=u, i=i: pair_op(g, u, i[0]) for g, u, i in zip(gs, us, inps)])
+        dense = time_graph([lambda g=g, u=u, i=i: (g.dense(i), u.dense(i)) for g, u, i in zip(gs, us, inps)])
+        for kind, t in (("dense gate + up", dense), ("two rank_adapter ops", two), ("rank_adapter_pair", one)):
+            rows.append({"model": model.name, "unit": "gate+up", "kernel": kind, "us": t, "x_dense": dense / t,
+                         "floor_us": floor_us, "bound_ratio": t / floor_us if kind != "dense gate + up" else math.nan})
+        del gs, us
+        torch.cuda.empty_cache()
+    return rows
+
+
 def check_compile(gen: torch.Generator) -> dict:
     """The ops inside torch.compile: reduce-overhead decode (no cudagraph skip) and dynamic prefill."""
     from torch._dynamo.utils import counters
@@ -241,15 +298,15 @@ def check_compile(gen: torch.Generator) -> dict:
     qkv, o, down = (Unit(u, dtype, gen) for u in (UnitShape("qkv", "rank", 512, 768, 256),
                                                   UnitShape("o", "neuron", 512, 512),
                                                   UnitShape("down", "neuron", 1024, 512, gated=True)))
-    for unit, d in ((qkv, 0.6), (o, 0.5), (down, 0.5)):
+    gate, up = (Unit(UnitShape(name, "rank", 512, 1024, 256), dtype, gen) for name in ("gate", "up"))
+    for unit, d in ((qkv, 0.6), (o, 0.5), (down, 0.5), (gate, 0.5), (up, 0.5)):
         unit.calibrate(d, gen)
-    up = torch.randn(1024, 512, device="cuda", generator=gen).to(dtype) * 512 ** -0.5
 
     def step(x):
         a = qkv.op((x,))
         b = o.op((a[..., :512],))
-        g = F.linear(b, up)
-        c = down.op((g, g * 0.5))
+        g, u = pair_op(gate, up, b)
+        c = down.op((g, u))
         return c + b
 
     out = {}
@@ -492,6 +549,11 @@ def main() -> None:
                       for dt in ("bfloat16", "float16", "float32")), flush=True)
     for r in bad[:20]:
         print("  FAIL", r, flush=True)
+    res["check"] += check_pair(gen)
+    pair_rows = [r for r in res["check"] if r["unit"] == "gate+up pair"]
+    print(f"check rank_adapter_pair: {sum(r['ok'] for r in pair_rows)}/{len(pair_rows)} ok", flush=True)
+    for r in [r for r in pair_rows if not r["ok"]][:10]:
+        print("  FAIL", r, flush=True)
     res["compile"] = check_compile(gen)
     print("compile:", res["compile"], flush=True)
     _save(out, res)
@@ -504,6 +566,10 @@ def main() -> None:
         print(f"tune done ({time.time() - t0:.0f} s)", flush=True)
     batches = [1, 8] if args.quick else BATCHES
     res["decode"] = decode_timing(gen, bw, batches, (LLAMA2_7B, LLAMA3_8B))
+    res["pair"] = pair_timing(gen, bw, (LLAMA2_7B, LLAMA3_8B))
+    for r in res["pair"]:
+        print(f"pair {r['model']} {r['kernel']}: {r['us']:.2f} us, x dense {r['x_dense']:.2f}, "
+              f"t/floor {r['bound_ratio']:.2f}", flush=True)
     _save(out, res)
     res["profile"] = profile_breakdown(gen, bw)
     for r in res["profile"]:
@@ -529,6 +595,8 @@ def report(res: dict) -> str:
                                                                    "union", "us", "x_dense", "pct_bw", "bound_ratio"]),
              "", "### prefill (bf16)", markdown_table(res["prefill"], ["model", "unit", "T", "dense_us", "adapted_us",
                                                                       "x_dense", "dense_flops_tflops"]),
+             "", "### gate + up at batch 1, plan density: two ops vs rank_adapter_pair (bf16)",
+             markdown_table(res["pair"], ["model", "unit", "kernel", "us", "x_dense", "floor_us", "bound_ratio"]),
              "", "### compile", json.dumps(res["compile"])]
     if "tune" in res:
         parts += ["", "### tune: batch 1, bf16, plan density (whole op; router rows: the router config with the "
