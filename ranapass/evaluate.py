@@ -40,11 +40,16 @@ EVAL_NUM_WINDOWS = 32
 
 @dataclasses.dataclass(frozen=True)
 class PerplexityResult:
-    """Perplexity over ``tokens`` scored next-token predictions; ``nll`` is their mean, in nats."""
+    """Perplexity over ``tokens`` scored next-token predictions; ``nll`` is their mean, in nats.
+
+    ``window_nll`` holds each window's mean NLL, in window order: two models scored on the same windows
+    can then be compared by a paired difference, whose noise is far smaller than each mean's.
+    """
 
     ppl: float
     nll: float
     tokens: int
+    window_nll: tuple[float, ...] = ()
 
 
 def protocol(source: str = EVAL_SOURCE, num_windows: int = EVAL_NUM_WINDOWS, window: int = EVAL_WINDOW) -> str:
@@ -95,20 +100,22 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
     device = next(model.parameters()).device
     total_nll = 0.0  # float64 on the host: the sum does not depend on the batch size
     total_tokens = 0
+    window_nll = []
     with tqdm(total=len(windows), desc="perplexity", unit="window", disable=not progress) as bar:
         for batch in windows.split(batch_size):
             batch = batch.to(device)
             logits = _logits(model(batch))
             for row_logits, row in zip(logits, batch, strict=True):
-                nll = F.cross_entropy(row_logits[:-1].float(), row[1:], reduction="sum")
-                total_nll += float(nll)
+                nll = float(F.cross_entropy(row_logits[:-1].float(), row[1:], reduction="sum"))
+                total_nll += nll
                 total_tokens += row.numel() - 1
+                window_nll.append(nll / (row.numel() - 1))
             del logits
             bar.update(len(batch))
     mean = total_nll / total_tokens
     if not math.isfinite(mean):
         log.warning("the mean NLL is %s: the model produced non-finite logits", mean)
-    return PerplexityResult(ppl=_exp(mean), nll=mean, tokens=total_tokens)
+    return PerplexityResult(ppl=_exp(mean), nll=mean, tokens=total_tokens, window_nll=tuple(window_nll))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -48,6 +48,16 @@ def test_matches_hugging_face_loss_and_ignores_batch_size():
         assert result.ppl == pytest.approx(math.exp(expected), rel=1e-5)
 
 
+def test_window_nll_in_window_order():
+    model = make_tiny_llama(300)
+    windows = torch.randint(0, 300, (5, 16), generator=torch.Generator().manual_seed(2))
+    result = perplexity(model, windows, batch_size=2, progress=False)
+    with torch.no_grad():
+        expected = [float(model(w[None], labels=w[None]).loss) for w in windows]
+    assert result.window_nll == pytest.approx(expected, rel=1e-5)
+    assert sum(result.window_nll) / len(windows) == pytest.approx(result.nll, rel=1e-12)
+
+
 def test_nan_logits_warn(caplog):
     with caplog.at_level(logging.WARNING, logger="ranapass.evaluate"):
         result = perplexity(ConstantLogits(10, float("nan")), torch.zeros(2, 4, dtype=torch.long), progress=False)

@@ -283,14 +283,13 @@ def test_output_error_round_trip(tmp_path, ids, default_adapter):
     assert quarter.params_after <= 0.25 * quarter.params_before
 
 
-def test_calibrating_a_peft_model_measures_its_base(default_adapter, ids):
+def test_calibrating_a_peft_model_leaves_it_as_it_was(default_adapter, ids):
     model, folder, _ = default_adapter
-    from_base = calibrate_lora(folder, tiny_llama(), token_windows(8))
-    from_peft = calibrate_lora(folder, model, token_windows(8))
-    for name, whiten in from_base.whiten.items():
-        torch.testing.assert_close(from_peft.whiten[name], whiten)
+    before = logits(model, ids)
+    calibrate_lora(folder, model, token_windows(8), gradient_data=token_windows(2))
     assert not model.base_model.model.model.layers[0].self_attn.q_proj.disable_adapters  # enabled again
-    assert not torch.allclose(logits(model, ids), logits(tiny_llama(), ids))
+    torch.testing.assert_close(logits(model, ids), before)  # no hook left behind
+    assert not torch.allclose(before, logits(tiny_llama(), ids))
 
 
 def test_output_error_needs_the_base_model(tmp_path, default_adapter):
@@ -302,6 +301,111 @@ def test_output_error_needs_the_base_model(tmp_path, default_adapter):
     _, with_embedding, _ = make_adapter(tmp_path, targets=["embed_tokens", "q_proj"])
     with pytest.raises(ValueError, match="data-free only"):
         calibrate_lora(with_embedding, tiny_llama(), token_windows(8))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss-calibrated (fisher) compression
+
+
+def random_factors(m: int, n: int, r: int, seed: int, name: str = "x") -> LoraFactors:
+    gen = torch.Generator().manual_seed(seed)
+    return LoraFactors(name, f"base_model.model.{name}", False, torch.randn(r, n, generator=gen, dtype=torch.float64),
+                       torch.randn(m, r, generator=gen, dtype=torch.float64), 0.5)
+
+
+@pytest.mark.parametrize("m,n,r", [(24, 40, 8), (40, 12, 8), (6, 30, 8)])
+def test_fisher_spectrum_is_the_weighted_optimum(m, n, r):
+    """Truncating the spectrum of G^½ ΔW L gives the rank-k optimum of ‖G^½ (ΔW - X) L‖²_F (Eckart-Young on
+    the dense matrix), and its discarded energy is that error."""
+    f = random_factors(m, n, r, seed=m + n)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(500, n, generator=gen, dtype=torch.float64) * torch.linspace(0.1, 3, n, dtype=torch.float64)
+    whiten = torch.linalg.cholesky(x.T @ x / len(x))
+    weight = torch.rand(m, generator=gen, dtype=torch.float64).pow(4) * 10  # scales over orders of magnitude
+    spec = lora_spectrum(f, whiten, weight)
+    root = weight.sqrt()[:, None]
+    dense = root * f.delta() @ whiten  # G^½ ΔW L
+    u, s, vh = torch.linalg.svd(dense)
+    torch.testing.assert_close(spec.values, s[: len(spec.values)], atol=1e-10, rtol=1e-10)
+    for k in range(len(spec.values) + 1):
+        b, a = spec.factors(k)
+        best = u[:, :k] * s[:k] @ vh[:k] / root  # G^-½ [G^½ ΔW L]_k, then right-solve by L
+        torch.testing.assert_close(b @ a, torch.linalg.solve_triangular(whiten, best, upper=False, left=False),
+                                   atol=1e-9, rtol=1e-7)
+        err = (root * (f.delta() - b @ a) @ whiten).square().sum()
+        torch.testing.assert_close(err, s[k:].square().sum(), atol=1e-9, rtol=1e-9)
+
+
+def test_global_fisher_follows_the_gradient_scale():
+    """Two identical modules, one whose outputs the loss is 100x as sensitive to: uniform truncation gives them
+    the same rank, the global allocation moves ranks to the sensitive one and predicts a smaller loss change."""
+    from ranapass.lora import LoraAdapter, LoraCalibration
+
+    modules = [random_factors(32, 32, 8, seed=0, name="quiet"), random_factors(32, 32, 8, seed=0, name="loud")]
+    eye = torch.eye(32, dtype=torch.float64)
+    calibration = LoraCalibration({"quiet": eye, "loud": eye}, {"quiet": 1.0, "loud": 1.0}, tokens=100,
+                                  grad_sq={"quiet": torch.full((32,), 1e-4, dtype=torch.float64),
+                                           "loud": torch.full((32,), 1e-2, dtype=torch.float64)})
+    adapter = LoraAdapter({"peft_type": "LORA", "r": 8, "lora_alpha": 8}, modules)
+    best = compress_lora(adapter, 0.5, error="fisher", calibration=calibration)
+    uniform = compress_lora(adapter, 0.5, method="uniform", error="fisher", calibration=calibration)
+    assert [m.kept for m in uniform.modules] == [4, 4]
+    quiet, loud = (m.kept for m in best.modules)
+    assert loud > quiet and quiet + loud <= 8
+    assert best.predicted_loss_change < 0.5 * uniform.predicted_loss_change
+    # The prediction is half the weighted error of the truncated update, measured densely.
+    kept = {g.name: g.delta() for g in best.adapter.modules}
+    expected = sum(0.5 * float(calibration.grad_sq[f.name][0] * (f.delta() - kept.get(f.name, 0)).square().sum())
+                   for f in modules)
+    assert best.predicted_loss_change == pytest.approx(expected, rel=1e-5)  # FISHER_RIDGE adds 1e-6
+
+
+def test_fisher_calibration_measures_the_fine_tuned_model(default_adapter):
+    """Inputs and output gradients are those of the PeftModel with its adapter enabled, whether the base model
+    or the PeftModel is passed (the adapter is applied by hooks on the base linears)."""
+    from ranapass.calibrate import collect
+
+    model, folder, _ = default_adapter
+    windows = token_windows(8)
+    from_base = calibrate_lora(folder, tiny_llama(), windows, gradient_data=windows[:4])
+    from_peft = calibrate_lora(folder, model, windows, gradient_data=windows[:4])
+    linears = {name.removeprefix("base_model.model.").removesuffix(".base_layer"): module
+               for name, module in model.named_modules() if name.endswith("base_layer")}
+    enabled = collect(model.get_base_model(), windows, linears=linears, sample_tokens=0, rank_min_aspect=0.0,
+                      gradient_data=windows[:4])
+    assert set(from_base.grad_sq) == set(linears)
+    for site in enabled.sites:
+        for name in site.members:
+            for calibration in (from_base, from_peft):
+                L = calibration.whiten[name]
+                torch.testing.assert_close(L @ L.T, site.gram / site.tokens, atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(calibration.grad_sq[name], enabled.grad_sq[name], atol=0, rtol=1e-4)
+            assert (from_base.grad_sq[name] > 0).all()
+
+
+def test_fisher_round_trip(tmp_path, ids, default_adapter):
+    model, folder, _ = default_adapter
+    windows = token_windows(8)
+    calibration = calibrate_lora(folder, tiny_llama(), windows, gradient_data=windows)
+    full = compress_lora(folder, 1.0, error="fisher", calibration=calibration)
+    assert full.predicted_loss_change == pytest.approx(0.0, abs=1e-12)
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(), full.adapter.save(tmp_path / "full")).eval()
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), **FP32)
+    for method in ("global", "uniform"):
+        quarter = compress_lora(folder, 0.25, method=method, error="fisher", calibration=calibration)
+        assert quarter.params_after <= 0.25 * quarter.params_before
+        assert quarter.predicted_loss_change > 0
+        assert "predicted loss change" in quarter.summary()
+
+
+def test_fisher_needs_gradients(default_adapter):
+    _, folder, _ = default_adapter
+    calibration = calibrate_lora(folder, tiny_llama(), token_windows(8))
+    assert calibration.grad_sq == {}
+    with pytest.raises(ValueError, match="pass gradient_data"):
+        compress_lora(folder, 0.25, error="fisher", calibration=calibration)
+    with pytest.raises(ValueError, match="needs a calibration"):
+        compress_lora(folder, 0.25, error="fisher")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,18 +484,20 @@ def test_uniform_below_one_rank_says_why(default_adapter):
         compress_lora(folder, 0.1, method="uniform")
 
 
-def test_cli_output_error_calibrates_on_the_base_model(tmp_path, capsys, tiny_llama_dir, text_dir):
+@pytest.mark.parametrize("error", ["output", "fisher"])
+def test_cli_calibrated_error_on_the_base_model(tmp_path, capsys, tiny_llama_dir, text_dir, error):
     base = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)).eval()
     set_known_spectra(model)
     model.save_pretrained(tmp_path / "adapter")  # records base_model_name_or_path = tiny_llama_dir
     out = tmp_path / "out"
-    argv = ["lora-compress", str(tmp_path / "adapter"), "--keep", "0.5", "--error", "output", "--out", str(out),
+    argv = ["lora-compress", str(tmp_path / "adapter"), "--keep", "0.5", "--error", error, "--out", str(out),
             "--text", str(text_dir), "--calib-windows", "4", "--calib-window-len", "16", "--json"]
     from ranapass.cli import main
 
     assert main(argv) == 0
     payload = json.loads(capsys.readouterr().out)
-    assert payload["error"] == "output" and payload["params_after"] <= 0.5 * payload["params_before"]
+    assert payload["error"] == error and payload["params_after"] <= 0.5 * payload["params_before"]
+    assert (payload["predicted_loss_change"] is None) == (error == "output")
     fresh = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     assert len(peft.PeftModel.from_pretrained(fresh, out).peft_config["default"].rank_pattern) > 0

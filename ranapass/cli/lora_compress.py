@@ -8,7 +8,7 @@ from pathlib import Path
 from ranapass.cli._output import add_json_flag, emit
 from ranapass.cli.eval import fail
 from ranapass.data import TextSourceError, calibration_windows
-from ranapass.lora import ERRORS, METHODS, TARGETS, calibrate_lora, compress_lora, load_lora
+from ranapass.lora import CALIBRATED_ERRORS, ERRORS, METHODS, TARGETS, calibrate_lora, compress_lora, load_lora
 from ranapass.models import ModelLoadError, load_model
 
 DEFAULT_CALIBRATION_WINDOWS = 32
@@ -33,9 +33,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--target", choices=TARGETS, default="params", help="what --keep counts (default params)")
     parser.add_argument("--error", choices=ERRORS, default="energy",
                         help="energy: discarded ||dW||^2 (data-free, default); relative: each module's discarded "
-                             "share; output: expected output error relative to the base layer's, measured on "
-                             "calibration text with the base model (--model, --text)")
-    calibration = parser.add_argument_group("calibration (--error output)")
+                             "share; output: expected output error relative to the base layer's; fisher: "
+                             "second-order loss change from the loss's output gradients (one backward pass per "
+                             "calibration window); output and fisher are measured on calibration text with the "
+                             "base model and the adapter (--model, --text)")
+    calibration = parser.add_argument_group("calibration (--error output, --error fisher)")
     calibration.add_argument("--model", help="the adapter's base model: name, folder, .gguf or HF id "
                                              "(default: the adapter's base_model_name_or_path)")
     calibration.add_argument("--text", default="python-docs", help="text source; its calibration split is used")
@@ -52,14 +54,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         adapter = load_lora(args.adapter)
         calibration = None
-        if args.error == "output":
+        if args.error in CALIBRATED_ERRORS:
             name = args.model or adapter.config.get("base_model_name_or_path")
             if not name:
-                raise ValueError("--error output needs the base model: the adapter names none, pass --model")
+                raise ValueError(f"--error {args.error} needs the base model: the adapter names none, pass --model")
             model, tokenizer = load_model(name)
             windows = calibration_windows(tokenizer, args.text, num_windows=args.calib_windows,
                                           window=args.calib_window_len)
-            calibration = calibrate_lora(adapter, model, windows)
+            calibration = calibrate_lora(adapter, model, windows,
+                                         gradient_data=windows if args.error == "fisher" else None)
         result = compress_lora(adapter, args.keep, method=args.method, target=args.target, error=args.error,
                                calibration=calibration)
     except (OSError, ValueError, ModelLoadError, TextSourceError) as e:
