@@ -4,10 +4,11 @@ Random weights in the model's dtype (speed only: the tokens mean nothing). The p
 from the weights, not calibrated on text: rank adapters on q/k/v (grouped, one B and one mask) and
 on gate and up, neuron adapters on o and down (down fused with SiLU·mul by the backend). Every rank
 adapter has ``nB = hidden/2`` ranks with a random orthonormal ``A`` and ``B = A^T W``; thresholds are
-per-rank / per-input quantiles of the scores on a random prompt, for one kept fraction shared by all
-units, chosen so the plan's expected FLOPs (cost_model/flops.py, mask cost included) are ``--budget``
-times the dense FLOPs of the block linears. The kept fraction actually measured on the adapted model
-is reported beside it.
+per-rank / per-input quantiles of the scores on 4 x 256 random tokens, fitted unit by unit on the
+adapted model's own activations, for one kept fraction shared by all units, chosen so the plan's
+expected FLOPs (cost_model/flops.py, mask cost included) are ``--budget`` times the dense FLOPs of the
+block linears. The FLOP ratio measured on the adapted model is reported beside it, on the
+calibration tokens (the budget, by construction) and on 256 held-out tokens.
 
 Both variants run the same harness (reference/gpu_dense_decode.md): a ``StaticCache`` allocated by an
 eager prefill, then ``torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)`` — with
@@ -18,7 +19,7 @@ from Dynamo's counters; a per-kernel profile of one step says where the time goe
 Usage::
 
     python benchmarks/bench_decode.py [--model llama2-7b|llama3-8b|smollm2] [--layers N]
-        [--batches 1 2 4 8] [--budget 0.56] [--max-cache-len 2048] [--tuned tuned.json] [--out DIR]
+        [--batches 1 2 4 8] [--budget 0.56] [--max-cache-len 2048] [--tuned tuned.json] [--unpaired] [--out DIR]
 """
 
 from __future__ import annotations
@@ -86,36 +87,17 @@ def build_model(shape: ModelShape, layers: int, dtype: torch.dtype, device: str)
 
 # ------------------------------------------------------------------------------------------ plan
 @torch.no_grad()
-def unit_inputs(model: torch.nn.Module, prompt: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The input of each unit (q/k/v, o, gate/up, down of every layer) on ``prompt``, ``[tokens, width]`` fp32."""
-    inputs: dict[str, torch.Tensor] = {}
-    hooks = []
-    for i, layer in enumerate(model.model.layers):
-        for key, mod in ((f"{i}.attn", layer.self_attn.q_proj), (f"{i}.o", layer.self_attn.o_proj),
-                         (f"{i}.mlp", layer.mlp.gate_proj), (f"{i}.down", layer.mlp.down_proj)):
-            hooks.append(mod.register_forward_pre_hook(
-                lambda _m, args, key=key: inputs.__setitem__(key, args[0].reshape(-1, args[0].shape[-1]).float())))
-    try:
-        model(prompt)
-    finally:
-        for h in hooks:
-            h.remove()
-    return inputs
-
-
-@torch.no_grad()
-def build_plan(model: torch.nn.Module, shape: ModelShape, budget: float, prompt: torch.Tensor,
-               refine: int = 2) -> Plan:
+def build_plan(model: torch.nn.Module, shape: ModelShape, budget: float, prompt: torch.Tensor) -> Plan:
     """Rank adapters on qkv/gate/up, neuron adapters on o/down, one kept fraction meeting ``budget``.
 
-    Thresholds are first fitted on the dense model's activations, then refitted ``refine`` times on
-    the adapted model's own activations (its inputs shrink where earlier units drop ranks), so the
-    measured FLOP ratio lands near the expected one.
+    Thresholds are fitted unit by unit in one pass of the adapted model over ``prompt``: a pre-hook
+    on each unit's first linear sets its thresholds from the scores of the input it actually gets,
+    in which every earlier unit already runs with its final thresholds. So every unit keeps exactly
+    the planned fraction on the prompt, and the measured FLOP ratio is the budget there.
     """
     keep = kept_fraction_for_budget(block_units(shape), budget)
-    inputs = unit_inputs(model, prompt)
     gen = torch.Generator(device=prompt.device).manual_seed(1)
-    units, sources = [], []
+    units = []
     for i, layer in enumerate(model.model.layers):
         pre = f"model.layers.{i}"
         attn, mlp = layer.self_attn, layer.mlp
@@ -127,18 +109,29 @@ def build_plan(model: torch.nn.Module, shape: ModelShape, budget: float, prompt:
             units.append(_rank_unit(f"{pre}.mlp.{p}_proj", [f"{pre}.mlp.{p}_proj"], [getattr(mlp, f"{p}_proj").weight],
                                     keep, gen))
         units.append(_neuron_unit(f"{pre}.mlp.down_proj", mlp.down_proj.weight, keep))
-        sources += [f"{i}.attn", f"{i}.o", f"{i}.mlp", f"{i}.mlp", f"{i}.down"]
     plan = Plan(units, budget=budget, allocation="benchmark: one kept fraction for all units",
                 fingerprint=weights_fingerprint(model), meta={"kept_fraction": keep})
-    for step in range(refine + 1):
-        if step:
-            with attach(model, plan).eager():
-                inputs = unit_inputs(model, prompt)
-            detach(model)
-        for unit, src in zip(units, sources):
-            a = unit.adapter
-            scores = inputs[src] @ a.B.t() if isinstance(a, RankAdapterSpec) else inputs[src]
-            a.thresholds = _quantile_per_column(scores, keep)
+    attachment = attach(model, plan)
+
+    def fit(unit: UnitPlan):
+        bound = attachment.refs[unit.members[0]].adapter
+
+        def hook(_module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            scores = x @ bound.buffers["B"].float().t() if isinstance(unit.adapter, RankAdapterSpec) else x
+            unit.adapter.thresholds = _quantile_per_column(scores, keep)
+            bound.buffers["thresholds"].copy_(unit.adapter.thresholds)
+
+        return hook
+
+    hooks = [model.get_submodule(u.members[0]).register_forward_pre_hook(fit(u)) for u in units]
+    try:
+        with attachment.eager():
+            model(prompt)
+    finally:
+        for h in hooks:
+            h.remove()
+        detach(model)
     return plan
 
 
@@ -267,20 +260,23 @@ def run_model(shape: ModelShape, layers: int, batches: list[int], args) -> list[
     rows = []
     model = build_model(shape, layers, dtype, "cuda")
     gen = torch.Generator(device="cuda").manual_seed(2)
-    calib = torch.randint(0, shape.vocab, (1, 256), device="cuda", generator=gen)
+    calib = torch.randint(0, shape.vocab, (4, 256), device="cuda", generator=gen)
+    held_out = torch.randint(0, shape.vocab, (1, 256), device="cuda", generator=gen)
     plan = build_plan(model, shape, args.budget, calib)
-    ratio = measured_ratio(model, plan, calib)
+    ratio, held_out_ratio = measured_ratio(model, plan, calib), measured_ratio(model, plan, held_out)
     detach(model)
-    print(f"{shape.name} x{layers}: plan expected ratio {plan.expected_ratio():.4f}, measured {ratio:.4f}", flush=True)
+    print(f"{shape.name} x{layers}: plan expected ratio {plan.expected_ratio():.4f}, measured {ratio:.4f} on the "
+          f"calibration tokens, {held_out_ratio:.4f} on held-out tokens", flush=True)
     for batch in batches:
         prompt = torch.randint(0, shape.vocab, (batch, args.prompt_len), device="cuda", generator=gen)
-        for variant in ("dense", "ranapass"):
+        variants = ["dense", "ranapass"] + (["ranapass, gate and up unpaired"] if args.unpaired and batch == 1 else [])
+        for variant in variants:
             torch._dynamo.reset()
             counters.clear()
             backend = None
-            if variant == "ranapass":
+            if variant != "dense":
                 attach(model, plan)
-                backend = RanaBackend(strict=True)
+                backend = RanaBackend(strict=True, pair_rank_adapters=variant == "ranapass")
             dec = Decoder(model, batch, args.max_cache_len, backend)
             r = time_decode(dec, prompt, args.steps)
             if backend is not None:
@@ -288,7 +284,7 @@ def run_model(shape: ModelShape, layers: int, batches: list[int], args) -> list[
             r.update(counters_snapshot())
             r.update({"model": shape.name, "layers": layers, "batch": batch, "variant": variant,
                       "max_cache_len": args.max_cache_len, "expected_ratio": plan.expected_ratio(),
-                      "measured_ratio": ratio})
+                      "measured_ratio": ratio, "held_out_ratio": held_out_ratio})
             if batch == 1 and args.profile:
                 r["profile"] = step_profile(dec, prompt)
             rows.append(r)
@@ -296,8 +292,9 @@ def run_model(shape: ModelShape, layers: int, batches: list[int], args) -> list[
             del dec
             detach(model)
             torch.cuda.empty_cache()
-        dense, rana = rows[-2], rows[-1]
-        rana["speedup"] = rana["tok_per_s"] / dense["tok_per_s"]
+        dense = rows[-len(variants)]
+        for r in rows[-len(variants) + 1:]:
+            r["speedup"] = r["tok_per_s"] / dense["tok_per_s"]
     del model
     torch.cuda.empty_cache()
     return rows
@@ -316,6 +313,8 @@ def main() -> None:
     ap.add_argument("--max-cache-len", type=int, default=2048)
     ap.add_argument("--profile", action="store_true", help="per-kernel profile of one batch-1 step")
     ap.add_argument("--tuned", help="tile table written by bench_kernels.py --tune (into configs.TUNED)")
+    ap.add_argument("--unpaired", action="store_true",
+                    help="batch 1 also without rank_adapter_pair (gate and up in launches of their own)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args()
     try:
@@ -343,7 +342,7 @@ def main() -> None:
 def report(res: dict) -> str:
     e = res["env"]
     cols = ["model", "layers", "batch", "variant", "ms_per_step", "tok_per_s", "speedup", "expected_ratio",
-            "measured_ratio", "cudagraph_skips", "graph_breaks", "compile_s", "spread"]
+            "measured_ratio", "held_out_ratio", "cudagraph_skips", "graph_breaks", "compile_s", "spread"]
     parts = [f"card {e['card']}, torch {e['torch']}, triton {e['triton']}, transformers {e.get('transformers')}, "
              f"{e['date']}; copy {res['copy_gbps']:.0f} GB/s; command `{e['command']}`", "",
              markdown_table([{k: (v if not (isinstance(v, float) and math.isnan(v)) else "") for k, v in r.items()}

@@ -6,9 +6,9 @@ One run does, in order:
 2. correctness: every op at the Llama-2-7B / Llama-3-8B unit shapes and at odd shapes, bf16/fp16/fp32,
    1-8 tokens (decode) and 77/512 (prefill), kept densities 0-100%, against float64 math, with the
    allocator poisoned (NaN) before each call so an unwritten output element shows;
-3. torch.compile: the three ops in one function under ``mode="reduce-overhead"`` (cudagraph skips must
+3. torch.compile: the four ops in one function under ``mode="reduce-overhead"`` (cudagraph skips must
    be 0) and a dynamic-shape prefill compile, both equal to eager;
-4. optionally (``--tune``) a sweep of one-token tile configs at the Llama-2-7B unit shapes (bf16, the
+4. optionally (``--tune``) a sweep of one-token tile configs at the Llama-2-7B / Llama-3-8B unit shapes (bf16, the
    plan's kept fraction), each checked, the fastest installed in ``configs.TUNED`` for the steps below
    and written to ``tuned.json`` (``bench_decode.py --tuned`` loads it);
 5. decode timing, bf16, batch 1/2/4/8: dense ``F.linear`` vs the adapted op at each unit shape of the
@@ -231,6 +231,63 @@ def check(gen: torch.Generator, quick: bool) -> list[dict]:
     return rows
 
 
+def pair_op(first: Unit, second: Unit, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two rank units on one input through ``rank_adapter_pair`` (gate and up)."""
+    return OPS.rank_adapter_pair(x, first.B, first.At, first.thr, first.bias, second.B, second.At, second.thr,
+                                 second.bias)
+
+
+def check_pair(gen: torch.Generator) -> list[dict]:
+    """``rank_adapter_pair`` against float64 math per unit: gate/up shapes of both models and odd shapes."""
+    rows = []
+    shapes = [(m.name, u, u) for m in (LLAMA2_7B, LLAMA3_8B) for u in block_units(m) if u.name == "gate"]
+    shapes.append(("odd", UnitShape("rank-odd", "rank", 1000, 777, 333), UnitShape("rank-odd2", "rank", 1000, 515, 97)))
+    for model, u1, u2 in shapes:
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            a, b = Unit(u1, dtype, gen), Unit(u2, dtype, gen)
+            for with_bias in ((False, True) if model == "odd" else (False,)):
+                for unit in (a, b):
+                    unit.bias = torch.randn(unit.u.m, device="cuda", generator=gen).to(dtype) if with_bias else None
+                for T in (1, 8, 77):
+                    for d in (0.0, 0.67, 1.0):
+                        x = a.inputs(T, gen)
+                        for unit in (a, b):
+                            unit.calibrate(d, gen)
+                            unit.thr = clear_of(unit.thr, unit.scores(x))
+                        poison_allocator()
+                        ys = pair_op(a, b, x[0])
+                        torch.cuda.synchronize()
+                        err = max(rel_err(y, unit.reference(x)) for y, unit in zip(ys, (a, b)))
+                        ok = all(y.shape == (T, unit.u.m) and y.dtype == dtype for y, unit in zip(ys, (a, b)))
+                        ok = ok and err <= TOL[dtype] and all(torch.equal(y, z) for y, z in zip(ys, pair_op(a, b, x[0])))
+                        rows.append({"model": model, "unit": "gate+up pair", "dtype": str(dtype).split(".")[-1],
+                                     "T": T, "density": d, "bias": with_bias, "rel_err": err, "ok": ok})
+            del a, b
+    return rows
+
+
+def pair_timing(gen: torch.Generator, bw: float, models) -> list[dict]:
+    """Gate and up at batch 1 and the plan density: two ``rank_adapter`` ops against one ``rank_adapter_pair``."""
+    rows = []
+    for model in models:
+        units = block_units(model)
+        f = kept_fraction_for_budget(units, 0.56)
+        gate = next(u for u in units if u.name == "gate")
+        gs, us = copies(gate, torch.bfloat16, gen, f), copies(gate, torch.bfloat16, gen, f)
+        inps = [g.inputs(1, gen) for g in gs]
+        need = sum(g.must_read(i) + u.must_read(i) for g, u, i in zip(gs, us, inps)) / len(gs)
+        floor_us = need / (bw * 1e9) * 1e6
+        two = time_graph([lambda g=g, u=u, i=i: (g.op(i), u.op(i)) for g, u, i in zip(gs, us, inps)])
+        one = time_graph([lambda g=g, u=u, i=i: pair_op(g, u, i[0]) for g, u, i in zip(gs, us, inps)])
+        dense = time_graph([lambda g=g, u=u, i=i: (g.dense(i), u.dense(i)) for g, u, i in zip(gs, us, inps)])
+        for kind, t in (("dense gate + up", dense), ("two rank_adapter ops", two), ("rank_adapter_pair", one)):
+            rows.append({"model": model.name, "unit": "gate+up", "kernel": kind, "us": t, "x_dense": dense / t,
+                         "floor_us": floor_us, "bound_ratio": t / floor_us if kind != "dense gate + up" else math.nan})
+        del gs, us
+        torch.cuda.empty_cache()
+    return rows
+
+
 def check_compile(gen: torch.Generator) -> dict:
     """The ops inside torch.compile: reduce-overhead decode (no cudagraph skip) and dynamic prefill."""
     from torch._dynamo.utils import counters
@@ -241,15 +298,15 @@ def check_compile(gen: torch.Generator) -> dict:
     qkv, o, down = (Unit(u, dtype, gen) for u in (UnitShape("qkv", "rank", 512, 768, 256),
                                                   UnitShape("o", "neuron", 512, 512),
                                                   UnitShape("down", "neuron", 1024, 512, gated=True)))
-    for unit, d in ((qkv, 0.6), (o, 0.5), (down, 0.5)):
+    gate, up = (Unit(UnitShape(name, "rank", 512, 1024, 256), dtype, gen) for name in ("gate", "up"))
+    for unit, d in ((qkv, 0.6), (o, 0.5), (down, 0.5), (gate, 0.5), (up, 0.5)):
         unit.calibrate(d, gen)
-    up = torch.randn(1024, 512, device="cuda", generator=gen).to(dtype) * 512 ** -0.5
 
     def step(x):
         a = qkv.op((x,))
         b = o.op((a[..., :512],))
-        g = F.linear(b, up)
-        c = down.op((g, g * 0.5))
+        g, u = pair_op(gate, up, b)
+        c = down.op((g, u))
         return c + b
 
     out = {}
@@ -278,10 +335,12 @@ def time_units(units: list[Unit], T: int, gen, fn) -> tuple[float, list]:
     return time_graph([lambda u=u, i=i: fn(u, i) for u, i in zip(units, inps)]), inps
 
 
-GEMV_TILES = [(64, 128, 2), (32, 128, 2), (128, 128, 4), (64, 256, 4), (32, 64, 1)]  # (block_k, block_n, warps)
-GEMV_TARGETS = (2048, 1024, 512)  # programs in the grid (configs.auto_splits)
-ROUTER_TILES = [(256, 32, 4), (512, 16, 4), (256, 64, 8), (128, 32, 2), (512, 32, 8)]
-ROUTER_TARGETS = (528, 264, 1056)
+# (block_k, block_n, warps): run D's winner (32 x 64, one warp) and taller 64-column tiles, which put more
+# weight rows in flight per program; run D's wide tiles (128 x 128 / 4, 64 x 256 / 4) lost at every shape
+GEMV_TILES = [(32, 64, 1), (64, 64, 1), (16, 64, 1), (64, 64, 2), (128, 64, 2), (32, 128, 2)]
+GEMV_TARGETS = (2048, 4096, 1024)  # programs in the grid (configs.auto_splits)
+ROUTER_TILES = [(512, 16, 4), (1024, 16, 4), (512, 16, 2), (256, 16, 2), (256, 32, 4)]
+ROUTER_TARGETS = (528, 1056, 264)
 
 
 def tune(gen: torch.Generator, bw: float, models, rows: list[dict], save=lambda: None) -> dict:
@@ -290,8 +349,9 @@ def tune(gen: torch.Generator, bw: float, models, rows: list[dict], save=lambda:
 
     Every config's output is checked against float64 math (and, with the fused sum, for equal bits on a
     second call) before it may win. The masked GEMV is tuned with the default router, then the router
-    with the winning GEMV. The first GEMV row per shape is run C's version (split sum in a second launch,
-    default tiles), the second the same tiles with the fused sum: the fused sum's gain, same run.
+    with the winning GEMV. The first GEMV row per shape is run C's version (64 x 128 tiles, 2 warps, split
+    sum in a second launch), the second run D's tiles (32 x 64, one warp, fused sum). A config that fails
+    to compile or launch is recorded as failed and skipped.
     """
     best: dict[tuple, tuple[float, C.KernelConfig]] = {}
     seen = set()
@@ -315,13 +375,18 @@ def tune(gen: torch.Generator, bw: float, models, rows: list[dict], save=lambda:
 
             def trial(stage, tkey, gemv, r=None):
                 config = (r or router, gemv) if u.kind == "rank" else gemv
-                y = cs[0].launch(inp, config)
-                err = rel_err(y, ref)
-                ok = err <= TOL[torch.bfloat16] and (not gemv.fused_sum or torch.equal(y, cs[0].launch(inp, config)))
-                t = _time_cfg(cs, inp, config)
-                rows.append({"model": model.name, "unit": u.name, "T": 1, "stage": stage,
-                             "config": _cfg(r if stage == "router" else gemv), "us": t,
-                             "pct_bw": need / (t * 1e-6) / (bw * 1e9) * 100, "rel_err": err, "ok": ok})
+                row = {"model": model.name, "unit": u.name, "T": 1, "stage": stage,
+                       "config": _cfg(r if stage == "router" else gemv)}
+                try:
+                    y = cs[0].launch(inp, config)
+                    err = rel_err(y, ref)
+                    ok = err <= TOL[torch.bfloat16] and (not gemv.fused_sum or torch.equal(y, cs[0].launch(inp, config)))
+                    t = _time_cfg(cs, inp, config)
+                except Exception as e:  # e.g. out of registers or shared memory at this tile
+                    rows.append({**row, "us": float("nan"), "pct_bw": float("nan"), "rel_err": float("nan"),
+                                 "ok": False, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                    return
+                rows.append({**row, "us": t, "pct_bw": need / (t * 1e-6) / (bw * 1e9) * 100, "rel_err": err, "ok": ok})
                 if ok and tkey is not None and (tkey not in best or t < best[tkey][0]):
                     best[tkey] = (t, r if stage == "router" else gemv)
 
@@ -464,8 +529,8 @@ def prefill_timing(gen: torch.Generator, tokens=(512, 2048)) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tune", action="store_true",
-                    help="first time one-token tile configs at the Llama-2-7B shapes and use the fastest "
-                         "(about a minute); writes tuned.json for bench_decode.py --tuned")
+                    help="first time one-token tile configs at the Llama-2-7B and Llama-3-8B shapes and use the "
+                         "fastest (a few minutes); writes tuned.json for bench_decode.py --tuned")
     ap.add_argument("--quick", action="store_true", help="fewer check cases, batch 1 and 8 only")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args()
@@ -484,18 +549,27 @@ def main() -> None:
                       for dt in ("bfloat16", "float16", "float32")), flush=True)
     for r in bad[:20]:
         print("  FAIL", r, flush=True)
+    res["check"] += check_pair(gen)
+    pair_rows = [r for r in res["check"] if r["unit"] == "gate+up pair"]
+    print(f"check rank_adapter_pair: {sum(r['ok'] for r in pair_rows)}/{len(pair_rows)} ok", flush=True)
+    for r in [r for r in pair_rows if not r["ok"]][:10]:
+        print("  FAIL", r, flush=True)
     res["compile"] = check_compile(gen)
     print("compile:", res["compile"], flush=True)
     _save(out, res)
 
     if args.tune:
         res["tune"] = []
-        winners = tune(gen, bw, (LLAMA2_7B,), res["tune"], save=lambda: _save(out, res))
+        winners = tune(gen, bw, (LLAMA2_7B, LLAMA3_8B), res["tune"], save=lambda: _save(out, res))
         save_tuned(out / "tuned.json", winners)
         print(tune_summary(res["tune"]), flush=True)
         print(f"tune done ({time.time() - t0:.0f} s)", flush=True)
     batches = [1, 8] if args.quick else BATCHES
     res["decode"] = decode_timing(gen, bw, batches, (LLAMA2_7B, LLAMA3_8B))
+    res["pair"] = pair_timing(gen, bw, (LLAMA2_7B, LLAMA3_8B))
+    for r in res["pair"]:
+        print(f"pair {r['model']} {r['kernel']}: {r['us']:.2f} us, x dense {r['x_dense']:.2f}, "
+              f"t/floor {r['bound_ratio']:.2f}", flush=True)
     _save(out, res)
     res["profile"] = profile_breakdown(gen, bw)
     for r in res["profile"]:
@@ -521,6 +595,8 @@ def report(res: dict) -> str:
                                                                    "union", "us", "x_dense", "pct_bw", "bound_ratio"]),
              "", "### prefill (bf16)", markdown_table(res["prefill"], ["model", "unit", "T", "dense_us", "adapted_us",
                                                                       "x_dense", "dense_flops_tflops"]),
+             "", "### gate + up at batch 1, plan density: two ops vs rank_adapter_pair (bf16)",
+             markdown_table(res["pair"], ["model", "unit", "kernel", "us", "x_dense", "floor_us", "bound_ratio"]),
              "", "### compile", json.dumps(res["compile"])]
     if "tune" in res:
         parts += ["", "### tune: batch 1, bf16, plan density (whole op; router rows: the router config with the "
@@ -534,13 +610,13 @@ def report(res: dict) -> str:
 
 
 def tune_summary(rows: list[dict]) -> str:
-    """Per unit: run C's version, the fused sum at the same tiles, and the fastest checked config."""
+    """Per unit: run C's version, run D's tiles (the first GEMV config) and the fastest checked config."""
     lines = []
     for unit in dict.fromkeys((r["model"], r["unit"]) for r in rows):
         mine = [r for r in rows if (r["model"], r["unit"]) == unit]
         run_c = next(r for r in mine if r["stage"] == "gemv (run C)")
-        fused = next(r for r in mine if r["stage"] == "gemv")
-        parts = [f"run C {run_c['us']:.2f}", f"fused {fused['us']:.2f}"]
+        run_d = next(r for r in mine if r["stage"] == "gemv")
+        parts = [f"run C {run_c['us']:.2f}", f"run D tiles {run_d['us']:.2f}"]
         for stage in ("gemv", "router"):
             ok = [r for r in mine if r["stage"] == stage and r["ok"]]
             if ok:

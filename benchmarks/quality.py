@@ -5,6 +5,7 @@ and ``quality.png`` (perplexity against measured FLOP ratio, one line per method
 
     python benchmarks/quality.py            # SmolLM2-135M-Instruct, the full run (under an hour, 2 cores)
     python benchmarks/quality.py --quick    # smoke run: small windows, two budgets (a few minutes)
+    python benchmarks/quality.py --only lowrank-uniform    # measure one method again, rows replaced in place
 
 Methods, all built from ranapass's own adapters and measured by ``FlopMeter`` on the evaluation
 windows themselves (real masks): dense; ranapass with global and with uniform allocation; static
@@ -158,11 +159,15 @@ class Run:
         self.profiles: dict[str, Profile] = {}
         self.sparsity: dict[str, baselines.SparsityBaseline] = {}
 
-    def calibrate(self) -> None:
+    def calibrate(self, profiles_only: bool = False) -> None:
+        """The profiles (output-gradient, relative, data-free) and the TEAL/CATS statistics; with
+        ``profiles_only`` just the output-gradient profile (all ``--only`` methods but those need)."""
         s, t, m = self.settings, self.timer, self.model
         opts = s.profile_options
         self.profiles["fisher"] = t("profile (output-gradient weights)",
                                     lambda: ranapass.profile(m, self.calibration, options=opts, cache=False))
+        if profiles_only:
+            return
         self.profiles["relative"] = t("profile (relative weights)", lambda: ranapass.profile(
             m, self.calibration, options=dataclasses.replace(opts, error_weighting="relative"), cache=False))
         self.profiles["data-free"] = t("profile (data-free)", lambda: ranapass.profile(m, None, cache=False))
@@ -237,6 +242,19 @@ class Run:
             for ablation in ABLATIONS:
                 self.measure(ablation, budget, "ablation")
         return self.report(dense)
+
+    def rerun(self, methods: list[str], previous: dict[str, Any]) -> dict[str, Any]:
+        """Measure ``methods`` again at every budget and put their rows into ``previous`` (same protocol)."""
+        self.calibrate(profiles_only=True)
+        for budget in self.settings.budgets:
+            for method in methods:
+                self.measure(method, budget, "method")
+        result = dict(previous)
+        result["rows"] = [r for r in previous["rows"] if r["method"] not in methods] + self.rows
+        result["reruns"] = [*previous.get("reruns", []), {
+            "methods": methods, "timings_seconds": self.timer.seconds, "date": time.strftime("%Y-%m-%d"),
+            "torch": torch.__version__}]
+        return result
 
     def report(self, dense: dict[str, Any]) -> dict[str, Any]:
         s = self.settings
@@ -320,6 +338,9 @@ def markdown(result: dict[str, Any]) -> str:
     env = result["environment"]
     lines += ["", f"Total wall time: {result['total_seconds'] / 60:.1f} min on {env['cpus']} CPUs, {env['threads']} "
                   f"torch threads (load average at the end: {', '.join(f'{x:.1f}' for x in env['load_average_end'])})."]
+    for rerun in result.get("reruns", []):
+        lines.append(f"Rows of {', '.join(rerun['methods'])} measured again on {rerun['date']} with "
+                     f"`{rerun['command']}` ({rerun['seconds'] / 60:.1f} min).")
     return "\n".join(lines) + "\n"
 
 
@@ -357,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2", help="model name for ranapass.load_model")
     parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results; --quick: a temp dir)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--only", nargs="+", choices=[m for m in METHODS if m not in ("datafree-global", "teal", "cats")],
+                        help="measure only these methods again and replace their rows in the --out folder's "
+                             "quality.json (needs the output-gradient profile only)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     settings = dataclasses.replace(Settings.quick() if args.quick else Settings(), threads=args.threads)
@@ -364,9 +388,15 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (Path(tempfile.gettempdir()) / "ranapass-quality-quick" if args.quick else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    result = Run(settings, args.model).run()
-    result["total_seconds"] = round(time.perf_counter() - start, 1)
-    result["command"] = "python benchmarks/quality.py" + (" --quick" if args.quick else "")
+    if args.only:
+        previous = json.loads((out / "quality.json").read_text())
+        result = Run(settings, args.model).rerun(args.only, previous)
+        result["reruns"][-1].update(seconds=round(time.perf_counter() - start, 1),
+                                    command="python benchmarks/quality.py --only " + " ".join(args.only))
+    else:
+        result = Run(settings, args.model).run()
+        result["total_seconds"] = round(time.perf_counter() - start, 1)
+        result["command"] = "python benchmarks/quality.py" + (" --quick" if args.quick else "")
     (out / "quality.json").write_text(json.dumps(result, indent=1))
     table = markdown(result)
     (out / "quality.md").write_text(table)

@@ -6,11 +6,13 @@ tokens run cuBLAS GEMMs with the same masks (masked_gemm.py). The reduction dime
 split so the grid has about ``TARGET_PROGRAMS`` programs: enough loads in flight on every SM of an
 H100/H200 (132 SMs), while each weight row is still read by one program only.
 
-The one-token rules are the winners of a checked sweep on an H200 (benchmarks/bench_kernels.py --tune,
-run D in benchmarks/RESULTS.md): at every Llama-2-7B unit shape the masked GEMV was fastest with
-32-row x 64-column tiles, one warp, about ``TARGET_PROGRAMS`` programs and the split sum fused
-(the prefetch on where a split has several chunks and the prologue is not the rank one), and the router
-with 16 ranks x 512 inputs, 4 warps, 4 splits. Shapes in ``TUNED`` (filled by ``--tune`` or
+The one-token rules are the winners of checked sweeps (benchmarks/bench_kernels.py --tune, runs D and
+E in benchmarks/RESULTS.md). On an H100 (run E), at every Llama-2-7B and Llama-3-8B unit shape the
+masked GEMV was fastest, or within 0.3% of it, with 64-row x 64-column tiles, one warp, about
+``TARGET_PROGRAMS`` programs and the split sum fused (the prefetch on where a split has several
+chunks and the prologue is not the rank one); 32-row tiles, run D's winners on an H200 where 64-row
+one-warp tiles were not tried, were 0.3-4% slower. The router: 16 ranks x 512 inputs, 4 warps,
+4 splits, on both cards. Shapes in ``TUNED`` (filled by ``--tune`` or
 ``benchmarks/common.load_tuned``) take their own tiles instead. The tiles for several tokens
 (explicit configs only) are untuned.
 """
@@ -102,8 +104,8 @@ def masked_gemv_config(K: int, m: int, T: int = 1, rank: bool = False) -> Kernel
     if T == 1:
         if ("gemv", K, m) in TUNED:
             return TUNED["gemv", K, m]
-        splits = auto_splits(triton.cdiv(m, 64), K, 32)
-        return KernelConfig(32, 64, splits, 1, prefetch=not rank and triton.cdiv(K, 32) >= 2 * splits)
+        splits = auto_splits(triton.cdiv(m, 64), K, 64)
+        return KernelConfig(64, 64, splits, 1, prefetch=not rank and triton.cdiv(K, 64) >= 2 * splits)
     # several tokens (union kernels): the split sum in a second launch; fused, they ran 1.25-2.1x slower (run D)
     block_k = max(16, 64 // triton.next_power_of_2(T))
     return KernelConfig(block_k, 128, auto_splits(triton.cdiv(m, 128), K, block_k), 4, fused_sum=False)

@@ -20,6 +20,11 @@ entry skips a contiguous row and its bytes are never read::
                      y[:, m] = sum_s partials[s, :, m] + bias          # fixed order: deterministic
                      tickets[m] = 0                                    # zeroed for the next call
 
+With ``GROUPED`` one launch runs the GEMVs of two rank adapters that read one input (gate and up
+of a gated MLP, whose router partials one router launch wrote side by side): the second unit's
+output tiles follow the first's in the grid, and each program picks its unit's W, thresholds,
+bias, output and offsets once, at its start.
+
 The last program of an output tile sums the partials, so no second launch is needed; the sum runs
 in a fixed order whichever program comes last, so results are bit-reproducible, and ``tickets``
 (int32, one per output tile) must be zero when the kernel starts and are zero again when it ends
@@ -56,7 +61,7 @@ from ranapass.kernels.configs import KernelConfig
 from ranapass.kernels.launch import launch
 from ranapass.kernels.primitives import cast
 
-__all__ = ["masked_gemv", "masked_gemv_kernel", "split_sum_kernel", "PROLOGUE_RANK", "PROLOGUE_NEURON",
+__all__ = ["masked_gemv", "masked_gemv_pair", "masked_gemv_kernel", "split_sum_kernel", "PROLOGUE_RANK", "PROLOGUE_NEURON",
            "PROLOGUE_GATED", "ACTIVATIONS"]
 
 PROLOGUE_RANK = 0
@@ -83,7 +88,7 @@ def _gated(gate, up, ACTIVATION: tl.constexpr, IN_DTYPE: tl.constexpr, INTERPRET
 
 
 @triton.jit
-def _prologue(a_ptr, b_ptr, thr_ptr, offs_t, t_ok, offs_k, k_ok, T, K, stride_at, stride_bt,
+def _prologue(a_ptr, b_ptr, thr_ptr, offs_t, t_ok, offs_k, k_ok, stride_at, stride_ap, stride_bt,
               IN_SPLITS: tl.constexpr, PROLOGUE: tl.constexpr, ACTIVATION: tl.constexpr, ONE_TOKEN: tl.constexpr,
               INTERPRETER: tl.constexpr):
     """One chunk of the masked input, fp32 with dropped entries 0: ``v [BLOCK_K]`` for one token
@@ -98,7 +103,7 @@ def _prologue(a_ptr, b_ptr, thr_ptr, offs_t, t_ok, offs_k, k_ok, T, K, stride_at
     if PROLOGUE == 0:  # RANK: z = sum of the router's partials, fixed order
         v = tl.load(a_ptr + offs, mask=ok, other=0.0, eviction_policy="evict_last")
         for j in tl.static_range(1, IN_SPLITS):
-            v += tl.load(a_ptr + j * T * K + offs, mask=ok, other=0.0, eviction_policy="evict_last")
+            v += tl.load(a_ptr + j * stride_ap + offs, mask=ok, other=0.0, eviction_policy="evict_last")
     elif PROLOGUE == 1:  # NEURON
         v = tl.load(a_ptr + offs, mask=ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
     else:  # GATED (up has its own token stride)
@@ -171,12 +176,16 @@ def masked_gemv_kernel(
     # pointers
     a_ptr, b_ptr, thr_ptr,          # prologue inputs (RANK: zpart, -; NEURON: x, -; GATED: gate, up)
     w_ptr, bias_ptr,                # W [K, M] row-major; bias [M] (read only if HAS_BIAS)
-    part_ptr, ticket_ptr, y_ptr,    # partials [S, T, M] fp32; tickets [cdiv(M, BLOCK_M)] int32, zero; y [T, M]
+    part_ptr, ticket_ptr, y_ptr,    # partials [S, T, M] fp32; tickets [output tiles] int32, zero; y [T, M]
+    thr2_ptr, w2_ptr, bias2_ptr, y2_ptr,  # GROUPED: the second unit's thresholds, W, bias and y
     # sizes
     T, K, M,
     # strides (the last dimension of every tensor is contiguous)
-    stride_at, stride_bt,           # token stride of the prologue inputs (RANK: K, partials [IN_SPLITS, T, K])
+    stride_at, stride_ap, stride_bt,  # prologue inputs: token stride (a, b); RANK: partial stride of a
     stride_wk,
+    # GROUPED: the second unit (its tiles follow the first unit's TILES1 tiles)
+    K2, M2, stride_wk2, TILES1,
+    A2_OFF, PART2_OFF,              # where its masked input starts in a (RANK: at rank R1), its partials in part
     # meta-parameters
     IN_SPLITS: tl.constexpr,        # RANK: number of router partials to sum
     PROLOGUE: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -184,10 +193,25 @@ def masked_gemv_kernel(
     PREFETCH: tl.constexpr,         # request the next chunk's masked input before this chunk's multiply-add
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_S: tl.constexpr,          # splits summed per load by the last program
+    GROUPED: tl.constexpr,          # two units in one launch (two rank adapters sharing one router launch)
     INTERPRETER: tl.constexpr,
 ):
-    # ---------------------------------------------------------------- program -> tiles
-    pid_m = tl.program_id(0)
+    # ---------------------------------------------------------------- program -> unit and tiles
+    tile = tl.program_id(0)         # the output tile's ticket (tiles of both units, when GROUPED)
+    pid_m = tile
+    if GROUPED:  # a program of the second unit switches every per-unit argument
+        second = tile >= TILES1
+        pid_m = tl.where(second, tile - TILES1, tile)
+        K = tl.where(second, K2, K)
+        M = tl.where(second, M2, M)
+        stride_wk = tl.where(second, stride_wk2, stride_wk)
+        if second:
+            thr_ptr = thr2_ptr
+            w_ptr = w2_ptr
+            bias_ptr = bias2_ptr
+            y_ptr = y2_ptr
+            a_ptr += A2_OFF
+            part_ptr += PART2_OFF
     pid_s = tl.program_id(1)
     n_splits = tl.num_programs(1)
     offs_t = tl.arange(0, BLOCK_T)
@@ -203,13 +227,13 @@ def masked_gemv_kernel(
         acc = tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32)
     if PREFETCH:  # the first chunk's masked input; the loop requests each next one early
         offs_k = pid_s * BLOCK_K + tl.arange(0, BLOCK_K)
-        v = _prologue(a_ptr, b_ptr, thr_ptr, offs_t, t_ok, offs_k, offs_k < K, T, K, stride_at, stride_bt,
+        v = _prologue(a_ptr, b_ptr, thr_ptr, offs_t, t_ok, offs_k, offs_k < K, stride_at, stride_ap, stride_bt,
                       IN_SPLITS, PROLOGUE, ACTIVATION, BLOCK_T == 1, INTERPRETER)
     for c in range(pid_s, tl.cdiv(K, BLOCK_K), n_splits):
         offs_k = c * BLOCK_K + tl.arange(0, BLOCK_K)
         if not PREFETCH:
-            v = _prologue(a_ptr, b_ptr, thr_ptr, offs_t, t_ok, offs_k, offs_k < K, T, K, stride_at, stride_bt,
-                          IN_SPLITS, PROLOGUE, ACTIVATION, BLOCK_T == 1, INTERPRETER)
+            v = _prologue(a_ptr, b_ptr, thr_ptr, offs_t, t_ok, offs_k, offs_k < K, stride_at, stride_ap,
+                          stride_bt, IN_SPLITS, PROLOGUE, ACTIVATION, BLOCK_T == 1, INTERPRETER)
         if BLOCK_T == 1:
             row = v != 0.0
         else:  # union over the tokens: a row that no token kept is never loaded
@@ -219,7 +243,7 @@ def masked_gemv_kernel(
                     eviction_policy="evict_first").to(tl.float32)
         if PREFETCH:  # the next chunk's masked input, requested while this chunk's rows are in flight
             offs_next = offs_k + n_splits * BLOCK_K
-            v_next = _prologue(a_ptr, b_ptr, thr_ptr, offs_t, t_ok, offs_next, offs_next < K, T, K, stride_at,
+            v_next = _prologue(a_ptr, b_ptr, thr_ptr, offs_t, t_ok, offs_next, offs_next < K, stride_at, stride_ap,
                                stride_bt, IN_SPLITS, PROLOGUE, ACTIVATION, BLOCK_T == 1, INTERPRETER)
         if BLOCK_T == 1:
             acc += tl.sum(w * v[:, None], axis=0)
@@ -238,11 +262,11 @@ def masked_gemv_kernel(
     else:
         tl.store(part_ptr + pid_s * TM + offs, acc, mask=ok)
         tl.debug_barrier()  # every warp's partial is stored before the ticket publishes them (release)
-        ticket = tl.atomic_add(ticket_ptr + pid_m, 1, sem="acq_rel", scope="gpu")
+        ticket = tl.atomic_add(ticket_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if ticket == n_splits - 1:  # the last program of this tile: every partial is visible (acquire)
             total = _sum_partials(part_ptr, offs, ok, n_splits, TM, BLOCK_S, BLOCK_T, BLOCK_M)
             _store_output(total, bias_ptr, y_ptr, offs, ok, offs_m, m_ok, HAS_BIAS, BLOCK_T, INTERPRETER)
-            tl.store(ticket_ptr + pid_m, 0)
+            tl.store(ticket_ptr + tile, 0)
 
 
 @triton.jit
@@ -283,32 +307,75 @@ def masked_gemv(
     ``b`` the GATED prologue's ``up`` (``[T, K]``) or None. ``tickets``: int32, one zero per output
     tile (``cdiv(m, cfg.block_n)``), zeroed by an earlier launch (the router); None: a fill here.
     """
-    K, m = W.shape
+    stride_ap = a.stride(0) if prologue == PROLOGUE_RANK else 0
+    (y,) = _launch(a, b, stride_ap, 0, [(thresholds, W, bias)], out_dtype, cfg, prologue, activation, in_splits,
+                   tickets)
+    return y
+
+
+def masked_gemv_pair(
+    zpart: torch.Tensor,
+    rank1: int,
+    first: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    second: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    out_dtype: torch.dtype,
+    cfg: KernelConfig,
+    in_splits: int,
+    tickets: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The masked GEMVs of two rank adapters in one launch (RANK prologue); returns ``(y1, y2)``.
+
+    ``zpart``: one router's partials of both units, ``[in_splits, T, R1 + R2]`` with the first unit's
+    ``rank1`` ranks first. ``first``, ``second``: each unit's ``(thresholds, At, bias)``; both biases or
+    neither. ``tickets``: one zero per output tile of both units (the first's tiles first), or None.
+    """
+    return _launch(zpart, None, zpart.stride(0), rank1, [first, second], out_dtype, cfg, PROLOGUE_RANK, 0,
+                   in_splits, tickets)
+
+
+def _launch(a, b, stride_ap, a2_off, units, out_dtype, cfg, prologue, activation, in_splits, tickets):
+    """Launch the kernel for one unit or two (``GROUPED``): every unit's programs in one grid."""
+    if len({bias is None for _, _, bias in units}) > 1:
+        raise ValueError("masked_gemv_pair: both units need a bias, or neither")
     T = a.shape[-2]
-    splits = min(cfg.splits, triton.cdiv(K, cfg.block_k))
-    tiles = triton.cdiv(m, cfg.block_n)
+    device = units[0][1].device
+    splits = min(cfg.splits, max(triton.cdiv(W.shape[0], cfg.block_k) for _, W, _ in units))
+    tiles = [triton.cdiv(W.shape[1], cfg.block_n) for _, W, _ in units]
     fused = cfg.fused_sum or splits == 1
     if tickets is None:
-        tickets = (torch.zeros if fused and splits > 1 else torch.empty)(tiles, device=W.device, dtype=torch.int32)
-    part = torch.empty((splits, T, m), device=W.device, dtype=torch.float32)
-    y = torch.empty((T, m), device=W.device, dtype=out_dtype)
+        tickets = (torch.zeros if fused and splits > 1 else torch.empty)(sum(tiles), device=device, dtype=torch.int32)
+    widths = [W.shape[1] for _, W, _ in units]
+    part = torch.empty(splits * T * sum(widths), device=device, dtype=torch.float32)  # unit after unit: [S, T, m]
+    ys = [torch.empty((T, m), device=device, dtype=out_dtype) for m in widths]
+    (thr1, W1, bias1), (thr2, W2, bias2) = units[0], units[-1]
+    y1, y2 = ys[0], ys[-1]
     b = a if b is None else b
     block_t = triton.next_power_of_2(T)
     # the last program sums BLOCK_S splits per load: 32 fp32 values per thread (not tied to the split count,
     # so that one compiled kernel serves every split count)
     block_s = max(1, 1024 * cfg.num_warps // (block_t * cfg.block_n))
-    launch(masked_gemv_kernel)[(tiles, splits)](
-        a, b, thresholds, W, y if bias is None else bias, part, tickets, y,
-        T, K, m, a.stride(-2), b.stride(-2), W.stride(0),
-        IN_SPLITS=in_splits, PROLOGUE=prologue, ACTIVATION=activation, HAS_BIAS=bias is not None, FUSED_SUM=fused,
-        PREFETCH=cfg.prefetch,
-        BLOCK_T=block_t, BLOCK_K=cfg.block_k, BLOCK_M=cfg.block_n, BLOCK_S=block_s, INTERPRETER=triton_interpret(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    launch(masked_gemv_kernel)[(sum(tiles), splits)](
+        a, b, thr1, W1, y1 if bias1 is None else bias1, part, tickets, y1,
+        thr2, W2, y2 if bias2 is None else bias2, y2,
+        T, W1.shape[0], W1.shape[1], a.stride(-2), stride_ap, b.stride(-2), W1.stride(0),
+        W2.shape[0], W2.shape[1], W2.stride(0), tiles[0], a2_off, splits * T * widths[0],
+        IN_SPLITS=in_splits, PROLOGUE=prologue, ACTIVATION=activation, HAS_BIAS=bias1 is not None, FUSED_SUM=fused,
+        PREFETCH=cfg.prefetch, BLOCK_T=block_t, BLOCK_K=cfg.block_k, BLOCK_M=cfg.block_n, BLOCK_S=block_s,
+        GROUPED=len(units) == 2, INTERPRETER=triton_interpret(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if not fused:
-        block_s = triton.next_power_of_2(splits)
-        block = max(32, min(256, 8192 // block_s))
-        launch(split_sum_kernel)[(triton.cdiv(T * m, block),)](
-            part, part if bias is None else bias, y, T * m, m,
-            SPLITS=splits, HAS_BIAS=bias is not None, BLOCK_S=block_s, BLOCK=block, INTERPRETER=triton_interpret(),
-            num_warps=4)
-    return y
+        start = 0
+        for (_, _, bias), y, m in zip(units, ys, widths):
+            _split_sum(part[start:start + splits * T * m], bias, y, splits)
+            start += splits * T * m
+    return tuple(ys)
+
+
+def _split_sum(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, splits: int) -> None:
+    """``y = sum_s part[s] + bias`` in a second launch (``part``: ``[splits, T, m]`` flat)."""
+    T, m = y.shape
+    block_s = triton.next_power_of_2(splits)
+    block = max(32, min(256, 8192 // block_s))
+    launch(split_sum_kernel)[(triton.cdiv(T * m, block),)](
+        part, part if bias is None else bias, y, T * m, m,
+        SPLITS=splits, HAS_BIAS=bias is not None, BLOCK_S=block_s, BLOCK=block, INTERPRETER=triton_interpret(),
+        num_warps=4)

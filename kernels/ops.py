@@ -16,7 +16,7 @@ from ranapass.kernels import neuron_adapter as _neuron
 from ranapass.kernels import rank_adapter as _rank
 from ranapass.kernels.reference import gated_activation, neuron_adapter_reference, rank_adapter_reference
 
-__all__ = ["rank_adapter", "neuron_adapter", "gated_neuron_adapter"]
+__all__ = ["rank_adapter", "rank_adapter_pair", "neuron_adapter", "gated_neuron_adapter"]
 
 
 @torch.library.triton_op("ranapass::rank_adapter", mutates_args=())
@@ -31,6 +31,25 @@ def rank_adapter(
     if x.device.type != "cuda":
         return rank_adapter_reference(x, B, At, thresholds, bias)
     return _rank.rank_adapter(x, B, At, thresholds, bias)
+
+
+@torch.library.triton_op("ranapass::rank_adapter_pair", mutates_args=())
+def rank_adapter_pair(
+    x: torch.Tensor,
+    B1: torch.Tensor,
+    At1: torch.Tensor,
+    thresholds1: torch.Tensor,
+    bias1: torch.Tensor | None,
+    B2: torch.Tensor,
+    At2: torch.Tensor,
+    thresholds2: torch.Tensor,
+    bias2: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two rank adapters on one input (gate and up of a gated MLP): ``rank_adapter`` of each, in shared launches."""
+    first, second = (B1, At1, thresholds1, bias1), (B2, At2, thresholds2, bias2)
+    if x.device.type != "cuda":
+        return rank_adapter_reference(x, *first), rank_adapter_reference(x, *second)
+    return _rank.rank_adapter_pair(x, first, second)
 
 
 @torch.library.triton_op("ranapass::neuron_adapter", mutates_args=())

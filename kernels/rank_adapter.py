@@ -12,6 +12,10 @@ The router is always paid (``B`` is read in full: it decides the mask). Its part
 in the masked GEMV's load stage, so the flags cost no launch and no extra pass; shapes never depend
 on the mask (flags, not index lists), so the whole thing is CUDA-graph safe. More tokens run cuBLAS
 GEMMs with the same mask (masked_gemm.py; configs.use_kernels says where the line is).
+
+Two rank adapters that read one input (gate and up of a gated MLP, each with its own B and mask)
+share both launches (``rank_adapter_pair``): the router stacks both ``z``, and one masked GEMV
+launch holds both units' programs, as the reference implementation's decode path does for B.
 """
 
 from __future__ import annotations
@@ -22,17 +26,18 @@ import triton.language as tl
 
 from ranapass.kernels.configs import KernelConfig, rank_adapter_configs, use_kernels
 from ranapass.kernels.launch import flatten_tokens, launch
-from ranapass.kernels.masked_gemv import PROLOGUE_RANK, masked_gemv
+from ranapass.kernels.masked_gemv import PROLOGUE_RANK, masked_gemv, masked_gemv_pair
 from ranapass.kernels.masked_gemm import rank_adapter_gemm
 
-__all__ = ["router_kernel", "rank_adapter"]
+__all__ = ["router_kernel", "rank_adapter", "rank_adapter_pair"]
 
 
 @triton.jit
 def router_kernel(
-    x_ptr, b_ptr, zpart_ptr,        # x [T, N]; B [R, N] row-major; zpart [S, T, R] fp32
+    x_ptr, b_ptr, b2_ptr, zpart_ptr,  # x [T, N]; B [R1, N], B2 [R - R1, N] row-major; zpart [S, T, R] fp32
     ticket_ptr,                     # int32 [N_TICKETS]: the masked GEMV's tile tickets, zeroed here
-    T, N, R,
+    T, N, R, R1,
+    TILES1,                         # rank tiles of B; the programs past them read B2 (ranks R1 and up)
     K_PER_SPLIT,                    # input columns per split, a multiple of BLOCK_K
     N_TICKETS,
     stride_xt, stride_br,
@@ -40,8 +45,9 @@ def router_kernel(
 ):
     """``zpart[s, t, r] = sum over this split's inputs k of x[t, k] * B[r, k]`` (fp32 multiply-add).
 
-    Program (0, 0) also zeroes the tickets of the masked GEMV launched next (masked_gemv.py), so
-    that kernel needs no fill launch of its own.
+    One launch serves one rank adapter (``B2`` is ``B``, ``R1 = R``) or two that read the same input
+    (``B`` then ``B2`` stacked in ``z``, as gate and up of a gated MLP). Program (0, 0) also zeroes the
+    tickets of the masked GEMV launched next (masked_gemv.py), so that kernel needs no fill launch.
     """
     # ---------------------------------------------------------------- program -> tiles
     pid_r = tl.program_id(0)
@@ -50,10 +56,15 @@ def router_kernel(
         for i in range(0, N_TICKETS, 128):
             offs_i = i + tl.arange(0, 128)
             tl.store(ticket_ptr + offs_i, tl.zeros((128,), dtype=tl.int32), mask=offs_i < N_TICKETS)
+    second = pid_r >= TILES1
+    r0 = tl.where(second, R1, 0)    # this program's first rank in z
+    rows = tl.where(second, R - R1, R1)
+    if second:
+        b_ptr = b2_ptr
     offs_t = tl.arange(0, BLOCK_T)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_r = tl.where(second, pid_r - TILES1, pid_r) * BLOCK_R + tl.arange(0, BLOCK_R)  # rows of this B
     t_ok = offs_t < T
-    r_ok = offs_r < R
+    r_ok = offs_r < rows
 
     # ---------------------------------------------------------------- dense reduction over this split
     if BLOCK_T == 1:
@@ -76,11 +87,37 @@ def router_kernel(
             acc += tl.sum(x[:, None, :] * b[None, :, :], axis=2)
 
     # ---------------------------------------------------------------- store this split's partial z
+    z_ptr = zpart_ptr + pid_s * T * R + r0
     if BLOCK_T == 1:
-        tl.store(zpart_ptr + pid_s * T * R + offs_r, acc, mask=r_ok)
+        tl.store(z_ptr + offs_r, acc, mask=r_ok)
     else:
-        tl.store(zpart_ptr + pid_s * T * R + offs_t[:, None] * R + offs_r[None, :], acc,
-                 mask=t_ok[:, None] & r_ok[None, :])
+        tl.store(z_ptr + offs_t[:, None] * R + offs_r[None, :], acc, mask=t_ok[:, None] & r_ok[None, :])
+
+
+def _check(name: str, n: int, B: torch.Tensor, At: torch.Tensor, thresholds: torch.Tensor) -> None:
+    nB = At.shape[0]
+    if B.shape != (nB, n) or thresholds.shape != (nB,):
+        raise ValueError(f"{name}: x [.., {n}], B {tuple(B.shape)}, At {tuple(At.shape)} and thresholds "
+                         f"{tuple(thresholds.shape)} do not agree (want B [nB, n], At [nB, m], thresholds [nB])")
+    if B.stride(-1) != 1 or At.stride(-1) != 1:
+        raise ValueError(f"{name}: B and At must have a contiguous last dimension")
+
+
+def _router(x2: torch.Tensor, Bs: list[torch.Tensor], rc: KernelConfig, n_tickets: int) -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor]:
+    """``z = B x`` of one or two ``B`` (stacked in z) as split-K partials ``[S_z, T, R]``, and zeroed tickets."""
+    T, n = x2.shape
+    R1, R = Bs[0].shape[0], sum(B.shape[0] for B in Bs)
+    k_per_split = triton.cdiv(triton.cdiv(n, rc.splits), rc.block_k) * rc.block_k
+    z_splits = triton.cdiv(n, k_per_split)
+    zpart = torch.empty((z_splits, T, R), device=x2.device, dtype=torch.float32)
+    tickets = torch.empty(n_tickets, device=x2.device, dtype=torch.int32)
+    tiles1 = triton.cdiv(R1, rc.block_n)
+    launch(router_kernel)[(tiles1 + triton.cdiv(R - R1, rc.block_n), z_splits)](
+        x2, Bs[0], Bs[-1], zpart, tickets, T, n, R, R1, tiles1, k_per_split, n_tickets, x2.stride(0),
+        Bs[0].stride(0), BLOCK_T=triton.next_power_of_2(T), BLOCK_R=rc.block_n, BLOCK_K=rc.block_k,
+        num_warps=rc.num_warps, num_stages=rc.num_stages)
+    return zpart, tickets
 
 
 def rank_adapter(
@@ -101,27 +138,42 @@ def rank_adapter(
     """
     x2, lead = flatten_tokens(x)
     T, n = x2.shape
+    _check("rank_adapter", n, B, At, thresholds)
     nB, m = At.shape
-    if B.shape != (nB, n) or thresholds.shape != (nB,):
-        raise ValueError(f"rank_adapter: x [.., {n}], B {tuple(B.shape)}, At {tuple(At.shape)} and thresholds "
-                         f"{tuple(thresholds.shape)} do not agree (want B [nB, n], At [nB, m], thresholds [nB])")
-    if B.stride(-1) != 1 or At.stride(-1) != 1:
-        raise ValueError("rank_adapter: B and At must have a contiguous last dimension")
     if not use_kernels(T, config):
         return rank_adapter_gemm(x2, B, At, thresholds, bias).reshape(*lead, m)
     rc, gc = config if config is not None else rank_adapter_configs(n, nB, m, T)
-
-    # z = B x as split-K partials: [S_z, T, nB]
-    k_per_split = triton.cdiv(triton.cdiv(n, rc.splits), rc.block_k) * rc.block_k
-    z_splits = triton.cdiv(n, k_per_split)
-    zpart = torch.empty((z_splits, T, nB), device=x.device, dtype=torch.float32)
-    tickets = torch.empty(triton.cdiv(m, gc.block_n), device=x.device, dtype=torch.int32)
-    launch(router_kernel)[(triton.cdiv(nB, rc.block_n), z_splits)](
-        x2, B, zpart, tickets, T, n, nB, k_per_split, tickets.numel(), x2.stride(0), B.stride(0),
-        BLOCK_T=triton.next_power_of_2(T), BLOCK_R=rc.block_n, BLOCK_K=rc.block_k,
-        num_warps=rc.num_warps, num_stages=rc.num_stages)
-
-    # y = (keep * z) At (+ bias)
-    y = masked_gemv(zpart, None, thresholds, At, bias, x.dtype, gc, PROLOGUE_RANK, in_splits=z_splits,
+    zpart, tickets = _router(x2, [B], rc, triton.cdiv(m, gc.block_n))
+    y = masked_gemv(zpart, None, thresholds, At, bias, x.dtype, gc, PROLOGUE_RANK, in_splits=zpart.shape[0],
                     tickets=tickets)
     return y.reshape(*lead, m)
+
+
+def rank_adapter_pair(
+    x: torch.Tensor,
+    first: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
+    second: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
+    config: tuple[KernelConfig, KernelConfig] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two rank adapters on one input (gate and up of a gated MLP) in two launches instead of four.
+
+    Each of ``first`` and ``second`` is ``(B, At, thresholds, bias)`` as in ``rank_adapter``; both
+    biases or neither. One router launch computes both ``z`` (stacked), one masked-GEMV launch both
+    outputs. The tiles are the first unit's own (``configs.rank_adapter_configs``): the launches hold
+    the programs of both units' launches. More tokens than the kernels take run the GEMMs per unit.
+    """
+    x2, lead = flatten_tokens(x)
+    T, n = x2.shape
+    for B, At, thr, _ in (first, second):
+        _check("rank_adapter_pair", n, B, At, thr)
+    if (first[3] is None) != (second[3] is None):
+        raise ValueError("rank_adapter_pair: both units need a bias, or neither")
+    if not use_kernels(T, config):
+        return tuple(rank_adapter_gemm(x2, *unit).reshape(*lead, unit[1].shape[1]) for unit in (first, second))
+    (B1, At1, thr1, bias1), (B2, At2, thr2, bias2) = first, second
+    rc, gc = config if config is not None else rank_adapter_configs(n, *At1.shape, T)
+    n_tickets = triton.cdiv(At1.shape[1], gc.block_n) + triton.cdiv(At2.shape[1], gc.block_n)
+    zpart, tickets = _router(x2, [B1, B2], rc, n_tickets)
+    y1, y2 = masked_gemv_pair(zpart, B1.shape[0], (thr1, At1, bias1), (thr2, At2, bias2), x.dtype, gc,
+                              zpart.shape[0], tickets)
+    return y1.reshape(*lead, -1), y2.reshape(*lead, -1)

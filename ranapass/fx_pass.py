@@ -20,6 +20,12 @@ It runs on the torch-IR graph Dynamo hands to the backend, before AOTAutograd (r
    ``ConstantSource`` so AOTAutograd lifts them as static inputs (compile.md §2.2). A down
    projection with a neuron adapter whose input is ``act(gate) * up`` may become one
    ``gated_neuron_adapter`` call, so the kernels can fuse the MLP middle.
+3. *Pair.* Two ``rank_adapter`` ops of different units that read one input (gate and up, each with
+   its own B and mask) may become one ``rank_adapter_pair`` node and a ``getitem`` per unit, so
+   their routers and their masked GEMVs share launches::
+
+       g = ranapass.rank_adapter(x, Bg, Atg, tg, None); u = ranapass.rank_adapter(x, Bu, Atu, tu, None)
+       --->  gu = ranapass.rank_adapter_pair(x, Bg, Atg, tg, None, Bu, Atu, tu, None); g = gu[0]; u = gu[1]
 
 Nothing is silent: the ``RewriteReport`` lists the units rewritten, every registered weight left
 dense with its reason, and the unregistered linears; it is logged at INFO (WARNING when a
@@ -440,6 +446,42 @@ def _rewrite_group(rw: _Rewriter, sites: list[LinearSite], order: dict[fx.Node, 
     )
 
 
+def _pair_rank_adapters(rw: _Rewriter, rewrites: list[OpRewrite]) -> int:
+    """Fuse ``rank_adapter`` ops that read one input two by two into ``rank_adapter_pair`` nodes.
+
+    The pair node goes where the first op was; the second op's buffer nodes move before it. Both
+    ops need a bias or neither (the kernels take one flag). Returns the number of pairs made.
+    """
+    single, pair = torch.ops.ranapass.rank_adapter.default, torch.ops.ranapass.rank_adapter_pair.default
+    by_input: dict[fx.Node, list[fx.Node]] = {}
+    for node in rw.graph.nodes:
+        if node.op == "call_function" and node.target is single:
+            by_input.setdefault(node.args[0], []).append(node)
+    by_node = {r.node: r for r in rewrites}
+    pairs = 0
+    for nodes in by_input.values():
+        with_bias = [n for n in nodes if n.args[4] is not None]
+        without = [n for n in nodes if n.args[4] is None]
+        for group in (with_bias, without):
+            for first, second in zip(group[0::2], group[1::2]):
+                for arg in second.args[1:]:
+                    if isinstance(arg, fx.Node) and arg.op == "get_attr" and len(arg.users) == 1:
+                        first.prepend(arg)
+                args = (first.args[0], *first.args[1:5], *second.args[1:5])
+                with rw.graph.inserting_before(first):
+                    node = rw.call(pair, args, first, lambda: pair(*(_value(a) if isinstance(a, fx.Node) else a
+                                                                      for a in args)))
+                    outs = [rw.call(operator.getitem, (node, i), old, lambda i=i: _value(node)[i])
+                            for i, old in enumerate((first, second))]
+                for old, new in zip((first, second), outs):
+                    r = by_node[old.name]
+                    r.node, r.op = node.name, "ranapass.rank_adapter_pair"
+                    r.outputs = {k: (new.name if v == old.name else v) for k, v in r.outputs.items()}
+                    rw.replace(old, new)
+                pairs += 1
+    return pairs
+
+
 def _unfound(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[LinearSite]) -> list[str]:
     """Member paths of registered weights the graph reads (as inputs or attributes) outside any linear node."""
     seen = {id(s.weight) for s in sites}
@@ -460,7 +502,7 @@ def _reason_key(reason: str) -> str:
 
 # ---------------------------------------------------------------------------------------- the pass
 def rewrite_linears(gm: fx.GraphModule, example_inputs: Sequence[Any], *, fuse_gated_mlp: bool = True,
-                    strict: bool = False) -> RewriteReport:
+                    pair_rank_adapters: bool = True, strict: bool = False) -> RewriteReport:
     """Rewrite, in place, every linear of ``gm`` whose weight has an attached adapter.
 
     Args:
@@ -468,6 +510,8 @@ def rewrite_linears(gm: fx.GraphModule, example_inputs: Sequence[Any], *, fuse_g
         example_inputs: the backend's example inputs; placeholder ``i`` reads ``example_inputs[i]``.
         fuse_gated_mlp: emit ``gated_neuron_adapter`` for a neuron-adapted down projection whose input
             is ``act(gate) * up``.
+        pair_rank_adapters: emit one ``rank_adapter_pair`` for two rank-adapted units that read the
+            same input (gate and up as separate units).
         strict: raise ``RewriteError`` (leaving ``gm`` unchanged) if a registered weight this graph
             reads would stay dense.
 
@@ -506,11 +550,13 @@ def rewrite_linears(gm: fx.GraphModule, example_inputs: Sequence[Any], *, fuse_g
             except Exception as e:
                 raise RewriteError(f"ranapass: rewriting unit {group[0].ref.unit.name!r} at "
                                    f"{group[0].node.format_node()} failed: {e}") from e
+        if pair_rank_adapters:
+            report.counters["paired_rank_adapters"] = _pair_rank_adapters(rw, report.rewrites)
         gm.graph.lint()
         gm.recompile()
     report.counters["rewritten_units"] = report.rewritten
     report.counters["rewritten_linears"] = sum(len(r.replaced) for r in report.rewrites)
-    report.counters["ops"] = len(report.rewrites)
+    report.counters["ops"] = len({r.node for r in report.rewrites})
     _log_report(report)
     return report
 

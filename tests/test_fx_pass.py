@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 ARCHS = ["LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "GemmaForCausalLM",
          "GPTNeoXForCausalLM", "Phi3ForCausalLM", "mlp"]
 RANAPASS_OPS = {torch.ops.ranapass.rank_adapter.default, torch.ops.ranapass.neuron_adapter.default,
-                torch.ops.ranapass.gated_neuron_adapter.default}
+                torch.ops.ranapass.gated_neuron_adapter.default, torch.ops.ranapass.rank_adapter_pair.default}
 
 
 def capture(model, inputs, grad: bool = False, **kwargs):
@@ -106,6 +106,28 @@ def test_gated_mlp_fusion_is_optional_and_exact(fuse):
     assert {r.op for r in down} == {"ranapass.gated_neuron_adapter" if fuse else "ranapass.neuron_adapter"}
     silus = [n for n in gm.graph.nodes if n.target is torch.nn.functional.silu]
     assert len(silus) == (0 if fuse else 2)  # the fused op computes act(gate) * up itself
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("pair", [True, False])
+def test_gate_and_up_as_separate_units_share_one_op(pair):
+    """Rank-adapted gate and up with their own B and mask: one ``rank_adapter_pair`` per MLP (optional)."""
+    model, inputs = tiny_model("LlamaForCausalLM"), tiny_inputs("LlamaForCausalLM")
+    plan = build_plan(model, inputs, group=False)
+    ref = eager_adapted(model, plan, inputs)
+    gm, report, out = capture(model, inputs, pair_rank_adapters=pair)
+
+    layers = model.config.num_hidden_layers
+    pairs = [n for n in gm.graph.nodes if n.target is torch.ops.ranapass.rank_adapter_pair.default]
+    assert len(pairs) == report.counters["paired_rank_adapters"] == (layers if pair else 0)
+    assert len(ops_in(gm)) == report.counters["ops"] == len(plan.adapted) - len(pairs)
+    paired = {r.members for r in report.rewrites if r.op == "ranapass.rank_adapter_pair"}
+    assert paired == ({(f"model.layers.{i}.mlp.{p}_proj",) for i in range(layers) for p in ("gate", "up")}
+                      if pair else set())
+    for node in pairs:
+        assert [u.target for u in node.users] == [operator.getitem] * 2
+        assert node.meta["nn_module_stack"] and len(node.meta["example_value"]) == 2
+    assert report.complete
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
 
 

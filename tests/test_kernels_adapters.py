@@ -28,7 +28,7 @@ if has_triton() and (has_cuda() or triton_interpret()):
     from ranapass.kernels.configs import KernelConfig
     from ranapass.kernels.launch import direct_launch
     from ranapass.kernels.neuron_adapter import gated_neuron_adapter, neuron_adapter
-    from ranapass.kernels.rank_adapter import rank_adapter
+    from ranapass.kernels.rank_adapter import rank_adapter, rank_adapter_pair
     from ranapass.kernels.reference import (
         gated_activation,
         neuron_adapter_reference,
@@ -111,6 +111,30 @@ def test_rank_adapter(T, n, nB, m, density, dtype, with_bias, data):
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(T=TOKENS, n=DIM, ranks=st.tuples(DIM, DIM), widths=st.tuples(DIM, DIM), density=DENSITY,
+       dtype=st.sampled_from(DTYPES), with_bias=st.booleans(), data=st.data())
+def test_rank_adapter_pair(T, n, ranks, widths, density, dtype, with_bias, data):
+    """Two rank adapters on one input in shared launches: each output equals its own reference."""
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    x = _rand((T, n), dtype, gen)
+    units = []
+    for nB, m in zip(ranks, widths):
+        B, At = _rand((nB, n), dtype, gen, n ** -0.5), _rand((nB, m), dtype, gen)
+        z, _ = rank_adapter_scores(x.cpu(), B.cpu(), torch.zeros(nB))
+        thr = _thresholds(z, density, MARGIN[dtype], gen).to(DEVICE)
+        units.append((B, At, thr, _rand((m,), dtype, gen) if with_bias else None))
+    draw = lambda lo, hi: data.draw(st.integers(lo, hi))  # noqa: E731
+    rc, gc = _configs(draw), _configs(draw)
+    config = (rc, gc) if rc is not None and gc is not None else None
+    with direct_launch():
+        ys = rank_adapter_pair(x, *units, config=config)
+    for y, unit in zip(ys, units):
+        ref = rank_adapter_reference(x, *unit)
+        assert y.shape == ref.shape and y.dtype == dtype
+        assert _rel_err(y, ref) <= RTOL[dtype]
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(T=TOKENS, n=DIM, m=DIM, density=DENSITY, dtype=st.sampled_from(DTYPES), with_bias=st.booleans(),
        data=st.data())
 def test_neuron_adapter(T, n, m, density, dtype, with_bias, data):
@@ -180,7 +204,9 @@ def test_outputs_and_workspaces_need_no_fill(monkeypatch, fused_sum, prefetch):
     gemv = KernelConfig(16, 16, 3, 4, fused_sum=fused_sum, prefetch=prefetch)
     calls = [lambda: rank_adapter(x, B, At, thr, bias, config=(KernelConfig(16, 16, 2), gemv)),
              lambda: neuron_adapter(x, Wt, thr_n, bias, config=gemv),
-             lambda: gated_neuron_adapter(x, x, Wt, thr_n, None, "silu", config=gemv)]
+             lambda: gated_neuron_adapter(x, x, Wt, thr_n, None, "silu", config=gemv),
+             lambda: rank_adapter_pair(x, (B, At, thr, bias), (B[:29], At[:29, :33], thr[:29], bias[:33]),
+                                       config=(KernelConfig(16, 16, 2), gemv))]
     with direct_launch():
         clean = [f() for f in calls]
         empties = []
@@ -194,9 +220,9 @@ def test_outputs_and_workspaces_need_no_fill(monkeypatch, fused_sum, prefetch):
         monkeypatch.setattr(torch, "empty", poisoned)
         dirty = [f() for f in calls]
     for a, b in zip(clean, dirty):
-        assert torch.equal(a, b)
-    tickets = [t for t in empties if t.dtype == torch.int32]  # the rank adapter's first: the router zeroes them
-    assert tickets and all((t == 0).all() for t in (tickets if fused_sum else tickets[:1]))
+        assert all(torch.equal(u, v) for u, v in zip(*((t,) if torch.is_tensor(t) else t for t in (a, b))))
+    tickets = [t for t in empties if t.dtype == torch.int32]  # rank adapters' tickets: the router zeroes them
+    assert tickets and all((t == 0).all() for t in (tickets if fused_sum else [tickets[0], tickets[-1]]))
 
 
 def test_leading_dims_and_prefill_regime():
@@ -219,5 +245,8 @@ def test_bad_shapes_raise():
         rank_adapter(x, torch.zeros(4, 9, device=DEVICE), torch.zeros(4, 5, device=DEVICE), torch.zeros(4, device=DEVICE))
     with pytest.raises(ValueError, match="do not agree"):
         neuron_adapter(x, torch.zeros(7, 5, device=DEVICE), torch.zeros(7, device=DEVICE))
+    unit = (torch.zeros(4, 8, device=DEVICE), torch.zeros(4, 5, device=DEVICE), torch.zeros(4, device=DEVICE))
+    with pytest.raises(ValueError, match="both units need a bias, or neither"):
+        rank_adapter_pair(x, (*unit, None), (*unit, torch.zeros(5, device=DEVICE)))
     with pytest.raises(ValueError, match="unknown gated activation"):
         gated_neuron_adapter(x, x, torch.zeros(8, 5, device=DEVICE), torch.zeros(8, device=DEVICE), None, "relu")

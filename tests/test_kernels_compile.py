@@ -70,31 +70,37 @@ def _sass(compiled) -> str | None:
         os.remove(path)
 
 
-GEMV_CASES = [  # (prologue, tokens, weight dtype, block_k, block_n, warps, fused sum, prefetch)
-    (PROLOGUE_RANK, 1, "bf16", 32, 64, 1, True, False),  # the one-token defaults (configs.py)
-    (PROLOGUE_NEURON, 1, "bf16", 32, 64, 1, True, True),
-    (PROLOGUE_GATED, 1, "bf16", 32, 64, 1, True, True),
-    (PROLOGUE_RANK, 1, "bf16", 64, 128, 2, True, False),
-    (PROLOGUE_NEURON, 1, "bf16", 64, 128, 2, True, True),
-    (PROLOGUE_GATED, 1, "bf16", 32, 128, 2, True, False),
-    (PROLOGUE_RANK, 1, "bf16", 128, 128, 4, True, True),
-    (PROLOGUE_NEURON, 1, "bf16", 64, 128, 2, False, False),
-    (PROLOGUE_NEURON, 1, "fp16", 64, 256, 4, True, False),
-    (PROLOGUE_NEURON, 1, "fp32", 32, 64, 1, True, False),
-    (PROLOGUE_RANK, 8, "bf16", 16, 128, 4, True, True),
-    (PROLOGUE_GATED, 4, "bf16", 16, 128, 4, False, False),
+GEMV_CASES = [  # (prologue, tokens, weight dtype, block_k, block_n, warps, fused sum, prefetch, grouped)
+    (PROLOGUE_RANK, 1, "bf16", 64, 64, 1, True, False, False),  # the one-token defaults (configs.py)
+    (PROLOGUE_RANK, 1, "bf16", 64, 64, 1, True, False, True),   # gate and up in one launch
+    (PROLOGUE_NEURON, 1, "bf16", 64, 64, 1, True, True, False),
+    (PROLOGUE_GATED, 1, "bf16", 64, 64, 1, True, True, False),
+    (PROLOGUE_RANK, 1, "bf16", 32, 64, 1, True, False, False),
+    (PROLOGUE_NEURON, 1, "bf16", 32, 64, 1, True, True, False),
+    (PROLOGUE_RANK, 1, "bf16", 64, 128, 2, True, False, False),
+    (PROLOGUE_NEURON, 1, "bf16", 64, 128, 2, True, True, False),
+    (PROLOGUE_GATED, 1, "bf16", 32, 128, 2, True, False, False),
+    (PROLOGUE_RANK, 1, "bf16", 128, 128, 4, True, True, False),
+    (PROLOGUE_NEURON, 1, "bf16", 64, 128, 2, False, False, False),
+    (PROLOGUE_NEURON, 1, "fp16", 64, 256, 4, True, False, False),
+    (PROLOGUE_NEURON, 1, "fp32", 32, 64, 1, True, False, False),
+    (PROLOGUE_RANK, 8, "bf16", 16, 128, 4, True, True, False),
+    (PROLOGUE_RANK, 8, "bf16", 16, 128, 4, False, False, True),
+    (PROLOGUE_GATED, 4, "bf16", 16, 128, 4, False, False, False),
 ] if has_triton() and not triton_interpret() else []
 
 
-@pytest.mark.parametrize("prologue, tokens, dtype, block_k, block_n, warps, fused, prefetch", GEMV_CASES)
-def test_masked_gemv_compiles(prologue, tokens, dtype, block_k, block_n, warps, fused, prefetch):
+@pytest.mark.parametrize("prologue, tokens, dtype, block_k, block_n, warps, fused, prefetch, grouped", GEMV_CASES)
+def test_masked_gemv_compiles(prologue, tokens, dtype, block_k, block_n, warps, fused, prefetch, grouped):
     a = "*fp32" if prologue == PROLOGUE_RANK else f"*{dtype}"
+    w = f"*{dtype}"
     compiled = _compile(masked_gemv_kernel,
-                        {"a_ptr": a, "b_ptr": a, "thr_ptr": "*fp32", "w_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}",
-                         "part_ptr": "*fp32", "ticket_ptr": "*i32", "y_ptr": f"*{dtype}"},
+                        {"a_ptr": a, "b_ptr": a, "thr_ptr": "*fp32", "w_ptr": w, "bias_ptr": w, "part_ptr": "*fp32",
+                         "ticket_ptr": "*i32", "y_ptr": w, "thr2_ptr": "*fp32", "w2_ptr": w, "bias2_ptr": w,
+                         "y2_ptr": w},
                         {"IN_SPLITS": 8, "PROLOGUE": prologue, "ACTIVATION": 0, "HAS_BIAS": True, "FUSED_SUM": fused,
                          "PREFETCH": prefetch, "BLOCK_T": tokens, "BLOCK_K": block_k, "BLOCK_M": block_n,
-                         "BLOCK_S": 16, "INTERPRETER": False}, warps)
+                         "BLOCK_S": 16, "GROUPED": grouped, "INTERPRETER": False}, warps)
     sass = _sass(compiled)
     if sass is None:
         return
@@ -115,7 +121,8 @@ def test_masked_gemv_compiles(prologue, tokens, dtype, block_k, block_n, warps, 
                                                                     (8, "bf16", 32, 32, 4), (1, "fp32", 16, 512, 4)])
 def test_router_compiles(tokens, dtype, block_r, block_k, warps):
     compiled = _compile(router_kernel,
-                        {"x_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "zpart_ptr": "*fp32", "ticket_ptr": "*i32"},
+                        {"x_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "b2_ptr": f"*{dtype}", "zpart_ptr": "*fp32",
+                         "ticket_ptr": "*i32"},
                         {"BLOCK_T": tokens, "BLOCK_R": block_r, "BLOCK_K": block_k}, warps)
     sass = _sass(compiled)
     if tokens == 1 and dtype == "bf16" and sass is not None:
@@ -163,14 +170,18 @@ def test_inductor_sees_only_outputs_and_workspaces_written(monkeypatch):
     ra.rank_adapter(x, torch.randn(32, 64), torch.randn(32, 48), thr[:32], torch.randn(48),
                     config=(KernelConfig(32, 16, 2), KernelConfig(16, 16, 2)))
     neuron_adapter(x, torch.randn(64, 48), thr, None, config=KernelConfig(16, 16, 2, fused_sum=False))
+    ra.rank_adapter_pair(x, (torch.randn(32, 64), torch.randn(32, 48), thr[:32], None),
+                         (torch.randn(24, 64), torch.randn(24, 40), thr[:24], None),
+                         config=(KernelConfig(32, 16, 2), KernelConfig(16, 16, 2)))
     written = {}
     for kernel, named in launches:
         result = analyse(kernel, named, {})
         rw = getattr(result, "read_writes", None)
         names = {dep.name for dep in rw.writes} if rw is not None else set(result)
         written.setdefault(kernel.fn.__name__, []).append(sorted(names))
-    assert written == {"router_kernel": [["ticket_ptr", "zpart_ptr"]],
-                       "masked_gemv_kernel": [["part_ptr", "ticket_ptr", "y_ptr"], ["part_ptr"]],
+    assert written == {"router_kernel": [["ticket_ptr", "zpart_ptr"]] * 2,
+                       "masked_gemv_kernel": [["part_ptr", "ticket_ptr", "y_ptr"], ["part_ptr"],
+                                              ["part_ptr", "ticket_ptr", "y2_ptr", "y_ptr"]],
                        "split_sum_kernel": [["out_ptr"]]}
 
 

@@ -33,3 +33,15 @@ def test_ops_pass_opcheck_and_equal_the_reference_on_cpu(dtype, with_bias):
         y = op(*args)
         assert y.shape == (2, 3, 17) and y.dtype == dtype
         torch.testing.assert_close(y, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype, with_bias", [(torch.float32, False), (torch.bfloat16, True)])
+def test_rank_adapter_pair_is_two_rank_adapters(dtype, with_bias):
+    x, B, At, _, thr, _, bias = _args(dtype, with_bias)
+    B2, At2, thr2 = B[:7] * 2, At[:7, :13], thr[:7]
+    bias2 = bias[:13] if with_bias else None
+    args = (x, B, At, thr, bias, B2, At2, thr2, bias2)
+    torch.library.opcheck(OPS.rank_adapter_pair.default, args)
+    y1, y2 = OPS.rank_adapter_pair(*args)
+    torch.testing.assert_close(y1, OPS.rank_adapter(x, B, At, thr, bias), rtol=0, atol=0)
+    torch.testing.assert_close(y2, OPS.rank_adapter(x, B2, At2, thr2, bias2), rtol=0, atol=0)

@@ -32,3 +32,17 @@ def test_quick_run_writes_table_plot_and_json(quality, tiny_llama_dir, tmp_path,
     table = (tmp_path / "quality.md").read_text()
     assert "| ranapass (global) |" in table and "Total wall time" in table
     assert (tmp_path / "quality.png").stat().st_size > 10_000
+    rerun_only_replaces_its_method(quality, tiny_llama_dir, tmp_path, result)
+
+
+def rerun_only_replaces_its_method(quality, model_dir, out, before):
+    """``--only METHOD`` measures that method again (same protocol) and leaves every other row as it was."""
+    args = ["--quick", "--model", str(model_dir), "--out", str(out), "--threads", "1", "--only", "lowrank-uniform"]
+    assert quality.main(args) == 0
+    after = json.loads((out / "quality.json").read_text())
+    kept = [r for r in before["rows"] if r["method"] != "lowrank-uniform"]
+    assert [r for r in after["rows"] if r["method"] != "lowrank-uniform"] == kept
+    assert sorted(r["budget"] for r in after["rows"] if r["method"] == "lowrank-uniform") == \
+        sorted(r["budget"] for r in before["rows"] if r["method"] == "lowrank-uniform")
+    assert after["reruns"][-1]["methods"] == ["lowrank-uniform"]
+    assert "measured again" in (out / "quality.md").read_text()
