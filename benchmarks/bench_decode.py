@@ -19,7 +19,8 @@ from Dynamo's counters; a per-kernel profile of one step says where the time goe
 Usage::
 
     python benchmarks/bench_decode.py [--model llama2-7b|llama3-8b|smollm2] [--layers N]
-        [--batches 1 2 4 8] [--budget 0.56] [--max-cache-len 2048] [--tuned tuned.json] [--unpaired] [--out DIR]
+        [--batches 1 2 4 8] [--budget 0.56] [--max-cache-len 2048] [--tuned tuned.json] [--unpaired] [--no-pdl]
+        [--out DIR]
 """
 
 from __future__ import annotations
@@ -270,9 +271,11 @@ def run_model(shape: ModelShape, layers: int, batches: list[int], args) -> list[
     for batch in batches:
         prompt = torch.randint(0, shape.vocab, (batch, args.prompt_len), device="cuda", generator=gen)
         variants = ["dense", "ranapass"] + (["ranapass, gate and up unpaired"] if args.unpaired and batch == 1 else [])
+        variants += ["ranapass, no PDL"] if args.no_pdl and batch == 1 else []
         for variant in variants:
             torch._dynamo.reset()
             counters.clear()
+            os.environ["RANAPASS_PDL"] = "0" if variant == "ranapass, no PDL" else "1"
             backend = None
             if variant != "dense":
                 attach(model, plan)
@@ -315,6 +318,9 @@ def main() -> None:
     ap.add_argument("--tuned", help="tile table written by bench_kernels.py --tune (into configs.TUNED)")
     ap.add_argument("--unpaired", action="store_true",
                     help="batch 1 also without rank_adapter_pair (gate and up in launches of their own)")
+    ap.add_argument("--no-pdl", action="store_true",
+                    help="batch 1 also without programmatic dependent launch (RANAPASS_PDL=0: Inductor launches "
+                         "the traced kernels itself)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args()
     try:

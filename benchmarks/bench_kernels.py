@@ -13,7 +13,8 @@ One run does, in order:
    and written to ``tuned.json`` (``bench_decode.py --tuned`` loads it);
 5. decode timing, bf16, batch 1/2/4/8: dense ``F.linear`` vs the adapted op at each unit shape of the
    budget-0.56 plan sizing (rank ``nB = hidden/2``), over kept densities; % of copy bandwidth on the
-   bytes each call must read (weights kept by the union of the batch's masks, B in full, inputs);
+   bytes each call must read (weights kept by the union of the batch's masks, B in full, inputs); at
+   batch 1 and the plan density also without programmatic dependent launch (``RANAPASS_PDL=0``);
 6. prefill timing (512 and 2048 tokens), bf16, dense vs adapted.
 
 Usage::
@@ -27,6 +28,7 @@ prints a short table last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -280,7 +282,10 @@ def pair_timing(gen: torch.Generator, bw: float, models) -> list[dict]:
         two = time_graph([lambda g=g, u=u, i=i: (g.op(i), u.op(i)) for g, u, i in zip(gs, us, inps)])
         one = time_graph([lambda g=g, u=u, i=i: pair_op(g, u, i[0]) for g, u, i in zip(gs, us, inps)])
         dense = time_graph([lambda g=g, u=u, i=i: (g.dense(i), u.dense(i)) for g, u, i in zip(gs, us, inps)])
-        for kind, t in (("dense gate + up", dense), ("two rank_adapter ops", two), ("rank_adapter_pair", one)):
+        with pdl_off():
+            one_off = time_graph([lambda g=g, u=u, i=i: pair_op(g, u, i[0]) for g, u, i in zip(gs, us, inps)])
+        for kind, t in (("dense gate + up", dense), ("two rank_adapter ops", two), ("rank_adapter_pair", one),
+                        ("rank_adapter_pair (no PDL)", one_off)):
             rows.append({"model": model.name, "unit": "gate+up", "kernel": kind, "us": t, "x_dense": dense / t,
                          "floor_us": floor_us, "bound_ratio": t / floor_us if kind != "dense gate + up" else math.nan})
         del gs, us
@@ -330,6 +335,20 @@ def check_compile(gen: torch.Generator) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ timing
+@contextlib.contextmanager
+def pdl_off():
+    """Launch without programmatic dependent launch (``RANAPASS_PDL=0``) inside the block."""
+    before = os.environ.get("RANAPASS_PDL")
+    os.environ["RANAPASS_PDL"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["RANAPASS_PDL"]
+        else:
+            os.environ["RANAPASS_PDL"] = before
+
+
 def time_units(units: list[Unit], T: int, gen, fn) -> tuple[float, list]:
     inps = [u.inputs(T, gen) for u in units]
     return time_graph([lambda u=u, i=i: fn(u, i) for u, i in zip(units, inps)]), inps
@@ -491,6 +510,11 @@ def decode_timing(gen: torch.Generator, bw: float, batches: list[int], models) -
                               "plan": d is None}
                     rows.append({**common, "kernel": kind if T == 1 else f"{kind} (GEMM)", "us": t,
                                  "x_dense": t_dense / t, "pct_bw": floor_us / t * 100, "bound_ratio": t / floor_us})
+                    if T == 1 and d is None:  # the same op without programmatic dependent launch
+                        with pdl_off():
+                            tn = time_graph([lambda c=c, i=i: c.op(i) for c, i in zip(cs, inps)])
+                        rows.append({**common, "kernel": f"{kind} (no PDL)", "us": tn, "x_dense": t_dense / tn,
+                                     "pct_bw": floor_us / tn * 100, "bound_ratio": tn / floor_us})
                     if T > 1:  # the row-skipping union kernels at the same inputs
                         tu = time_graph([lambda c=c, i=i: c.union(i) for c, i in zip(cs, inps)])
                         rows.append({**common, "kernel": f"{kind} (union)", "us": tu, "x_dense": t_dense / tu,
@@ -629,9 +653,9 @@ def tune_summary(rows: list[dict]) -> str:
 
 def summary(res: dict) -> str:
     rows = [r for r in res["decode"] if r["T"] == 1 and (r["kernel"] == "dense" or r.get("plan"))]
-    lines = ["", f"{'model':<11} {'unit':<5} {'kernel':<7} {'dens':>5} {'us':>7} {'x dense':>7} {'%BW':>5} {'t/floor':>7}"]
+    lines = ["", f"{'model':<11} {'unit':<5} {'kernel':<16} {'dens':>5} {'us':>7} {'x dense':>7} {'%BW':>5} {'t/floor':>7}"]
     for r in rows:
-        lines.append(f"{r['model']:<11} {r['unit']:<5} {r['kernel']:<7} {r['density']:>5.2f} {r['us']:>7.2f} "
+        lines.append(f"{r['model']:<11} {r['unit']:<5} {r['kernel']:<16} {r['density']:>5.2f} {r['us']:>7.2f} "
                      f"{r['x_dense']:>7.2f} {r['pct_bw']:>5.0f} {r['bound_ratio']:>7.2f}")
     ok = sum(r["ok"] for r in res["check"])
     lines.append(f"check {ok}/{len(res['check'])} ok; compile {res['compile']}; copy {res['copy_gbps_start']:.0f}/"

@@ -8,6 +8,11 @@ One decode token (up to 8 with an explicit config) takes two launches::
                         y = (keep * z) @ At + bias            # rows of At (ranks) nobody kept are never read;
                                                               # the last split of a tile sums the partials
 
+With programmatic dependent launch (sm_90+, launch.use_pdl) the masked GEMV launches while the
+router runs and waits for it in hardware, and the router requests its first slice of ``B`` before it
+waits for the kernel that wrote ``x``, so its weight stream starts while that kernel drains. ``B``
+must therefore be a weight: not written by the kernel launched just before the op on its stream.
+
 The router is always paid (``B`` is read in full: it decides the mask). Its partial sums are summed
 in the masked GEMV's load stage, so the flags cost no launch and no extra pass; shapes never depend
 on the mask (flags, not index lists), so the whole thing is CUDA-graph safe. More tokens run cuBLAS
@@ -25,9 +30,10 @@ import triton
 import triton.language as tl
 
 from ranapass.kernels.configs import KernelConfig, rank_adapter_configs, use_kernels
-from ranapass.kernels.launch import flatten_tokens, launch
+from ranapass.kernels.launch import flatten_tokens, launch, use_pdl
 from ranapass.kernels.masked_gemv import PROLOGUE_RANK, masked_gemv, masked_gemv_pair
 from ranapass.kernels.masked_gemm import rank_adapter_gemm
+from ranapass.kernels.primitives import launch_dependents, wait_for_prior_grid
 
 __all__ = ["router_kernel", "rank_adapter", "rank_adapter_pair"]
 
@@ -42,20 +48,20 @@ def router_kernel(
     N_TICKETS,
     stride_xt, stride_br,
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,              # launched with programmatic dependent launch (primitives.py)
 ):
     """``zpart[s, t, r] = sum over this split's inputs k of x[t, k] * B[r, k]`` (fp32 multiply-add).
 
     One launch serves one rank adapter (``B2`` is ``B``, ``R1 = R``) or two that read the same input
     (``B`` then ``B2`` stacked in ``z``, as gate and up of a gated MLP). Program (0, 0) also zeroes the
     tickets of the masked GEMV launched next (masked_gemv.py), so that kernel needs no fill launch.
+    Each program loads its next slice of ``B`` while it multiplies the current one; the first slice is
+    requested before the wait for the kernel that wrote ``x`` (``B`` is a weight: nobody writes it).
     """
     # ---------------------------------------------------------------- program -> tiles
+    launch_dependents(PDL)          # the masked GEMV may launch now; it waits for this kernel
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
-    if pid_r + pid_s == 0:
-        for i in range(0, N_TICKETS, 128):
-            offs_i = i + tl.arange(0, 128)
-            tl.store(ticket_ptr + offs_i, tl.zeros((128,), dtype=tl.int32), mask=offs_i < N_TICKETS)
     second = pid_r >= TILES1
     r0 = tl.where(second, R1, 0)    # this program's first rank in z
     rows = tl.where(second, R - R1, R1)
@@ -73,11 +79,22 @@ def router_kernel(
         acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
     k_lo = pid_s * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, N)
+    b_rows = b_ptr + offs_r[:, None] * stride_br
+    offs_k = k_lo + tl.arange(0, BLOCK_K)
+    b = tl.load(b_rows + offs_k[None, :], mask=r_ok[:, None] & (offs_k < k_hi)[None, :], other=0.0,
+                eviction_policy="evict_first")
+    wait_for_prior_grid(PDL)        # x and the memory written below belong to earlier kernels until now
+    if pid_r + pid_s == 0:
+        for i in range(0, N_TICKETS, 128):
+            offs_i = i + tl.arange(0, 128)
+            tl.store(ticket_ptr + offs_i, tl.zeros((128,), dtype=tl.int32), mask=offs_i < N_TICKETS)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < k_hi
-        b = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :],
-                    other=0.0, eviction_policy="evict_first").to(tl.float32)
+        offs_next = offs_k + BLOCK_K  # the next slice of B, in flight during this slice's multiply-add
+        b_next = tl.load(b_rows + offs_next[None, :], mask=r_ok[:, None] & (offs_next < k_hi)[None, :], other=0.0,
+                         eviction_policy="evict_first")
+        b = b.to(tl.float32)
         if BLOCK_T == 1:
             x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
             acc += tl.sum(b * x[None, :], axis=1)
@@ -85,6 +102,7 @@ def router_kernel(
             x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :],
                         other=0.0, eviction_policy="evict_last").to(tl.float32)
             acc += tl.sum(x[:, None, :] * b[None, :, :], axis=2)
+        b = b_next
 
     # ---------------------------------------------------------------- store this split's partial z
     z_ptr = zpart_ptr + pid_s * T * R + r0
@@ -113,10 +131,11 @@ def _router(x2: torch.Tensor, Bs: list[torch.Tensor], rc: KernelConfig, n_ticket
     zpart = torch.empty((z_splits, T, R), device=x2.device, dtype=torch.float32)
     tickets = torch.empty(n_tickets, device=x2.device, dtype=torch.int32)
     tiles1 = triton.cdiv(R1, rc.block_n)
+    pdl = use_pdl(x2.device)
     launch(router_kernel)[(tiles1 + triton.cdiv(R - R1, rc.block_n), z_splits)](
         x2, Bs[0], Bs[-1], zpart, tickets, T, n, R, R1, tiles1, k_per_split, n_tickets, x2.stride(0),
-        Bs[0].stride(0), BLOCK_T=triton.next_power_of_2(T), BLOCK_R=rc.block_n, BLOCK_K=rc.block_k,
-        num_warps=rc.num_warps, num_stages=rc.num_stages)
+        Bs[0].stride(0), BLOCK_T=triton.next_power_of_2(T), BLOCK_R=rc.block_n, BLOCK_K=rc.block_k, PDL=pdl,
+        num_warps=rc.num_warps, num_stages=rc.num_stages, **({"launch_pdl": True} if pdl else {}))
     return zpart, tickets
 
 
