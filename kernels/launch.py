@@ -44,14 +44,17 @@ def launch_opaque(device: torch.device) -> bool:
     """Should a decode op being traced by torch.compile hand Inductor an opaque op (ops.py) that launches
     its kernels directly, instead of the kernels themselves?
 
-    Yes when the kernels can use programmatic dependent launch and Inductor will run the graph under
-    CUDA graphs (``mode="reduce-overhead"``): replays pay no host cost for the opaque call, and the
-    direct launch is the one that can overlap each kernel's start with the end of the one before.
-    Without CUDA graphs Inductor's own launcher is cheaper on the host, so it launches the kernels.
+    Yes when Inductor runs the graph under CUDA graphs (``mode="reduce-overhead"``) with programmatic
+    dependent launch for its own kernels (``triton.enable_pdl``, ``TORCHINDUCTOR_ENABLE_PDL=1``) and
+    the card has it: replays pay no host cost for the opaque call, and the direct launch is the one
+    that can overlap each kernel's start with the end of the one before. Without PDL in Inductor's
+    kernels around them, the opaque ops measured no faster (benchmarks/RESULTS.md), and Inductor's own
+    launcher, which fuses the neuron ops' ticket fill into its kernels, is the better choice.
     """
     from torch._inductor import config
 
-    return is_wrap_triton_enabled() and bool(config.triton.cudagraphs) and pdl_supported(device)
+    return (is_wrap_triton_enabled() and bool(config.triton.cudagraphs)
+            and bool(getattr(config.triton, "enable_pdl", False)) and pdl_supported(device))
 
 
 @contextlib.contextmanager

@@ -7,10 +7,12 @@ the kernels never sync with the host (static shapes, CUDA-graph safe). One decod
 row-skipping kernels with tiles chosen from the weight shapes (configs.py); more tokens (batched
 decode, prefill) run cuBLAS GEMMs on the masked inputs (masked_gemm.py).
 
-Under CUDA graphs on sm_90+ (``launch.launch_opaque``) a traced decode call becomes one opaque
-``*_decode`` op instead of its kernels: Inductor calls it, it launches the kernels directly with
-programmatic dependent launch (kernels/primitives.py), and the graph replays pay nothing for the
-Python in between. Weights passed to these ops must not be written by the kernel just before them.
+When Inductor runs a graph under CUDA graphs with programmatic dependent launch on sm_90+
+(``launch.launch_opaque``: ``mode="reduce-overhead"`` and ``TORCHINDUCTOR_ENABLE_PDL=1``), a traced
+decode call becomes one opaque ``*_decode`` op instead of its kernels: Inductor calls it, it launches
+the kernels directly with PDL (kernels/primitives.py), which Inductor's launcher for user kernels
+cannot, and the graph replays pay nothing for the Python in between. Their rank routers read ``B``
+before the previous kernel ends: ``B`` must be a weight no kernel writes (a graph parameter).
 """
 
 from __future__ import annotations
@@ -112,9 +114,9 @@ def _out(x: torch.Tensor, m: int) -> torch.Tensor:
 @torch.library.custom_op("ranapass::rank_adapter_decode", mutates_args=())
 def rank_adapter_decode(x: torch.Tensor, B: torch.Tensor, At: torch.Tensor, thresholds: torch.Tensor,
                         bias: torch.Tensor | None) -> torch.Tensor:
-    """``rank_adapter``'s decode kernels, launched directly."""
+    """``rank_adapter``'s decode kernels, launched directly (``B`` a frozen weight)."""
     with direct_launch():
-        return _rank.rank_adapter(x, B, At, thresholds, bias)
+        return _rank.rank_adapter(x, B, At, thresholds, bias, frozen_weights=True)
 
 
 @rank_adapter_decode.register_fake
@@ -127,9 +129,10 @@ def rank_adapter_pair_decode(x: torch.Tensor, B1: torch.Tensor, At1: torch.Tenso
                              bias1: torch.Tensor | None, B2: torch.Tensor, At2: torch.Tensor,
                              thresholds2: torch.Tensor, bias2: torch.Tensor | None) -> tuple[torch.Tensor,
                                                                                              torch.Tensor]:
-    """``rank_adapter_pair``'s decode kernels, launched directly."""
+    """``rank_adapter_pair``'s decode kernels, launched directly (``B1``, ``B2`` frozen weights)."""
     with direct_launch():
-        return _rank.rank_adapter_pair(x, (B1, At1, thresholds1, bias1), (B2, At2, thresholds2, bias2))
+        return _rank.rank_adapter_pair(x, (B1, At1, thresholds1, bias1), (B2, At2, thresholds2, bias2),
+                                       frozen_weights=True)
 
 
 @rank_adapter_pair_decode.register_fake

@@ -124,7 +124,7 @@ def test_router_compiles(tokens, dtype, block_r, block_k, warps, pdl):
     compiled = _compile(router_kernel,
                         {"x_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "b2_ptr": f"*{dtype}", "zpart_ptr": "*fp32",
                          "ticket_ptr": "*i32"},
-                        {"BLOCK_T": tokens, "BLOCK_R": block_r, "BLOCK_K": block_k, "PDL": pdl},
+                        {"BLOCK_T": tokens, "BLOCK_R": block_r, "BLOCK_K": block_k, "PDL": pdl, "EARLY_B": pdl},
                         warps)
     sass = _sass(compiled)
     if tokens == 1 and dtype == "bf16" and sass is not None:

@@ -49,7 +49,8 @@ def test_rank_adapter_pair_is_two_rank_adapters(dtype, with_bias):
 
 
 def test_traced_decode_calls_become_opaque_ops_only_under_cuda_graphs_with_pdl(monkeypatch):
-    """``launch_opaque``: a traced decode call becomes its ``*_decode`` op only with CUDA graphs and PDL."""
+    """``launch_opaque``: a traced decode call becomes its ``*_decode`` op only with CUDA graphs and PDL
+    in Inductor's kernels, on a card that has it."""
     from torch._inductor import config
     from torch._library.triton import set_wrap_triton_enabled
 
@@ -57,15 +58,17 @@ def test_traced_decode_calls_become_opaque_ops_only_under_cuda_graphs_with_pdl(m
 
     cuda = torch.device("cuda")
     monkeypatch.setattr(launch, "pdl_supported", lambda device: device.type == "cuda")
+    both = {"triton.cudagraphs": True, "triton.enable_pdl": True}
     with set_wrap_triton_enabled(True):  # what torch.compile's tracing of a triton_op sets
-        with config.patch({"triton.cudagraphs": True}):
+        with config.patch(both):
             assert launch.launch_opaque(cuda)
-        with config.patch({"triton.cudagraphs": False}):
-            assert not launch.launch_opaque(cuda)
-    with set_wrap_triton_enabled(False), config.patch({"triton.cudagraphs": True}):  # eager: launched directly
+        for off in ("triton.cudagraphs", "triton.enable_pdl"):
+            with config.patch({**both, off: False}):
+                assert not launch.launch_opaque(cuda)
+    with set_wrap_triton_enabled(False), config.patch(both):  # eager: launched directly
         assert not launch.launch_opaque(cuda)
     monkeypatch.setattr(launch, "pdl_supported", lambda device: False)
-    with set_wrap_triton_enabled(True), config.patch({"triton.cudagraphs": True}):
+    with set_wrap_triton_enabled(True), config.patch(both):
         assert not launch.launch_opaque(cuda)
 
     monkeypatch.setattr(ops, "launch_opaque", lambda device: True)  # only decode token counts go opaque
