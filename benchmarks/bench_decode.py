@@ -14,12 +14,15 @@ Both variants run the same harness (reference/gpu_dense_decode.md): a ``StaticCa
 eager prefill, then ``torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)`` — with
 ``backend=RanaBackend(strict=True)`` for ranapass — timed over ``--steps`` greedy decode steps (CUDA
 events, argmax included), median of 3 repeats. Cudagraph skips, graph breaks and recompiles come
-from Dynamo's counters; a per-kernel profile of one step says where the time goes.
+from Dynamo's counters; a per-kernel profile of one step says where the time goes. ``--inductor-pdl``
+turns on programmatic dependent launch in Inductor's kernels for every variant, dense included (the
+same compile options for both), which is when ranapass hands Inductor its opaque PDL decode ops.
 
 Usage::
 
     python benchmarks/bench_decode.py [--model llama2-7b|llama3-8b|smollm2] [--layers N]
-        [--batches 1 2 4 8] [--budget 0.56] [--max-cache-len 2048] [--tuned tuned.json] [--unpaired] [--out DIR]
+        [--batches 1 2 4 8] [--budget 0.56] [--max-cache-len 2048] [--tuned tuned.json] [--unpaired] [--inductor-pdl] [--no-pdl]
+        [--out DIR]
 """
 
 from __future__ import annotations
@@ -270,13 +273,15 @@ def run_model(shape: ModelShape, layers: int, batches: list[int], args) -> list[
     for batch in batches:
         prompt = torch.randint(0, shape.vocab, (batch, args.prompt_len), device="cuda", generator=gen)
         variants = ["dense", "ranapass"] + (["ranapass, gate and up unpaired"] if args.unpaired and batch == 1 else [])
+        variants += ["ranapass, no PDL"] if args.no_pdl and batch == 1 else []
         for variant in variants:
             torch._dynamo.reset()
             counters.clear()
+            os.environ["RANAPASS_PDL"] = "0" if variant == "ranapass, no PDL" else "1"
             backend = None
             if variant != "dense":
                 attach(model, plan)
-                backend = RanaBackend(strict=True, pair_rank_adapters=variant == "ranapass")
+                backend = RanaBackend(strict=True, pair_rank_adapters=variant != "ranapass, gate and up unpaired")
             dec = Decoder(model, batch, args.max_cache_len, backend)
             r = time_decode(dec, prompt, args.steps)
             if backend is not None:
@@ -315,12 +320,21 @@ def main() -> None:
     ap.add_argument("--tuned", help="tile table written by bench_kernels.py --tune (into configs.TUNED)")
     ap.add_argument("--unpaired", action="store_true",
                     help="batch 1 also without rank_adapter_pair (gate and up in launches of their own)")
+    ap.add_argument("--inductor-pdl", action="store_true",
+                    help="every variant with programmatic dependent launch in Inductor's kernels "
+                         "(triton.enable_pdl, as TORCHINDUCTOR_ENABLE_PDL=1); ranapass's decode ops then use it too")
+    ap.add_argument("--no-pdl", action="store_true",
+                    help="batch 1 also with RANAPASS_PDL=0 (Inductor launches the traced kernels itself)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args()
     try:
         import ranapass.backend  # noqa: F401
     except ImportError as e:
         raise SystemExit(f"bench_decode.py needs ranapass.backend (the torch.compile backend): {e}") from e
+    if args.inductor_pdl:
+        from torch._inductor import config as inductor_config
+
+        inductor_config.triton.enable_pdl = True
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res = {"env": env_info(), "copy_gbps": copy_bandwidth(), "args": vars(args), "runs": []}

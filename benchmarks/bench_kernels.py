@@ -13,7 +13,9 @@ One run does, in order:
    and written to ``tuned.json`` (``bench_decode.py --tuned`` loads it);
 5. decode timing, bf16, batch 1/2/4/8: dense ``F.linear`` vs the adapted op at each unit shape of the
    budget-0.56 plan sizing (rank ``nB = hidden/2``), over kept densities; % of copy bandwidth on the
-   bytes each call must read (weights kept by the union of the batch's masks, B in full, inputs);
+   bytes each call must read (weights kept by the union of the batch's masks, B in full, inputs); at
+   batch 1 and the plan density also the opaque ``*_decode`` op (what a compiled graph calls with Inductor's
+   PDL on) and the op without programmatic dependent launch (``RANAPASS_PDL=0``);
 6. prefill timing (512 and 2048 tokens), bf16, dense vs adapted.
 
 Usage::
@@ -27,6 +29,7 @@ prints a short table last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -130,6 +133,14 @@ class Unit:
             return OPS.gated_neuron_adapter(inp[0], inp[1], self.Wt, self.thr, self.bias, "silu")
         return OPS.neuron_adapter(inp[0], self.Wt, self.thr, self.bias)
 
+    def decode_op(self, inp: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The opaque decode op a compiled graph calls under CUDA graphs with Inductor's PDL (ops.py)."""
+        if self.u.kind == "rank":
+            return OPS.rank_adapter_decode(inp[0], self.B, self.At, self.thr, self.bias)
+        if self.u.gated:
+            return OPS.gated_neuron_adapter_decode(inp[0], inp[1], self.Wt, self.thr, self.bias, "silu")
+        return OPS.neuron_adapter_decode(inp[0], self.Wt, self.thr, self.bias)
+
     def launch(self, inp, config) -> torch.Tensor:
         """The launcher with an explicit tile config (sweeps)."""
         with direct_launch():
@@ -231,10 +242,10 @@ def check(gen: torch.Generator, quick: bool) -> list[dict]:
     return rows
 
 
-def pair_op(first: Unit, second: Unit, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two rank units on one input through ``rank_adapter_pair`` (gate and up)."""
-    return OPS.rank_adapter_pair(x, first.B, first.At, first.thr, first.bias, second.B, second.At, second.thr,
-                                 second.bias)
+def pair_op(first: Unit, second: Unit, x: torch.Tensor, op=OPS.rank_adapter_pair) -> tuple[torch.Tensor,
+                                                                                               torch.Tensor]:
+    """Two rank units on one input through ``rank_adapter_pair`` (gate and up), or its decode op."""
+    return op(x, first.B, first.At, first.thr, first.bias, second.B, second.At, second.thr, second.bias)
 
 
 def check_pair(gen: torch.Generator) -> list[dict]:
@@ -280,7 +291,12 @@ def pair_timing(gen: torch.Generator, bw: float, models) -> list[dict]:
         two = time_graph([lambda g=g, u=u, i=i: (g.op(i), u.op(i)) for g, u, i in zip(gs, us, inps)])
         one = time_graph([lambda g=g, u=u, i=i: pair_op(g, u, i[0]) for g, u, i in zip(gs, us, inps)])
         dense = time_graph([lambda g=g, u=u, i=i: (g.dense(i), u.dense(i)) for g, u, i in zip(gs, us, inps)])
-        for kind, t in (("dense gate + up", dense), ("two rank_adapter ops", two), ("rank_adapter_pair", one)):
+        one_dec = time_graph([lambda g=g, u=u, i=i: pair_op(g, u, i[0], OPS.rank_adapter_pair_decode)
+                              for g, u, i in zip(gs, us, inps)])
+        with pdl_off():
+            one_off = time_graph([lambda g=g, u=u, i=i: pair_op(g, u, i[0]) for g, u, i in zip(gs, us, inps)])
+        for kind, t in (("dense gate + up", dense), ("two rank_adapter ops", two), ("rank_adapter_pair", one),
+                        ("rank_adapter_pair_decode", one_dec), ("rank_adapter_pair (no PDL)", one_off)):
             rows.append({"model": model.name, "unit": "gate+up", "kernel": kind, "us": t, "x_dense": dense / t,
                          "floor_us": floor_us, "bound_ratio": t / floor_us if kind != "dense gate + up" else math.nan})
         del gs, us
@@ -330,6 +346,20 @@ def check_compile(gen: torch.Generator) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ timing
+@contextlib.contextmanager
+def pdl_off():
+    """Launch without programmatic dependent launch (``RANAPASS_PDL=0``) inside the block."""
+    before = os.environ.get("RANAPASS_PDL")
+    os.environ["RANAPASS_PDL"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["RANAPASS_PDL"]
+        else:
+            os.environ["RANAPASS_PDL"] = before
+
+
 def time_units(units: list[Unit], T: int, gen, fn) -> tuple[float, list]:
     inps = [u.inputs(T, gen) for u in units]
     return time_graph([lambda u=u, i=i: fn(u, i) for u, i in zip(units, inps)]), inps
@@ -491,6 +521,13 @@ def decode_timing(gen: torch.Generator, bw: float, batches: list[int], models) -
                               "plan": d is None}
                     rows.append({**common, "kernel": kind if T == 1 else f"{kind} (GEMM)", "us": t,
                                  "x_dense": t_dense / t, "pct_bw": floor_us / t * 100, "bound_ratio": t / floor_us})
+                    if T == 1 and d is None:  # the decode op of compiled graphs; the op without PDL
+                        td = time_graph([lambda c=c, i=i: c.decode_op(i) for c, i in zip(cs, inps)])
+                        with pdl_off():
+                            tn = time_graph([lambda c=c, i=i: c.op(i) for c, i in zip(cs, inps)])
+                        for label, tx in (("decode op", td), ("no PDL", tn)):
+                            rows.append({**common, "kernel": f"{kind} ({label})", "us": tx, "x_dense": t_dense / tx,
+                                         "pct_bw": floor_us / tx * 100, "bound_ratio": tx / floor_us})
                     if T > 1:  # the row-skipping union kernels at the same inputs
                         tu = time_graph([lambda c=c, i=i: c.union(i) for c, i in zip(cs, inps)])
                         rows.append({**common, "kernel": f"{kind} (union)", "us": tu, "x_dense": t_dense / tu,
@@ -629,9 +666,9 @@ def tune_summary(rows: list[dict]) -> str:
 
 def summary(res: dict) -> str:
     rows = [r for r in res["decode"] if r["T"] == 1 and (r["kernel"] == "dense" or r.get("plan"))]
-    lines = ["", f"{'model':<11} {'unit':<5} {'kernel':<7} {'dens':>5} {'us':>7} {'x dense':>7} {'%BW':>5} {'t/floor':>7}"]
+    lines = ["", f"{'model':<11} {'unit':<5} {'kernel':<18} {'dens':>5} {'us':>7} {'x dense':>7} {'%BW':>5} {'t/floor':>7}"]
     for r in rows:
-        lines.append(f"{r['model']:<11} {r['unit']:<5} {r['kernel']:<7} {r['density']:>5.2f} {r['us']:>7.2f} "
+        lines.append(f"{r['model']:<11} {r['unit']:<5} {r['kernel']:<18} {r['density']:>5.2f} {r['us']:>7.2f} "
                      f"{r['x_dense']:>7.2f} {r['pct_bw']:>5.0f} {r['bound_ratio']:>7.2f}")
     ok = sum(r["ok"] for r in res["check"])
     lines.append(f"check {ok}/{len(res['check'])} ok; compile {res['compile']}; copy {res['copy_gbps_start']:.0f}/"

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
+from torch._library.triton import is_wrap_triton_enabled
 
 from ranapass.capabilities import triton_interpret
 
-__all__ = ["launch", "direct_launch", "flatten_tokens"]
+__all__ = ["launch", "direct_launch", "flatten_tokens", "pdl_supported", "use_pdl", "launch_opaque"]
 
 
 def launch(kernel):
@@ -21,6 +23,38 @@ def launch(kernel):
     if triton_interpret():
         return kernel
     return torch.library.wrap_triton(kernel)
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Can kernels on ``device`` use programmatic dependent launch (kernels/primitives.py)?
+
+    Yes on sm_90 and newer, outside the interpreter, unless ``RANAPASS_PDL=0``.
+    """
+    return (device.type == "cuda" and not triton_interpret() and os.environ.get("RANAPASS_PDL", "1") != "0"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Launch this kernel with ``launch_pdl=True``? Only when it is launched directly: Inductor's
+    launcher for a kernel it traced passes no launch attributes (see ``launch_opaque``)."""
+    return pdl_supported(device) and not is_wrap_triton_enabled()
+
+
+def launch_opaque(device: torch.device) -> bool:
+    """Should a decode op being traced by torch.compile hand Inductor an opaque op (ops.py) that launches
+    its kernels directly, instead of the kernels themselves?
+
+    Yes when Inductor runs the graph under CUDA graphs (``mode="reduce-overhead"``) with programmatic
+    dependent launch for its own kernels (``triton.enable_pdl``, ``TORCHINDUCTOR_ENABLE_PDL=1``) and
+    the card has it: replays pay no host cost for the opaque call, and the direct launch is the one
+    that can overlap each kernel's start with the end of the one before. Without PDL in Inductor's
+    kernels around them, the opaque ops measured no faster (benchmarks/RESULTS.md), and Inductor's own
+    launcher, which fuses the neuron ops' ticket fill into its kernels, is the better choice.
+    """
+    from torch._inductor import config
+
+    return (is_wrap_triton_enabled() and bool(config.triton.cudagraphs)
+            and bool(getattr(config.triton, "enable_pdl", False)) and pdl_supported(device))
 
 
 @contextlib.contextmanager

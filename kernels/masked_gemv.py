@@ -58,8 +58,8 @@ import triton.language as tl
 
 from ranapass.capabilities import triton_interpret
 from ranapass.kernels.configs import KernelConfig
-from ranapass.kernels.launch import launch
-from ranapass.kernels.primitives import cast
+from ranapass.kernels.launch import launch, use_pdl
+from ranapass.kernels.primitives import cast, launch_dependents, wait_for_prior_grid
 
 __all__ = ["masked_gemv", "masked_gemv_pair", "masked_gemv_kernel", "split_sum_kernel", "PROLOGUE_RANK", "PROLOGUE_NEURON",
            "PROLOGUE_GATED", "ACTIVATIONS"]
@@ -194,8 +194,12 @@ def masked_gemv_kernel(
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_S: tl.constexpr,          # splits summed per load by the last program
     GROUPED: tl.constexpr,          # two units in one launch (two rank adapters sharing one router launch)
+    PDL: tl.constexpr,              # launched with programmatic dependent launch (primitives.py)
     INTERPRETER: tl.constexpr,
 ):
+    # ---------------------------------------------------------------- wait for the kernel before
+    launch_dependents(PDL)          # the next kernel may launch now (it waits for this one)
+    wait_for_prior_grid(PDL)        # the inputs (router partials, x) and the tickets are ready
     # ---------------------------------------------------------------- program -> unit and tiles
     tile = tl.program_id(0)         # the output tile's ticket (tiles of both units, when GROUPED)
     pid_m = tile
@@ -354,6 +358,7 @@ def _launch(a, b, stride_ap, a2_off, units, out_dtype, cfg, prologue, activation
     # the last program sums BLOCK_S splits per load: 32 fp32 values per thread (not tied to the split count,
     # so that one compiled kernel serves every split count)
     block_s = max(1, 1024 * cfg.num_warps // (block_t * cfg.block_n))
+    pdl = use_pdl(device)
     launch(masked_gemv_kernel)[(sum(tiles), splits)](
         a, b, thr1, W1, y1 if bias1 is None else bias1, part, tickets, y1,
         thr2, W2, y2 if bias2 is None else bias2, y2,
@@ -361,7 +366,8 @@ def _launch(a, b, stride_ap, a2_off, units, out_dtype, cfg, prologue, activation
         W2.shape[0], W2.shape[1], W2.stride(0), tiles[0], a2_off, splits * T * widths[0],
         IN_SPLITS=in_splits, PROLOGUE=prologue, ACTIVATION=activation, HAS_BIAS=bias1 is not None, FUSED_SUM=fused,
         PREFETCH=cfg.prefetch, BLOCK_T=block_t, BLOCK_K=cfg.block_k, BLOCK_M=cfg.block_n, BLOCK_S=block_s,
-        GROUPED=len(units) == 2, INTERPRETER=triton_interpret(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        GROUPED=len(units) == 2, PDL=pdl, INTERPRETER=triton_interpret(), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **({"launch_pdl": True} if pdl else {}))
     if not fused:
         start = 0
         for (_, _, bias), y, m in zip(units, ys, widths):

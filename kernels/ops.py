@@ -6,6 +6,13 @@ reference math, which Inductor's C++ backend compiles. Output shapes never depen
 the kernels never sync with the host (static shapes, CUDA-graph safe). One decode token runs the
 row-skipping kernels with tiles chosen from the weight shapes (configs.py); more tokens (batched
 decode, prefill) run cuBLAS GEMMs on the masked inputs (masked_gemm.py).
+
+When Inductor runs a graph under CUDA graphs with programmatic dependent launch on sm_90+
+(``launch.launch_opaque``: ``mode="reduce-overhead"`` and ``TORCHINDUCTOR_ENABLE_PDL=1``), a traced
+decode call becomes one opaque ``*_decode`` op instead of its kernels: Inductor calls it, it launches
+the kernels directly with PDL (kernels/primitives.py), which Inductor's launcher for user kernels
+cannot, and the graph replays pay nothing for the Python in between. Their rank routers read ``B``
+before the previous kernel ends: ``B`` must be a weight no kernel writes (a graph parameter).
 """
 
 from __future__ import annotations
@@ -14,9 +21,16 @@ import torch
 
 from ranapass.kernels import neuron_adapter as _neuron
 from ranapass.kernels import rank_adapter as _rank
+from ranapass.kernels.configs import use_kernels
+from ranapass.kernels.launch import direct_launch, launch_opaque
 from ranapass.kernels.reference import gated_activation, neuron_adapter_reference, rank_adapter_reference
 
 __all__ = ["rank_adapter", "rank_adapter_pair", "neuron_adapter", "gated_neuron_adapter"]
+
+
+def _opaque(x: torch.Tensor) -> bool:
+    """Is this traced call a decode call that should become its opaque ``*_decode`` op?"""
+    return use_kernels(x.numel() // max(1, x.shape[-1]), None) and launch_opaque(x.device)
 
 
 @torch.library.triton_op("ranapass::rank_adapter", mutates_args=())
@@ -30,6 +44,8 @@ def rank_adapter(
     """``y = At^T (keep * B x) + bias`` with ``keep = |B x| >= thresholds``; see kernels/reference.py."""
     if x.device.type != "cuda":
         return rank_adapter_reference(x, B, At, thresholds, bias)
+    if _opaque(x):
+        return rank_adapter_decode(x, B, At, thresholds, bias)
     return _rank.rank_adapter(x, B, At, thresholds, bias)
 
 
@@ -49,6 +65,8 @@ def rank_adapter_pair(
     first, second = (B1, At1, thresholds1, bias1), (B2, At2, thresholds2, bias2)
     if x.device.type != "cuda":
         return rank_adapter_reference(x, *first), rank_adapter_reference(x, *second)
+    if _opaque(x):
+        return rank_adapter_pair_decode(x, *first, *second)
     return _rank.rank_adapter_pair(x, first, second)
 
 
@@ -62,6 +80,8 @@ def neuron_adapter(
     """``y = (keep * x) Wt + bias`` with ``keep = |x| >= thresholds``; see kernels/reference.py."""
     if x.device.type != "cuda":
         return neuron_adapter_reference(x, Wt, thresholds, bias)
+    if _opaque(x):
+        return neuron_adapter_decode(x, Wt, thresholds, bias)
     return _neuron.neuron_adapter(x, Wt, thresholds, bias)
 
 
@@ -77,4 +97,70 @@ def gated_neuron_adapter(
     """Neuron adapter on ``h = act(gate) * up``: the down projection of a gated MLP with its middle fused."""
     if gate.device.type != "cuda":
         return neuron_adapter_reference(gated_activation(gate, up, activation), Wt, thresholds, bias)
+    if _opaque(gate):
+        return gated_neuron_adapter_decode(gate, up, Wt, thresholds, bias, activation)
     return _neuron.gated_neuron_adapter(gate, up, Wt, thresholds, bias, activation)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The decode launches as opaque ops (see the module docstring). Each runs the launcher directly; the
+# launchers run on CPU tensors too under TRITON_INTERPRET=1, which is how CI tests these ops.
+
+
+def _out(x: torch.Tensor, m: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], m)
+
+
+@torch.library.custom_op("ranapass::rank_adapter_decode", mutates_args=())
+def rank_adapter_decode(x: torch.Tensor, B: torch.Tensor, At: torch.Tensor, thresholds: torch.Tensor,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+    """``rank_adapter``'s decode kernels, launched directly (``B`` a frozen weight)."""
+    with direct_launch():
+        return _rank.rank_adapter(x, B, At, thresholds, bias, frozen_weights=True)
+
+
+@rank_adapter_decode.register_fake
+def _(x, B, At, thresholds, bias):
+    return _out(x, At.shape[1])
+
+
+@torch.library.custom_op("ranapass::rank_adapter_pair_decode", mutates_args=())
+def rank_adapter_pair_decode(x: torch.Tensor, B1: torch.Tensor, At1: torch.Tensor, thresholds1: torch.Tensor,
+                             bias1: torch.Tensor | None, B2: torch.Tensor, At2: torch.Tensor,
+                             thresholds2: torch.Tensor, bias2: torch.Tensor | None) -> tuple[torch.Tensor,
+                                                                                             torch.Tensor]:
+    """``rank_adapter_pair``'s decode kernels, launched directly (``B1``, ``B2`` frozen weights)."""
+    with direct_launch():
+        return _rank.rank_adapter_pair(x, (B1, At1, thresholds1, bias1), (B2, At2, thresholds2, bias2),
+                                       frozen_weights=True)
+
+
+@rank_adapter_pair_decode.register_fake
+def _(x, B1, At1, thresholds1, bias1, B2, At2, thresholds2, bias2):
+    return _out(x, At1.shape[1]), _out(x, At2.shape[1])
+
+
+@torch.library.custom_op("ranapass::neuron_adapter_decode", mutates_args=())
+def neuron_adapter_decode(x: torch.Tensor, Wt: torch.Tensor, thresholds: torch.Tensor,
+                          bias: torch.Tensor | None) -> torch.Tensor:
+    """``neuron_adapter``'s decode kernel, launched directly."""
+    with direct_launch():
+        return _neuron.neuron_adapter(x, Wt, thresholds, bias)
+
+
+@neuron_adapter_decode.register_fake
+def _(x, Wt, thresholds, bias):
+    return _out(x, Wt.shape[1])
+
+
+@torch.library.custom_op("ranapass::gated_neuron_adapter_decode", mutates_args=())
+def gated_neuron_adapter_decode(gate: torch.Tensor, up: torch.Tensor, Wt: torch.Tensor, thresholds: torch.Tensor,
+                                bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """``gated_neuron_adapter``'s decode kernel, launched directly."""
+    with direct_launch():
+        return _neuron.gated_neuron_adapter(gate, up, Wt, thresholds, bias, activation)
+
+
+@gated_neuron_adapter_decode.register_fake
+def _(gate, up, Wt, thresholds, bias, activation):
+    return _out(gate, Wt.shape[1])

@@ -8,6 +8,11 @@ One decode token (up to 8 with an explicit config) takes two launches::
                         y = (keep * z) @ At + bias            # rows of At (ranks) nobody kept are never read;
                                                               # the last split of a tile sums the partials
 
+With programmatic dependent launch (sm_90+, launch.use_pdl) the masked GEMV launches while the
+router runs and waits for it in hardware. With ``frozen_weights`` (the opaque decode ops of a compiled
+graph, whose weights are its parameters) the router also requests its first slice of ``B`` before it
+waits for the kernel that wrote ``x``, so its weight stream starts while that kernel drains.
+
 The router is always paid (``B`` is read in full: it decides the mask). Its partial sums are summed
 in the masked GEMV's load stage, so the flags cost no launch and no extra pass; shapes never depend
 on the mask (flags, not index lists), so the whole thing is CUDA-graph safe. More tokens run cuBLAS
@@ -25,11 +30,26 @@ import triton
 import triton.language as tl
 
 from ranapass.kernels.configs import KernelConfig, rank_adapter_configs, use_kernels
-from ranapass.kernels.launch import flatten_tokens, launch
+from ranapass.kernels.launch import flatten_tokens, launch, use_pdl
 from ranapass.kernels.masked_gemv import PROLOGUE_RANK, masked_gemv, masked_gemv_pair
 from ranapass.kernels.masked_gemm import rank_adapter_gemm
+from ranapass.kernels.primitives import launch_dependents, wait_for_prior_grid
 
 __all__ = ["router_kernel", "rank_adapter", "rank_adapter_pair"]
+
+
+@triton.jit
+def _router_step(acc, b, x_ptr, offs_t, t_ok, offs_k, k_ok, stride_xt, BLOCK_T: tl.constexpr):
+    """``acc += x[:, offs_k] @ b^T`` for one slice of B (``b [BLOCK_R, BLOCK_K]``), fp32 multiply-add."""
+    b = b.to(tl.float32)
+    if BLOCK_T == 1:
+        x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        acc += tl.sum(b * x[None, :], axis=1)
+    else:
+        x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :],
+                    other=0.0, eviction_policy="evict_last").to(tl.float32)
+        acc += tl.sum(x[:, None, :] * b[None, :, :], axis=2)
+    return acc
 
 
 @triton.jit
@@ -42,20 +62,21 @@ def router_kernel(
     N_TICKETS,
     stride_xt, stride_br,
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,              # launched with programmatic dependent launch (primitives.py)
+    EARLY_B: tl.constexpr,          # PDL: request the first slice of B before the wait (B is a frozen weight)
 ):
     """``zpart[s, t, r] = sum over this split's inputs k of x[t, k] * B[r, k]`` (fp32 multiply-add).
 
     One launch serves one rank adapter (``B2`` is ``B``, ``R1 = R``) or two that read the same input
     (``B`` then ``B2`` stacked in ``z``, as gate and up of a gated MLP). Program (0, 0) also zeroes the
     tickets of the masked GEMV launched next (masked_gemv.py), so that kernel needs no fill launch.
+    With ``EARLY_B`` each program requests its first slice of ``B`` before the wait for the kernel that
+    wrote ``x`` (only for weights no kernel writes: a compiled graph's parameters).
     """
     # ---------------------------------------------------------------- program -> tiles
+    launch_dependents(PDL)          # the masked GEMV may launch now; it waits for this kernel
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
-    if pid_r + pid_s == 0:
-        for i in range(0, N_TICKETS, 128):
-            offs_i = i + tl.arange(0, 128)
-            tl.store(ticket_ptr + offs_i, tl.zeros((128,), dtype=tl.int32), mask=offs_i < N_TICKETS)
     second = pid_r >= TILES1
     r0 = tl.where(second, R1, 0)    # this program's first rank in z
     rows = tl.where(second, R - R1, R1)
@@ -73,18 +94,25 @@ def router_kernel(
         acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
     k_lo = pid_s * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, N)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    b_rows = b_ptr + offs_r[:, None] * stride_br
+    offs_k = k_lo + tl.arange(0, BLOCK_K)  # the first slice, requested before the wait
+    k_ok = offs_k < k_hi
+    if not EARLY_B:
+        wait_for_prior_grid(PDL)    # x, B and the memory written below belong to earlier kernels until now
+    b = tl.load(b_rows + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
+    if EARLY_B:
+        wait_for_prior_grid(PDL)    # x and the memory written below belong to earlier kernels until now
+    if pid_r + pid_s == 0:
+        for i in range(0, N_TICKETS, 128):
+            offs_i = i + tl.arange(0, 128)
+            tl.store(ticket_ptr + offs_i, tl.zeros((128,), dtype=tl.int32), mask=offs_i < N_TICKETS)
+    acc = _router_step(acc, b, x_ptr, offs_t, t_ok, offs_k, k_ok, stride_xt, BLOCK_T)
+    for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < k_hi
-        b = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :],
-                    other=0.0, eviction_policy="evict_first").to(tl.float32)
-        if BLOCK_T == 1:
-            x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            acc += tl.sum(b * x[None, :], axis=1)
-        else:
-            x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :], mask=t_ok[:, None] & k_ok[None, :],
-                        other=0.0, eviction_policy="evict_last").to(tl.float32)
-            acc += tl.sum(x[:, None, :] * b[None, :, :], axis=2)
+        b = tl.load(b_rows + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0,
+                    eviction_policy="evict_first")
+        acc = _router_step(acc, b, x_ptr, offs_t, t_ok, offs_k, k_ok, stride_xt, BLOCK_T)
 
     # ---------------------------------------------------------------- store this split's partial z
     z_ptr = zpart_ptr + pid_s * T * R + r0
@@ -103,8 +131,8 @@ def _check(name: str, n: int, B: torch.Tensor, At: torch.Tensor, thresholds: tor
         raise ValueError(f"{name}: B and At must have a contiguous last dimension")
 
 
-def _router(x2: torch.Tensor, Bs: list[torch.Tensor], rc: KernelConfig, n_tickets: int) -> tuple[torch.Tensor,
-                                                                                                 torch.Tensor]:
+def _router(x2: torch.Tensor, Bs: list[torch.Tensor], rc: KernelConfig, n_tickets: int,
+            frozen_weights: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``z = B x`` of one or two ``B`` (stacked in z) as split-K partials ``[S_z, T, R]``, and zeroed tickets."""
     T, n = x2.shape
     R1, R = Bs[0].shape[0], sum(B.shape[0] for B in Bs)
@@ -113,10 +141,11 @@ def _router(x2: torch.Tensor, Bs: list[torch.Tensor], rc: KernelConfig, n_ticket
     zpart = torch.empty((z_splits, T, R), device=x2.device, dtype=torch.float32)
     tickets = torch.empty(n_tickets, device=x2.device, dtype=torch.int32)
     tiles1 = triton.cdiv(R1, rc.block_n)
+    pdl = use_pdl(x2.device)
     launch(router_kernel)[(tiles1 + triton.cdiv(R - R1, rc.block_n), z_splits)](
         x2, Bs[0], Bs[-1], zpart, tickets, T, n, R, R1, tiles1, k_per_split, n_tickets, x2.stride(0),
-        Bs[0].stride(0), BLOCK_T=triton.next_power_of_2(T), BLOCK_R=rc.block_n, BLOCK_K=rc.block_k,
-        num_warps=rc.num_warps, num_stages=rc.num_stages)
+        Bs[0].stride(0), BLOCK_T=triton.next_power_of_2(T), BLOCK_R=rc.block_n, BLOCK_K=rc.block_k, PDL=pdl,
+        EARLY_B=pdl and frozen_weights, num_warps=rc.num_warps, num_stages=rc.num_stages, **({"launch_pdl": True} if pdl else {}))
     return zpart, tickets
 
 
@@ -127,6 +156,7 @@ def rank_adapter(
     thresholds: torch.Tensor,
     bias: torch.Tensor | None = None,
     config: tuple[KernelConfig, KernelConfig] | None = None,
+    frozen_weights: bool = False,
 ) -> torch.Tensor:
     """Run the rank adapter on ``x: [..., n]``; returns ``[..., m]`` in ``x.dtype``.
 
@@ -135,6 +165,7 @@ def rank_adapter(
         thresholds: ``[nB]`` float32.
         bias: ``[m]`` or None.
         config: decode (router, masked GEMV) tiles; default from ``configs.rank_adapter_configs``.
+        frozen_weights: no kernel writes ``B`` (with PDL the router reads it before the previous kernel ends).
     """
     x2, lead = flatten_tokens(x)
     T, n = x2.shape
@@ -143,7 +174,7 @@ def rank_adapter(
     if not use_kernels(T, config):
         return rank_adapter_gemm(x2, B, At, thresholds, bias).reshape(*lead, m)
     rc, gc = config if config is not None else rank_adapter_configs(n, nB, m, T)
-    zpart, tickets = _router(x2, [B], rc, triton.cdiv(m, gc.block_n))
+    zpart, tickets = _router(x2, [B], rc, triton.cdiv(m, gc.block_n), frozen_weights)
     y = masked_gemv(zpart, None, thresholds, At, bias, x.dtype, gc, PROLOGUE_RANK, in_splits=zpart.shape[0],
                     tickets=tickets)
     return y.reshape(*lead, m)
@@ -154,6 +185,7 @@ def rank_adapter_pair(
     first: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
     second: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
     config: tuple[KernelConfig, KernelConfig] | None = None,
+    frozen_weights: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two rank adapters on one input (gate and up of a gated MLP) in two launches instead of four.
 
@@ -161,6 +193,7 @@ def rank_adapter_pair(
     biases or neither. One router launch computes both ``z`` (stacked), one masked-GEMV launch both
     outputs. The tiles are the first unit's own (``configs.rank_adapter_configs``): the launches hold
     the programs of both units' launches. More tokens than the kernels take run the GEMMs per unit.
+    ``frozen_weights`` as in ``rank_adapter``.
     """
     x2, lead = flatten_tokens(x)
     T, n = x2.shape
@@ -173,7 +206,7 @@ def rank_adapter_pair(
     (B1, At1, thr1, bias1), (B2, At2, thr2, bias2) = first, second
     rc, gc = config if config is not None else rank_adapter_configs(n, *At1.shape, T)
     n_tickets = triton.cdiv(At1.shape[1], gc.block_n) + triton.cdiv(At2.shape[1], gc.block_n)
-    zpart, tickets = _router(x2, [B1, B2], rc, n_tickets)
+    zpart, tickets = _router(x2, [B1, B2], rc, n_tickets, frozen_weights)
     y1, y2 = masked_gemv_pair(zpart, B1.shape[0], (thr1, At1, bias1), (thr2, At2, bias2), x.dtype, gc,
                               zpart.shape[0], tickets)
     return y1.reshape(*lead, -1), y2.reshape(*lead, -1)

@@ -250,3 +250,34 @@ def test_bad_shapes_raise():
         rank_adapter_pair(x, (*unit, None), (*unit, torch.zeros(5, device=DEVICE)))
     with pytest.raises(ValueError, match="unknown gated activation"):
         gated_neuron_adapter(x, x, torch.zeros(8, 5, device=DEVICE), torch.zeros(8, device=DEVICE), None, "relu")
+
+
+def test_decode_ops_pass_opcheck_and_equal_their_launchers():
+    """The opaque ``*_decode`` ops (what Inductor calls under CUDA graphs on sm_90+): schema, fake, results."""
+    import ranapass.kernels.ops  # noqa: F401  (registers torch.ops.ranapass.*)
+
+    ops = torch.ops.ranapass
+    gen = torch.Generator().manual_seed(2)
+    dtype = torch.bfloat16
+    x, up = _rand((1, 40), dtype, gen), _rand((1, 40), dtype, gen)
+    B, At, bias = _rand((24, 40), dtype, gen, 40 ** -0.5), _rand((24, 33), dtype, gen), _rand((33,), dtype, gen)
+    B2, At2 = _rand((16, 40), dtype, gen, 40 ** -0.5), _rand((16, 21), dtype, gen)
+    Wt = _rand((40, 33), dtype, gen)
+    thr_r = _thresholds(rank_adapter_scores(x.cpu(), B.cpu(), torch.zeros(24))[0], 0.5, MARGIN[dtype], gen).to(DEVICE)
+    thr_r2 = _thresholds(rank_adapter_scores(x.cpu(), B2.cpu(), torch.zeros(16))[0], 0.5, MARGIN[dtype], gen).to(DEVICE)
+    thr_n = _thresholds(x.cpu(), 0.5, MARGIN[dtype], gen).to(DEVICE)
+    thr_g = _thresholds(gated_activation(x, up, "silu").cpu(), 0.5, MARGIN[dtype], gen).to(DEVICE)
+    cases = [
+        (ops.rank_adapter_decode.default, (x, B, At, thr_r, bias), (rank_adapter_reference(x, B, At, thr_r, bias),)),
+        (ops.rank_adapter_pair_decode.default, (x, B, At, thr_r, None, B2, At2, thr_r2, None),
+         (rank_adapter_reference(x, B, At, thr_r), rank_adapter_reference(x, B2, At2, thr_r2))),
+        (ops.neuron_adapter_decode.default, (x, Wt, thr_n, bias), (neuron_adapter_reference(x, Wt, thr_n, bias),)),
+        (ops.gated_neuron_adapter_decode.default, (x, up, Wt, thr_g, None, "silu"),
+         (neuron_adapter_reference(gated_activation(x, up, "silu"), Wt, thr_g),)),
+    ]
+    for op, args, refs in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+        ys = op(*args)
+        for y, ref in zip(ys if isinstance(ys, tuple) else (ys,), refs):
+            assert y.shape == ref.shape and y.dtype == dtype
+            assert _rel_err(y, ref) <= RTOL[dtype]

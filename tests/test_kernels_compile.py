@@ -100,7 +100,7 @@ def test_masked_gemv_compiles(prologue, tokens, dtype, block_k, block_n, warps, 
                          "y2_ptr": w},
                         {"IN_SPLITS": 8, "PROLOGUE": prologue, "ACTIVATION": 0, "HAS_BIAS": True, "FUSED_SUM": fused,
                          "PREFETCH": prefetch, "BLOCK_T": tokens, "BLOCK_K": block_k, "BLOCK_M": block_n,
-                         "BLOCK_S": 16, "GROUPED": grouped, "INTERPRETER": False}, warps)
+                         "BLOCK_S": 16, "GROUPED": grouped, "PDL": True, "INTERPRETER": False}, warps)
     sass = _sass(compiled)
     if sass is None:
         return
@@ -117,13 +117,15 @@ def test_masked_gemv_compiles(prologue, tokens, dtype, block_k, block_n, warps, 
     assert ".STRONG.GPU" in sass[at:], "the last program's partial loads may hit a stale L1"
 
 
-@pytest.mark.parametrize("tokens, dtype, block_r, block_k, warps", [(1, "bf16", 16, 512, 4), (1, "bf16", 32, 256, 4),
-                                                                    (8, "bf16", 32, 32, 4), (1, "fp32", 16, 512, 4)])
-def test_router_compiles(tokens, dtype, block_r, block_k, warps):
+@pytest.mark.parametrize("tokens, dtype, block_r, block_k, warps, pdl", [
+    (1, "bf16", 16, 512, 4, True), (1, "bf16", 16, 512, 4, False), (1, "bf16", 32, 256, 4, True),
+    (8, "bf16", 32, 32, 4, True), (1, "fp32", 16, 512, 4, True)])
+def test_router_compiles(tokens, dtype, block_r, block_k, warps, pdl):
     compiled = _compile(router_kernel,
                         {"x_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "b2_ptr": f"*{dtype}", "zpart_ptr": "*fp32",
                          "ticket_ptr": "*i32"},
-                        {"BLOCK_T": tokens, "BLOCK_R": block_r, "BLOCK_K": block_k}, warps)
+                        {"BLOCK_T": tokens, "BLOCK_R": block_r, "BLOCK_K": block_k, "PDL": pdl, "EARLY_B": pdl},
+                        warps)
     sass = _sass(compiled)
     if tokens == 1 and dtype == "bf16" and sass is not None:
         assert "LDG.E.EF.128" in sass, "router weight loads are not 16-byte evict-first vector loads"

@@ -45,3 +45,32 @@ def test_rank_adapter_pair_is_two_rank_adapters(dtype, with_bias):
     y1, y2 = OPS.rank_adapter_pair(*args)
     torch.testing.assert_close(y1, OPS.rank_adapter(x, B, At, thr, bias), rtol=0, atol=0)
     torch.testing.assert_close(y2, OPS.rank_adapter(x, B2, At2, thr2, bias2), rtol=0, atol=0)
+
+
+
+def test_traced_decode_calls_become_opaque_ops_only_under_cuda_graphs_with_pdl(monkeypatch):
+    """``launch_opaque``: a traced decode call becomes its ``*_decode`` op only with CUDA graphs and PDL
+    in Inductor's kernels, on a card that has it."""
+    from torch._inductor import config
+    from torch._library.triton import set_wrap_triton_enabled
+
+    from ranapass.kernels import launch, ops
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(launch, "pdl_supported", lambda device: device.type == "cuda")
+    both = {"triton.cudagraphs": True, "triton.enable_pdl": True}
+    with set_wrap_triton_enabled(True):  # what torch.compile's tracing of a triton_op sets
+        with config.patch(both):
+            assert launch.launch_opaque(cuda)
+        for off in ("triton.cudagraphs", "triton.enable_pdl"):
+            with config.patch({**both, off: False}):
+                assert not launch.launch_opaque(cuda)
+    with set_wrap_triton_enabled(False), config.patch(both):  # eager: launched directly
+        assert not launch.launch_opaque(cuda)
+    monkeypatch.setattr(launch, "pdl_supported", lambda device: False)
+    with set_wrap_triton_enabled(True), config.patch(both):
+        assert not launch.launch_opaque(cuda)
+
+    monkeypatch.setattr(ops, "launch_opaque", lambda device: True)  # only decode token counts go opaque
+    assert ops._opaque(torch.empty(1, 1, 64)) and ops._opaque(torch.empty(1, 64))
+    assert not ops._opaque(torch.empty(4, 128, 64))
