@@ -230,7 +230,8 @@ def collect(model: torch.nn.Module, data: Any, *, linears: dict[str, torch.nn.Li
 
 def _lm_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
     if not (isinstance(batch, torch.Tensor) and hasattr(model, "config")):
-        raise ValueError("Fisher error weights need a loss: pass loss_fn=..., or use error_weighting='relative'")
+        raise ValueError("output-gradient statistics need a loss: pass batches of token ids for a Hugging Face causal "
+                         "LM, or loss_fn(model, batch); a profile can also do without them (error_weighting='relative')")
     logits = model(input_ids=batch).logits[:, :-1].float()
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
                                              reduction="sum")
