@@ -101,6 +101,8 @@ def test_masked_gemv_compiles(prologue, tokens, dtype, block_k, block_n, warps, 
                         {"IN_SPLITS": 8, "PROLOGUE": prologue, "ACTIVATION": 0, "HAS_BIAS": True, "FUSED_SUM": fused,
                          "PREFETCH": prefetch, "BLOCK_T": tokens, "BLOCK_K": block_k, "BLOCK_M": block_n,
                          "BLOCK_S": 16, "GROUPED": grouped, "PDL": True, "INTERPRETER": False}, warps)
+    ptx = compiled.asm["ptx"]
+    assert "griddepcontrol.launch_dependents" in ptx and "griddepcontrol.wait" in ptx
     sass = _sass(compiled)
     if sass is None:
         return
@@ -126,6 +128,7 @@ def test_router_compiles(tokens, dtype, block_r, block_k, warps, pdl):
                          "ticket_ptr": "*i32"},
                         {"BLOCK_T": tokens, "BLOCK_R": block_r, "BLOCK_K": block_k, "PDL": pdl, "EARLY_B": pdl},
                         warps)
+    assert ("griddepcontrol.wait" in compiled.asm["ptx"]) == pdl
     sass = _sass(compiled)
     if tokens == 1 and dtype == "bf16" and sass is not None:
         assert "LDG.E.EF.128" in sass, "router weight loads are not 16-byte evict-first vector loads"
