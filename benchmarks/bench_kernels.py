@@ -126,20 +126,15 @@ class Unit:
     def calibrate(self, density: float, gen: torch.Generator) -> None:
         self.thr = thresholds_for(self.scores(self.inputs(256, gen)), density)
 
-    def op(self, inp: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def op(self, inp: tuple[torch.Tensor, ...], decode: bool = False) -> torch.Tensor:
+        """The op, or with ``decode`` its opaque ``*_decode`` op (what a compiled graph calls under CUDA
+        graphs with Inductor's PDL on, ops.py)."""
+        suffix = "_decode" if decode else ""
         if self.u.kind == "rank":
-            return OPS.rank_adapter(inp[0], self.B, self.At, self.thr, self.bias)
+            return getattr(OPS, "rank_adapter" + suffix)(inp[0], self.B, self.At, self.thr, self.bias)
         if self.u.gated:
-            return OPS.gated_neuron_adapter(inp[0], inp[1], self.Wt, self.thr, self.bias, "silu")
-        return OPS.neuron_adapter(inp[0], self.Wt, self.thr, self.bias)
-
-    def decode_op(self, inp: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """The opaque decode op a compiled graph calls under CUDA graphs with Inductor's PDL (ops.py)."""
-        if self.u.kind == "rank":
-            return OPS.rank_adapter_decode(inp[0], self.B, self.At, self.thr, self.bias)
-        if self.u.gated:
-            return OPS.gated_neuron_adapter_decode(inp[0], inp[1], self.Wt, self.thr, self.bias, "silu")
-        return OPS.neuron_adapter_decode(inp[0], self.Wt, self.thr, self.bias)
+            return getattr(OPS, "gated_neuron_adapter" + suffix)(inp[0], inp[1], self.Wt, self.thr, self.bias, "silu")
+        return getattr(OPS, "neuron_adapter" + suffix)(inp[0], self.Wt, self.thr, self.bias)
 
     def launch(self, inp, config) -> torch.Tensor:
         """The launcher with an explicit tile config (sweeps)."""
@@ -522,7 +517,7 @@ def decode_timing(gen: torch.Generator, bw: float, batches: list[int], models) -
                     rows.append({**common, "kernel": kind if T == 1 else f"{kind} (GEMM)", "us": t,
                                  "x_dense": t_dense / t, "pct_bw": floor_us / t * 100, "bound_ratio": t / floor_us})
                     if T == 1 and d is None:  # the decode op of compiled graphs; the op without PDL
-                        td = time_graph([lambda c=c, i=i: c.decode_op(i) for c, i in zip(cs, inps)])
+                        td = time_graph([lambda c=c, i=i: c.op(i, decode=True) for c, i in zip(cs, inps)])
                         with pdl_off():
                             tn = time_graph([lambda c=c, i=i: c.op(i) for c, i in zip(cs, inps)])
                         for label, tx in (("decode op", td), ("no PDL", tn)):
