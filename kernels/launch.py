@@ -11,7 +11,8 @@ from torch._library.triton import is_wrap_triton_enabled
 
 from ranapass.capabilities import triton_interpret
 
-__all__ = ["launch", "direct_launch", "flatten_tokens", "pdl_supported", "use_pdl", "launch_opaque"]
+__all__ = ["launch", "direct_launch", "flatten_tokens", "pdl_supported", "use_pdl", "pdl_launch",
+           "launch_opaque"]
 
 
 def launch(kernel):
@@ -38,6 +39,11 @@ def use_pdl(device: torch.device) -> bool:
     """Launch this kernel with ``launch_pdl=True``? Only when it is launched directly: Inductor's
     launcher for a kernel it traced passes no launch attributes (see ``launch_opaque``)."""
     return pdl_supported(device) and not is_wrap_triton_enabled()
+
+
+def pdl_launch(pdl: bool) -> dict[str, bool]:
+    """The launch option that turns programmatic dependent launch on, as keyword arguments."""
+    return {"launch_pdl": True} if pdl else {}
 
 
 def launch_opaque(device: torch.device) -> bool:

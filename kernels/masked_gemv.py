@@ -58,7 +58,7 @@ import triton.language as tl
 
 from ranapass.capabilities import triton_interpret
 from ranapass.kernels.configs import KernelConfig
-from ranapass.kernels.launch import launch, use_pdl
+from ranapass.kernels.launch import launch, pdl_launch, use_pdl
 from ranapass.kernels.primitives import cast, launch_dependents, wait_for_prior_grid
 
 __all__ = ["masked_gemv", "masked_gemv_pair", "masked_gemv_kernel", "split_sum_kernel", "PROLOGUE_RANK", "PROLOGUE_NEURON",
@@ -367,7 +367,7 @@ def _launch(a, b, stride_ap, a2_off, units, out_dtype, cfg, prologue, activation
         IN_SPLITS=in_splits, PROLOGUE=prologue, ACTIVATION=activation, HAS_BIAS=bias1 is not None, FUSED_SUM=fused,
         PREFETCH=cfg.prefetch, BLOCK_T=block_t, BLOCK_K=cfg.block_k, BLOCK_M=cfg.block_n, BLOCK_S=block_s,
         GROUPED=len(units) == 2, PDL=pdl, INTERPRETER=triton_interpret(), num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **({"launch_pdl": True} if pdl else {}))
+        num_stages=cfg.num_stages, **pdl_launch(pdl))
     if not fused:
         start = 0
         for (_, _, bias), y, m in zip(units, ys, widths):

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ranapass.kernels.configs import KernelConfig, rank_adapter_configs, use_kernels
-from ranapass.kernels.launch import flatten_tokens, launch, use_pdl
+from ranapass.kernels.launch import flatten_tokens, launch, pdl_launch, use_pdl
 from ranapass.kernels.masked_gemv import PROLOGUE_RANK, masked_gemv, masked_gemv_pair
 from ranapass.kernels.masked_gemm import rank_adapter_gemm
 from ranapass.kernels.primitives import launch_dependents, wait_for_prior_grid
@@ -145,7 +145,7 @@ def _router(x2: torch.Tensor, Bs: list[torch.Tensor], rc: KernelConfig, n_ticket
     launch(router_kernel)[(tiles1 + triton.cdiv(R - R1, rc.block_n), z_splits)](
         x2, Bs[0], Bs[-1], zpart, tickets, T, n, R, R1, tiles1, k_per_split, n_tickets, x2.stride(0),
         Bs[0].stride(0), BLOCK_T=triton.next_power_of_2(T), BLOCK_R=rc.block_n, BLOCK_K=rc.block_k, PDL=pdl,
-        EARLY_B=pdl and frozen_weights, num_warps=rc.num_warps, num_stages=rc.num_stages, **({"launch_pdl": True} if pdl else {}))
+        EARLY_B=pdl and frozen_weights, num_warps=rc.num_warps, num_stages=rc.num_stages, **pdl_launch(pdl))
     return zpart, tickets
 
 
