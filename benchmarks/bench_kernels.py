@@ -20,7 +20,7 @@ One run does, in order:
 
 Usage::
 
-    python benchmarks/bench_kernels.py [--tune] [--quick] [--out DIR]
+    python benchmarks/bench_kernels.py [--tune] [--quick] [--check-only] [--out DIR]
 
 Writes ``kernels.json``, ``kernels.md`` (and ``tuned.json``) under ``--out`` (default ``$OUT`` or ``bench_out``) and
 prints a short table last.
@@ -59,7 +59,7 @@ from common import (  # noqa: E402
     time_graph,
 )
 from ranapass.kernels import configs as C  # noqa: E402
-from ranapass.kernels.launch import direct_launch  # noqa: E402
+from ranapass.kernels.launch import direct_launch, pdl_supported  # noqa: E402
 from ranapass.kernels.neuron_adapter import gated_neuron_adapter, neuron_adapter  # noqa: E402
 from ranapass.kernels.rank_adapter import rank_adapter  # noqa: E402
 
@@ -300,7 +300,8 @@ def pair_timing(gen: torch.Generator, bw: float, models) -> list[dict]:
 
 
 def check_compile(gen: torch.Generator) -> dict:
-    """The ops inside torch.compile: reduce-overhead decode (no cudagraph skip) and dynamic prefill."""
+    """The ops inside torch.compile: reduce-overhead decode (no cudagraph skip) and dynamic prefill; on
+    sm_90+ also reduce-overhead decode with Inductor's PDL, which must call the four opaque decode ops."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -337,6 +338,25 @@ def check_compile(gen: torch.Generator) -> dict:
     out["prefill_rel_err"] = max(errs)
     out["unique_graphs"] = int(counters["stats"].get("unique_graphs", 0))
     out["ok"] = out["cudagraph_skips"] == 0 and out["decode_rel_err"] < 1e-2 and out["prefill_rel_err"] < 1e-2
+    if pdl_supported(x1.device):  # with Inductor's PDL the decode calls become the opaque *_decode ops
+        from torch._inductor import config as inductor_config
+        from torch._inductor.utils import run_and_get_code
+
+        torch._dynamo.reset()
+        counters.clear()
+        with inductor_config.patch({"triton.enable_pdl": True}):
+            compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+            _, code = run_and_get_code(compiled, x1)
+            for _ in range(3):
+                torch.compiler.cudagraph_mark_step_begin()
+                y = compiled(x1)
+        out["pdl_decode_ops"] = sum("".join(code).count(f"ranapass.{op}_decode.default(")
+                                    for op in ("rank_adapter", "rank_adapter_pair", "neuron_adapter",
+                                               "gated_neuron_adapter"))
+        out["pdl_decode_rel_err"] = rel_err(y.clone(), eager)
+        out["pdl_cudagraph_skips"] = int(counters["inductor"].get("cudagraph_skips", 0))
+        out["ok"] = (out["ok"] and out["pdl_decode_ops"] == 4 and out["pdl_cudagraph_skips"] == 0
+                     and out["pdl_decode_rel_err"] < 1e-2)
     return out
 
 
@@ -564,6 +584,7 @@ def main() -> None:
                     help="first time one-token tile configs at the Llama-2-7B and Llama-3-8B shapes and use the "
                          "fastest (a few minutes); writes tuned.json for bench_decode.py --tuned")
     ap.add_argument("--quick", action="store_true", help="fewer check cases, batch 1 and 8 only")
+    ap.add_argument("--check-only", action="store_true", help="stop after the correctness and compile checks")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args()
     out = Path(args.out)
@@ -589,6 +610,8 @@ def main() -> None:
     res["compile"] = check_compile(gen)
     print("compile:", res["compile"], flush=True)
     _save(out, res)
+    if args.check_only:
+        return
 
     if args.tune:
         res["tune"] = []
