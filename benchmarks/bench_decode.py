@@ -28,6 +28,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import math
@@ -51,6 +52,7 @@ from common import (  # noqa: E402
     kept_fraction_for_budget,
     load_tuned,
     markdown_table,
+    pdl_off,
 )
 from ranapass import FlopMeter, NeuronAdapterSpec, Plan, RankAdapterSpec, UnitPlan, attach, detach  # noqa: E402
 from ranapass import weights_fingerprint  # noqa: E402
@@ -277,26 +279,26 @@ def run_model(shape: ModelShape, layers: int, batches: list[int], args) -> list[
         for variant in variants:
             torch._dynamo.reset()
             counters.clear()
-            os.environ["RANAPASS_PDL"] = "0" if variant == "ranapass, no PDL" else "1"
-            backend = None
-            if variant != "dense":
-                attach(model, plan)
-                backend = RanaBackend(strict=True, pair_rank_adapters=variant != "ranapass, gate and up unpaired")
-            dec = Decoder(model, batch, args.max_cache_len, backend)
-            r = time_decode(dec, prompt, args.steps)
-            if backend is not None:
-                backend.check(model)
-            r.update(counters_snapshot())
-            r.update({"model": shape.name, "layers": layers, "batch": batch, "variant": variant,
-                      "max_cache_len": args.max_cache_len, "expected_ratio": plan.expected_ratio(),
-                      "measured_ratio": ratio, "held_out_ratio": held_out_ratio})
-            if batch == 1 and args.profile:
-                r["profile"] = step_profile(dec, prompt)
-            rows.append(r)
-            print({k: v for k, v in r.items() if k != "profile"}, flush=True)
-            del dec
-            detach(model)
-            torch.cuda.empty_cache()
+            with pdl_off() if variant == "ranapass, no PDL" else contextlib.nullcontext():
+                backend = None
+                if variant != "dense":
+                    attach(model, plan)
+                    backend = RanaBackend(strict=True, pair_rank_adapters=variant != "ranapass, gate and up unpaired")
+                dec = Decoder(model, batch, args.max_cache_len, backend)
+                r = time_decode(dec, prompt, args.steps)
+                if backend is not None:
+                    backend.check(model)
+                r.update(counters_snapshot())
+                r.update({"model": shape.name, "layers": layers, "batch": batch, "variant": variant,
+                          "max_cache_len": args.max_cache_len, "expected_ratio": plan.expected_ratio(),
+                          "measured_ratio": ratio, "held_out_ratio": held_out_ratio})
+                if batch == 1 and args.profile:
+                    r["profile"] = step_profile(dec, prompt)
+                rows.append(r)
+                print({k: v for k, v in r.items() if k != "profile"}, flush=True)
+                del dec
+                detach(model)
+                torch.cuda.empty_cache()
         dense = rows[-len(variants)]
         for r in rows[-len(variants) + 1:]:
             r["speedup"] = r["tok_per_s"] / dense["tok_per_s"]

@@ -29,7 +29,6 @@ prints a short table last.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -53,6 +52,7 @@ from common import (  # noqa: E402
     env_info,
     kept_fraction_for_budget,
     markdown_table,
+    pdl_off,
     poison_allocator,
     rel_err,
     save_tuned,
@@ -361,20 +361,6 @@ def check_compile(gen: torch.Generator) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ timing
-@contextlib.contextmanager
-def pdl_off():
-    """Launch without programmatic dependent launch (``RANAPASS_PDL=0``) inside the block."""
-    before = os.environ.get("RANAPASS_PDL")
-    os.environ["RANAPASS_PDL"] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["RANAPASS_PDL"]
-        else:
-            os.environ["RANAPASS_PDL"] = before
-
-
 def time_units(units: list[Unit], T: int, gen, fn) -> tuple[float, list]:
     inps = [u.inputs(T, gen) for u in units]
     return time_graph([lambda u=u, i=i: fn(u, i) for u, i in zip(units, inps)]), inps

@@ -7,10 +7,12 @@ call is reported. Bandwidth is the device-to-device copy of 2 GiB, bytes read pl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
 import math
+import os
 import platform
 import shlex
 import sys
@@ -208,3 +210,17 @@ def load_tuned(path) -> dict:
         table = {(r["stage"], *r["shape"]): configs.KernelConfig(**r["config"]) for r in json.load(f)}
     configs.TUNED.update(table)
     return table
+
+
+@contextlib.contextmanager
+def pdl_off():
+    """Launch without programmatic dependent launch (``RANAPASS_PDL=0``) inside the block."""
+    before = os.environ.get("RANAPASS_PDL")
+    os.environ["RANAPASS_PDL"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["RANAPASS_PDL"]
+        else:
+            os.environ["RANAPASS_PDL"] = before

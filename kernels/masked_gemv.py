@@ -61,8 +61,8 @@ from ranapass.kernels.configs import KernelConfig
 from ranapass.kernels.launch import launch, pdl_launch, use_pdl
 from ranapass.kernels.primitives import cast, launch_dependents, wait_for_prior_grid
 
-__all__ = ["masked_gemv", "masked_gemv_pair", "masked_gemv_kernel", "split_sum_kernel", "PROLOGUE_RANK", "PROLOGUE_NEURON",
-           "PROLOGUE_GATED", "ACTIVATIONS"]
+__all__ = ["masked_gemv", "masked_gemv_pair", "masked_gemv_kernel", "split_sum_kernel", "PROLOGUE_RANK",
+           "PROLOGUE_NEURON", "PROLOGUE_GATED", "ACTIVATIONS"]
 
 PROLOGUE_RANK = 0
 PROLOGUE_NEURON = 1
