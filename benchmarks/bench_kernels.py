@@ -370,11 +370,6 @@ def time_units(units: list[Unit], T: int, gen, fn) -> tuple[float, list]:
 # weight rows in flight per program; run D's wide tiles (128 x 128 / 4, 64 x 256 / 4) lost at every shape
 GEMV_TILES = [(32, 64, 1), (64, 64, 1), (16, 64, 1), (64, 64, 2), (128, 64, 2), (32, 128, 2)]
 GEMV_TARGETS = (2048, 4096, 1024)  # programs in the grid (configs.auto_splits)
-# per-thread accumulators (wide_acc): tall tiles on 2-8 warps and one to four splits, so a few large programs
-# stream each output tile (one split: no partials, no tickets, no fill)
-WIDE_TILES = [(128, 32, 4), (256, 32, 8), (128, 64, 8), (64, 64, 4), (256, 16, 4), (512, 16, 8), (128, 16, 2),
-              (64, 32, 2)]
-WIDE_SPLITS = (1, 2, 4)
 ROUTER_TILES = [(512, 16, 4), (1024, 16, 4), (512, 16, 2), (256, 16, 2), (256, 32, 4)]
 ROUTER_TARGETS = (528, 1056, 264)
 
@@ -437,10 +432,6 @@ def tune(gen: torch.Generator, bw: float, models, rows: list[dict], save=lambda:
                     # (IN_SPLITS loads a row) took 164-245 registers a thread in sm_90 compiles: not tried
                     if u.kind != "rank" and math.ceil(K / bk) >= 2 * s:
                         trial("gemv", gkey, C.KernelConfig(bk, bn, s, w, prefetch=True))
-            wide = {C.KernelConfig(bk, bn, min(s, math.ceil(K / bk)), w, prefetch=p, wide_acc=True)
-                    for bk, bn, w in WIDE_TILES for s in WIDE_SPLITS for p in (False, True)}
-            for gemv in sorted(wide, key=_cfg):
-                trial("gemv", gkey, gemv)
             if gkey in best:
                 C.TUNED[gkey] = best[gkey][1]
             rkey = ("router", u.n, u.rank)
@@ -496,7 +487,7 @@ def _time_cfg(cs: list[Unit], inp, config) -> float:
 
 
 def _cfg(c: C.KernelConfig) -> str:
-    flags = ("" if c.fused_sum else " split-sum") + (" prefetch" if c.prefetch else "") + (" wide" if c.wide_acc else "")
+    flags = ("" if c.fused_sum else " split-sum") + (" prefetch" if c.prefetch else "")
     return f"k{c.block_k} n{c.block_n} s{c.splits} w{c.num_warps}{flags}"
 
 

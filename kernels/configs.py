@@ -56,8 +56,6 @@ class KernelConfig:
             launch); False: a second launch, ``split_sum_kernel``, sums them.
         prefetch: masked GEMV only: request the next chunk's masked input while this chunk's weight
             rows are in flight (pays when a split has several chunks; costs registers).
-        wide_acc: masked GEMV, one token: accumulate per-thread products and reduce over the
-            reduction rows once at the end (tall tiles on many warps; costs registers).
     """
 
     block_k: int
@@ -67,7 +65,6 @@ class KernelConfig:
     num_stages: int = 1
     fused_sum: bool = True
     prefetch: bool = False
-    wide_acc: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_k", "block_n"):

@@ -35,11 +35,7 @@ One token takes a 1-D path (``v [BK]``, ``acc [BM]``), as in TEAL's kernel; the 
 ``evict_first`` (read once), the small inputs ``evict_last``. A tile is a few warps' worth of loads:
 many short programs keep enough bytes in flight, which the split count sets (configs.py). With
 ``PREFETCH`` the loop is as drawn; without it each chunk's masked input is loaded at the top of its
-own iteration (fewer registers). With ``WIDE_ACC`` (one token) each thread keeps its own products,
-``acc [BK, BM]``, and the sum over K runs once after the loop: a tall tile spread over many warps then
-pays no cross-warp reduction per chunk, so a few large programs with one split each (no partials, no
-tickets) can stream a whole output tile; its ``PREFETCH`` requests the next chunk's rows too (Triton
-does not pipeline this loop's loads itself), so two chunks of weights are in flight.
+own iteration (fewer registers).
 
 Prologues (``PROLOGUE``):
 
@@ -127,18 +123,6 @@ def _prologue(a_ptr, b_ptr, thr_ptr, offs_t, t_ok, offs_k, k_ok, stride_at, stri
 
 
 @triton.jit
-def _kept_rows(w_cols, offs_k, stride_wk, v, m_ok, BLOCK_T: tl.constexpr):
-    """This chunk's weight rows ``[BLOCK_K, BLOCK_M]`` that some token kept (``v != 0``); the others are
-    never read (zeros). Weights stream through once: loaded ``evict_first``."""
-    if BLOCK_T == 1:
-        row = v != 0.0
-    else:  # union over the tokens
-        row = tl.max((v != 0.0).to(tl.int32), axis=0) > 0
-    return tl.load(w_cols + offs_k[:, None] * stride_wk, mask=row[:, None] & m_ok[None, :], other=0.0,
-                   eviction_policy="evict_first")
-
-
-@triton.jit
 def _tile(offs_t, t_ok, offs_m, m_ok, M, BLOCK_T: tl.constexpr):
     """Offsets into a ``[T, M]`` tensor of this program's output tile, and their mask."""
     if BLOCK_T == 1:
@@ -207,7 +191,6 @@ def masked_gemv_kernel(
     PROLOGUE: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
     FUSED_SUM: tl.constexpr,        # the last program of a tile writes y (else: partials only, split_sum_kernel)
     PREFETCH: tl.constexpr,         # request the next chunk's masked input before this chunk's multiply-add
-    WIDE_ACC: tl.constexpr,         # one token: accumulate [BLOCK_K, BLOCK_M] products, reduce over K once at the end
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_S: tl.constexpr,          # splits summed per load by the last program
     GROUPED: tl.constexpr,          # two units in one launch (two rank adapters sharing one router launch)
@@ -242,43 +225,36 @@ def masked_gemv_kernel(
     w_cols = w_ptr + offs_m[None, :]
 
     # ---------------------------------------------------------------- masked reduction over K
-    if WIDE_ACC:
-        acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
-    elif BLOCK_T == 1:
+    if BLOCK_T == 1:
         acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32)
-    if PREFETCH:  # the first chunk's masked input (and with WIDE_ACC its rows); the loop requests each next early
+    if PREFETCH:  # the first chunk's masked input; the loop requests each next one early
         offs_k = pid_s * BLOCK_K + tl.arange(0, BLOCK_K)
         v = _prologue(a_ptr, b_ptr, thr_ptr, offs_t, t_ok, offs_k, offs_k < K, stride_at, stride_ap, stride_bt,
                       IN_SPLITS, PROLOGUE, ACTIVATION, BLOCK_T == 1, INTERPRETER)
-        if WIDE_ACC:
-            w = _kept_rows(w_cols, offs_k, stride_wk, v, m_ok, BLOCK_T)
     for c in range(pid_s, tl.cdiv(K, BLOCK_K), n_splits):
         offs_k = c * BLOCK_K + tl.arange(0, BLOCK_K)
         if not PREFETCH:
             v = _prologue(a_ptr, b_ptr, thr_ptr, offs_t, t_ok, offs_k, offs_k < K, stride_at, stride_ap,
                           stride_bt, IN_SPLITS, PROLOGUE, ACTIVATION, BLOCK_T == 1, INTERPRETER)
-        if not (PREFETCH and WIDE_ACC):
-            w = _kept_rows(w_cols, offs_k, stride_wk, v, m_ok, BLOCK_T)
+        if BLOCK_T == 1:
+            row = v != 0.0
+        else:  # union over the tokens: a row that no token kept is never loaded
+            row = tl.max((v != 0.0).to(tl.int32), axis=0) > 0
+        # weights stream through once: evict them first, keep the small inputs in cache
+        w = tl.load(w_cols + offs_k[:, None] * stride_wk, mask=row[:, None] & m_ok[None, :], other=0.0,
+                    eviction_policy="evict_first").to(tl.float32)
         if PREFETCH:  # the next chunk's masked input, requested while this chunk's rows are in flight
             offs_next = offs_k + n_splits * BLOCK_K
             v_next = _prologue(a_ptr, b_ptr, thr_ptr, offs_t, t_ok, offs_next, offs_next < K, stride_at, stride_ap,
                                stride_bt, IN_SPLITS, PROLOGUE, ACTIVATION, BLOCK_T == 1, INTERPRETER)
-            if WIDE_ACC:  # and its rows: two chunks of weights in flight
-                w_next = _kept_rows(w_cols, offs_next, stride_wk, v_next, m_ok, BLOCK_T)
-        if WIDE_ACC:  # every thread adds its own products: no reduction across warps inside the loop
-            acc += w.to(tl.float32) * v[:, None]
-        elif BLOCK_T == 1:
-            acc += tl.sum(w.to(tl.float32) * v[:, None], axis=0)
+        if BLOCK_T == 1:
+            acc += tl.sum(w * v[:, None], axis=0)
         else:
-            acc += tl.sum(v[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+            acc += tl.sum(v[:, :, None] * w[None, :, :], axis=1)
         if PREFETCH:
             v = v_next
-            if WIDE_ACC:
-                w = w_next
-    if WIDE_ACC:
-        acc = tl.sum(acc, axis=0)
 
     # ---------------------------------------------------------------- epilogue
     offs, ok = _tile(offs_t, t_ok, offs_m, m_ok, M, BLOCK_T)
@@ -389,7 +365,7 @@ def _launch(a, b, stride_ap, a2_off, units, out_dtype, cfg, prologue, activation
         T, W1.shape[0], W1.shape[1], a.stride(-2), stride_ap, b.stride(-2), W1.stride(0),
         W2.shape[0], W2.shape[1], W2.stride(0), tiles[0], a2_off, splits * T * widths[0],
         IN_SPLITS=in_splits, PROLOGUE=prologue, ACTIVATION=activation, HAS_BIAS=bias1 is not None, FUSED_SUM=fused,
-        PREFETCH=cfg.prefetch, WIDE_ACC=cfg.wide_acc and block_t == 1, BLOCK_T=block_t, BLOCK_K=cfg.block_k, BLOCK_M=cfg.block_n, BLOCK_S=block_s,
+        PREFETCH=cfg.prefetch, BLOCK_T=block_t, BLOCK_K=cfg.block_k, BLOCK_M=cfg.block_n, BLOCK_S=block_s,
         GROUPED=len(units) == 2, PDL=pdl, INTERPRETER=triton_interpret(), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **pdl_launch(pdl))
     if not fused:

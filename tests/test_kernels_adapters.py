@@ -81,7 +81,7 @@ def _configs(draw_int):
     if draw_int(0, 3) == 0:
         return None
     return KernelConfig(16 << draw_int(0, 1), 16 << draw_int(0, 1), draw_int(1, 4), 4, 1,
-                        fused_sum=draw_int(0, 3) > 0, prefetch=draw_int(0, 1) == 1, wide_acc=draw_int(0, 1) == 1)
+                        fused_sum=draw_int(0, 3) > 0, prefetch=draw_int(0, 1) == 1)
 
 
 TOKENS = st.sampled_from([1, 2, 3, 5, 8, 21])  # >1 token: union kernels (explicit config) or masked GEMMs
@@ -188,38 +188,8 @@ def test_batch_rows_equal_single_token_rows(dtype):
         assert _rel_err(yb, ys) <= RTOL[dtype]
 
 
-@pytest.mark.parametrize("splits, prefetch", [(1, False), (1, True), (3, True)])
-def test_wide_accumulator(splits, prefetch):
-    """One token on tall tiles with per-thread accumulators (``wide_acc``), every prologue, ragged edges."""
-    gen = torch.Generator().manual_seed(3)
-    dtype = torch.bfloat16
-    n, nB, m = 150, 70, 45
-    x = _rand((1, n), dtype, gen)
-    B, At = _rand((nB, n), dtype, gen, n ** -0.5), _rand((nB, m), dtype, gen)
-    z, _ = rank_adapter_scores(x.cpu(), B.cpu(), torch.zeros(nB))
-    thr = _thresholds(z, 0.6, MARGIN[dtype], gen).to(DEVICE)
-    Wt, bias = _rand((n, m), dtype, gen, n ** -0.5), _rand((m,), dtype, gen)
-    up = _rand((1, n), dtype, gen)
-    thr_n = _thresholds(x.cpu().float(), 0.6, MARGIN[dtype], gen).to(DEVICE)
-    thr_g = _thresholds(gated_activation(x, up, "silu").cpu().float(), 0.6, MARGIN[dtype], gen).to(DEVICE)
-    gemv = KernelConfig(32, 16, splits, 4, prefetch=prefetch, wide_acc=True)
-    with direct_launch():
-        got = [rank_adapter(x, B, At, thr, bias, config=(KernelConfig(16, 16, 2), gemv)),
-               neuron_adapter(x, Wt, thr_n, bias, config=gemv),
-               gated_neuron_adapter(x, up, Wt, thr_g, None, "silu", config=gemv),
-               torch.cat(rank_adapter_pair(x, (B, At, thr, bias), (B[:29], At[:29, :33], thr[:29], bias[:33]),
-                                           config=(KernelConfig(16, 16, 2), gemv)), -1)]
-    want = [rank_adapter_reference(x, B, At, thr, bias), neuron_adapter_reference(x, Wt, thr_n, bias),
-            neuron_adapter_reference(gated_activation(x, up, "silu"), Wt, thr_g, None),
-            torch.cat([rank_adapter_reference(x, B, At, thr, bias),
-                       rank_adapter_reference(x, B[:29], At[:29, :33], thr[:29], bias[:33])], -1)]
-    for y, ref in zip(got, want):
-        assert _rel_err(y, ref) <= RTOL[dtype]
-
-
-@pytest.mark.parametrize("fused_sum, prefetch, wide_acc",
-                         [(True, False, False), (True, True, False), (False, False, False), (True, True, True)])
-def test_outputs_and_workspaces_need_no_fill(monkeypatch, fused_sum, prefetch, wide_acc):
+@pytest.mark.parametrize("fused_sum, prefetch", [(True, False), (True, True), (False, False)])
+def test_outputs_and_workspaces_need_no_fill(monkeypatch, fused_sum, prefetch):
     """Every buffer a launcher takes from ``torch.empty`` is written before it is read: poisoned buffers
     (NaN, or -7 for the int32 tickets) give the same bits, and the tickets are zero again afterwards."""
     gen = torch.Generator().manual_seed(2)
@@ -231,7 +201,7 @@ def test_outputs_and_workspaces_need_no_fill(monkeypatch, fused_sum, prefetch, w
     thr = _thresholds(z, 0.5, MARGIN[dtype], gen).to(DEVICE)
     Wt, bias = _rand((n, m), dtype, gen, n ** -0.5), _rand((m,), dtype, gen)
     thr_n = _thresholds(x.cpu().float(), 0.5, MARGIN[dtype], gen).to(DEVICE)
-    gemv = KernelConfig(16, 16, 3, 4, fused_sum=fused_sum, prefetch=prefetch, wide_acc=wide_acc)
+    gemv = KernelConfig(16, 16, 3, 4, fused_sum=fused_sum, prefetch=prefetch)
     calls = [lambda: rank_adapter(x, B, At, thr, bias, config=(KernelConfig(16, 16, 2), gemv)),
              lambda: neuron_adapter(x, Wt, thr_n, bias, config=gemv),
              lambda: gated_neuron_adapter(x, x, Wt, thr_n, None, "silu", config=gemv),

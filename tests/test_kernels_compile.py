@@ -70,32 +70,28 @@ def _sass(compiled) -> str | None:
         os.remove(path)
 
 
-GEMV_CASES = [  # (prologue, tokens, weight dtype, block_k, block_n, warps, fused sum, prefetch, grouped, wide acc)
-    (PROLOGUE_RANK, 1, "bf16", 64, 64, 1, True, False, False, False),  # the one-token defaults (configs.py)
-    (PROLOGUE_RANK, 1, "bf16", 64, 64, 1, True, False, True, False),   # gate and up in one launch
-    (PROLOGUE_NEURON, 1, "bf16", 64, 64, 1, True, True, False, False),
-    (PROLOGUE_GATED, 1, "bf16", 64, 64, 1, True, True, False, False),
-    (PROLOGUE_RANK, 1, "bf16", 32, 64, 1, True, False, False, False),
-    (PROLOGUE_NEURON, 1, "bf16", 32, 64, 1, True, True, False, False),
-    (PROLOGUE_RANK, 1, "bf16", 64, 128, 2, True, False, False, False),
-    (PROLOGUE_NEURON, 1, "bf16", 64, 128, 2, True, True, False, False),
-    (PROLOGUE_GATED, 1, "bf16", 32, 128, 2, True, False, False, False),
-    (PROLOGUE_RANK, 1, "bf16", 128, 128, 4, True, True, False, False),
-    (PROLOGUE_NEURON, 1, "bf16", 64, 128, 2, False, False, False, False),
-    (PROLOGUE_NEURON, 1, "fp16", 64, 256, 4, True, False, False, False),
-    (PROLOGUE_NEURON, 1, "fp32", 32, 64, 1, True, False, False, False),
-    (PROLOGUE_NEURON, 1, "bf16", 128, 32, 4, True, True, False, True),  # tall tiles, per-thread accumulators
-    (PROLOGUE_GATED, 1, "bf16", 256, 32, 8, True, False, False, True),
-    (PROLOGUE_RANK, 1, "bf16", 128, 64, 8, True, False, True, True),
-    (PROLOGUE_RANK, 8, "bf16", 16, 128, 4, True, True, False, False),
-    (PROLOGUE_RANK, 8, "bf16", 16, 128, 4, False, False, True, False),
-    (PROLOGUE_GATED, 4, "bf16", 16, 128, 4, False, False, False, False),
+GEMV_CASES = [  # (prologue, tokens, weight dtype, block_k, block_n, warps, fused sum, prefetch, grouped)
+    (PROLOGUE_RANK, 1, "bf16", 64, 64, 1, True, False, False),  # the one-token defaults (configs.py)
+    (PROLOGUE_RANK, 1, "bf16", 64, 64, 1, True, False, True),   # gate and up in one launch
+    (PROLOGUE_NEURON, 1, "bf16", 64, 64, 1, True, True, False),
+    (PROLOGUE_GATED, 1, "bf16", 64, 64, 1, True, True, False),
+    (PROLOGUE_RANK, 1, "bf16", 32, 64, 1, True, False, False),
+    (PROLOGUE_NEURON, 1, "bf16", 32, 64, 1, True, True, False),
+    (PROLOGUE_RANK, 1, "bf16", 64, 128, 2, True, False, False),
+    (PROLOGUE_NEURON, 1, "bf16", 64, 128, 2, True, True, False),
+    (PROLOGUE_GATED, 1, "bf16", 32, 128, 2, True, False, False),
+    (PROLOGUE_RANK, 1, "bf16", 128, 128, 4, True, True, False),
+    (PROLOGUE_NEURON, 1, "bf16", 64, 128, 2, False, False, False),
+    (PROLOGUE_NEURON, 1, "fp16", 64, 256, 4, True, False, False),
+    (PROLOGUE_NEURON, 1, "fp32", 32, 64, 1, True, False, False),
+    (PROLOGUE_RANK, 8, "bf16", 16, 128, 4, True, True, False),
+    (PROLOGUE_RANK, 8, "bf16", 16, 128, 4, False, False, True),
+    (PROLOGUE_GATED, 4, "bf16", 16, 128, 4, False, False, False),
 ] if has_triton() and not triton_interpret() else []
 
 
-@pytest.mark.parametrize("prologue, tokens, dtype, block_k, block_n, warps, fused, prefetch, grouped, wide",
-                         GEMV_CASES)
-def test_masked_gemv_compiles(prologue, tokens, dtype, block_k, block_n, warps, fused, prefetch, grouped, wide):
+@pytest.mark.parametrize("prologue, tokens, dtype, block_k, block_n, warps, fused, prefetch, grouped", GEMV_CASES)
+def test_masked_gemv_compiles(prologue, tokens, dtype, block_k, block_n, warps, fused, prefetch, grouped):
     a = "*fp32" if prologue == PROLOGUE_RANK else f"*{dtype}"
     w = f"*{dtype}"
     compiled = _compile(masked_gemv_kernel,
@@ -103,7 +99,7 @@ def test_masked_gemv_compiles(prologue, tokens, dtype, block_k, block_n, warps, 
                          "ticket_ptr": "*i32", "y_ptr": w, "thr2_ptr": "*fp32", "w2_ptr": w, "bias2_ptr": w,
                          "y2_ptr": w},
                         {"IN_SPLITS": 8, "PROLOGUE": prologue, "ACTIVATION": 0, "HAS_BIAS": True, "FUSED_SUM": fused,
-                         "PREFETCH": prefetch, "WIDE_ACC": wide, "BLOCK_T": tokens, "BLOCK_K": block_k, "BLOCK_M": block_n,
+                         "PREFETCH": prefetch, "BLOCK_T": tokens, "BLOCK_K": block_k, "BLOCK_M": block_n,
                          "BLOCK_S": 16, "GROUPED": grouped, "PDL": True, "INTERPRETER": False}, warps)
     ptx = compiled.asm["ptx"]
     assert "griddepcontrol.launch_dependents" in ptx and "griddepcontrol.wait" in ptx
