@@ -21,8 +21,8 @@ same compile options for both), which is when ranapass hands Inductor its opaque
 Usage::
 
     python benchmarks/bench_decode.py [--model llama2-7b|llama3-8b|smollm2] [--layers N]
-        [--batches 1 2 4 8] [--budget 0.56] [--max-cache-len 2048] [--tuned tuned.json] [--unpaired] [--inductor-pdl] [--no-pdl]
-        [--out DIR]
+        [--batches 1 2 4 8] [--budget 0.56] [--max-cache-len 2048] [--tuned tuned.json] [--unpaired]
+        [--inductor-pdl] [--no-pdl] [--ticket-fill] [--out DIR]
 """
 
 from __future__ import annotations
@@ -276,13 +276,18 @@ def run_model(shape: ModelShape, layers: int, batches: list[int], args) -> list[
         prompt = torch.randint(0, shape.vocab, (batch, args.prompt_len), device="cuda", generator=gen)
         variants = ["dense", "ranapass"] + (["ranapass, gate and up unpaired"] if args.unpaired and batch == 1 else [])
         variants += ["ranapass, no PDL"] if args.no_pdl and batch == 1 else []
+        variants += ["ranapass, ticket fill per call"] if args.ticket_fill and batch == 1 else []
         for variant in variants:
             torch._dynamo.reset()
             counters.clear()
             with pdl_off() if variant == "ranapass, no PDL" else contextlib.nullcontext():
                 backend = None
                 if variant != "dense":
-                    attach(model, plan)
+                    attachment = attach(model, plan)
+                    if variant == "ranapass, ticket fill per call":  # the neuron ops without persistent tickets
+                        for bound in attachment.adapters.values():
+                            if "tickets" in bound.buffers:
+                                bound.buffers["tickets"] = None
                     backend = RanaBackend(strict=True, pair_rank_adapters=variant != "ranapass, gate and up unpaired")
                 dec = Decoder(model, batch, args.max_cache_len, backend)
                 r = time_decode(dec, prompt, args.steps)
@@ -327,6 +332,8 @@ def main() -> None:
                          "(triton.enable_pdl, as TORCHINDUCTOR_ENABLE_PDL=1); ranapass's decode ops then use it too")
     ap.add_argument("--no-pdl", action="store_true",
                     help="batch 1 also with RANAPASS_PDL=0 (Inductor launches the traced kernels itself)")
+    ap.add_argument("--ticket-fill", action="store_true",
+                    help="batch 1 also with the neuron ops' tickets filled per call instead of kept zero across calls")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args()
     try:

@@ -15,7 +15,8 @@ One run does, in order:
    budget-0.56 plan sizing (rank ``nB = hidden/2``), over kept densities; % of copy bandwidth on the
    bytes each call must read (weights kept by the union of the batch's masks, B in full, inputs); at
    batch 1 and the plan density also the opaque ``*_decode`` op (what a compiled graph calls with Inductor's
-   PDL on) and the op without programmatic dependent launch (``RANAPASS_PDL=0``);
+   PDL on), the op without programmatic dependent launch (``RANAPASS_PDL=0``) and, for the neuron ops,
+   the op without its persistent tickets (a fill launch per call);
 6. prefill timing (512 and 2048 tokens), bf16, dense vs adapted.
 
 Usage::
@@ -29,6 +30,7 @@ prints a short table last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -60,7 +62,7 @@ from common import (  # noqa: E402
 )
 from ranapass.kernels import configs as C  # noqa: E402
 from ranapass.kernels.launch import direct_launch, pdl_supported  # noqa: E402
-from ranapass.kernels.neuron_adapter import gated_neuron_adapter, neuron_adapter  # noqa: E402
+from ranapass.kernels.neuron_adapter import gated_neuron_adapter, neuron_adapter, ticket_buffer  # noqa: E402
 from ranapass.kernels.rank_adapter import rank_adapter  # noqa: E402
 
 OPS = torch.ops.ranapass
@@ -104,6 +106,10 @@ class Unit:
             self.At = (torch.randn(u.rank, u.m, device=dev, generator=gen) * u.rank ** -0.5).to(dtype)
         else:
             self.Wt = (torch.randn(u.n, u.m, device=dev, generator=gen) * u.n ** -0.5).to(dtype)
+            # kept across calls, as a bound adapter keeps it; a static input under CUDA graphs, as the
+            # backend's registered buffers are
+            self.tickets = ticket_buffer(u.m, dev)
+            torch._dynamo.mark_static_address(self.tickets)
         self.W = (torch.randn(u.m, u.n, device=dev, generator=gen) * u.n ** -0.5).to(dtype)  # dense twin
         self.bias = None
         self.thr = None
@@ -133,8 +139,9 @@ class Unit:
         if self.u.kind == "rank":
             return getattr(OPS, "rank_adapter" + suffix)(inp[0], self.B, self.At, self.thr, self.bias)
         if self.u.gated:
-            return getattr(OPS, "gated_neuron_adapter" + suffix)(inp[0], inp[1], self.Wt, self.thr, self.bias, "silu")
-        return getattr(OPS, "neuron_adapter" + suffix)(inp[0], self.Wt, self.thr, self.bias)
+            return getattr(OPS, "gated_neuron_adapter" + suffix)(inp[0], inp[1], self.Wt, self.thr, self.bias,
+                                                                  self.tickets, "silu")
+        return getattr(OPS, "neuron_adapter" + suffix)(inp[0], self.Wt, self.thr, self.bias, self.tickets)
 
     def launch(self, inp, config) -> torch.Tensor:
         """The launcher with an explicit tile config (sweeps)."""
@@ -142,8 +149,9 @@ class Unit:
             if self.u.kind == "rank":
                 return rank_adapter(inp[0], self.B, self.At, self.thr, self.bias, config=config)
             if self.u.gated:
-                return gated_neuron_adapter(inp[0], inp[1], self.Wt, self.thr, self.bias, "silu", config=config)
-            return neuron_adapter(inp[0], self.Wt, self.thr, self.bias, config=config)
+                return gated_neuron_adapter(inp[0], inp[1], self.Wt, self.thr, self.bias, "silu", config=config,
+                                            tickets=self.tickets)
+            return neuron_adapter(inp[0], self.Wt, self.thr, self.bias, config=config, tickets=self.tickets)
 
     def union_config(self, T: int):
         """The explicit decode config that makes the launcher run the union kernels for T tokens."""
@@ -523,10 +531,15 @@ def decode_timing(gen: torch.Generator, bw: float, batches: list[int], models) -
                     rows.append({**common, "kernel": kind if T == 1 else f"{kind} (GEMM)", "us": t,
                                  "x_dense": t_dense / t, "pct_bw": floor_us / t * 100, "bound_ratio": t / floor_us})
                     if T == 1 and d is None:  # the decode op of compiled graphs; the op without PDL
-                        td = time_graph([lambda c=c, i=i: c.op(i, decode=True) for c, i in zip(cs, inps)])
+                        variants = [("decode op", time_graph([lambda c=c, i=i: c.op(i, decode=True)
+                                                              for c, i in zip(cs, inps)]))]
                         with pdl_off():
-                            tn = time_graph([lambda c=c, i=i: c.op(i) for c, i in zip(cs, inps)])
-                        for label, tx in (("decode op", td), ("no PDL", tn)):
+                            variants.append(("no PDL", time_graph([lambda c=c, i=i: c.op(i) for c, i in zip(cs, inps)])))
+                        if u.kind == "neuron":  # without its persistent tickets: a fill launch per call
+                            with _fill_per_call(cs):
+                                variants.append(("ticket fill", time_graph([lambda c=c, i=i: c.op(i)
+                                                                            for c, i in zip(cs, inps)])))
+                        for label, tx in variants:
                             rows.append({**common, "kernel": f"{kind} ({label})", "us": tx, "x_dense": t_dense / tx,
                                          "pct_bw": floor_us / tx * 100, "bound_ratio": tx / floor_us})
                     if T > 1:  # the row-skipping union kernels at the same inputs
@@ -536,6 +549,19 @@ def decode_timing(gen: torch.Generator, bw: float, batches: list[int], models) -
                 del cs
                 torch.cuda.empty_cache()
     return rows
+
+
+@contextlib.contextmanager
+def _fill_per_call(units: list[Unit]):
+    """The neuron units' ops without their persistent tickets inside the block (each call fills its own)."""
+    kept = [u.tickets for u in units]
+    for u in units:
+        u.tickets = None
+    try:
+        yield
+    finally:
+        for u, t in zip(units, kept):
+            u.tickets = t
 
 
 def _shape(u: UnitShape) -> str:

@@ -54,8 +54,8 @@ def launch_opaque(device: torch.device) -> bool:
     dependent launch for its own kernels (``triton.enable_pdl``, ``TORCHINDUCTOR_ENABLE_PDL=1``) and
     the card has it: replays pay no host cost for the opaque call, and the direct launch is the one
     that can overlap each kernel's start with the end of the one before. Without PDL in Inductor's
-    kernels around them, the opaque ops measured no faster (benchmarks/RESULTS.md), and Inductor's own
-    launcher, which fuses the neuron ops' ticket fill into its kernels, is the better choice.
+    kernels around them, the opaque ops measured no faster (benchmarks/RESULTS.md), so Inductor
+    launches the kernels itself.
     """
     from torch._inductor import config
 

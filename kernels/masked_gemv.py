@@ -308,8 +308,9 @@ def masked_gemv(
     """Launch ``masked_gemv_kernel`` (and ``split_sum_kernel`` unless ``cfg.fused_sum``); returns ``y: [T, m]``.
 
     ``a`` is the prologue's first input, ``[T, K]`` (RANK: the router partials ``[in_splits, T, K]``),
-    ``b`` the GATED prologue's ``up`` (``[T, K]``) or None. ``tickets``: int32, one zero per output
-    tile (``cdiv(m, cfg.block_n)``), zeroed by an earlier launch (the router); None: a fill here.
+    ``b`` the GATED prologue's ``up`` (``[T, K]``) or None. ``tickets``: int32, at least one zero per
+    output tile (``cdiv(m, cfg.block_n)``), zeroed by an earlier launch (the router) or left zero by
+    this kernel's last call (a persistent buffer); None: a fill here.
     """
     stride_ap = a.stride(0) if prologue == PROLOGUE_RANK else 0
     (y,) = _launch(a, b, stride_ap, 0, [(thresholds, W, bias)], out_dtype, cfg, prologue, activation, in_splits,
@@ -348,6 +349,9 @@ def _launch(a, b, stride_ap, a2_off, units, out_dtype, cfg, prologue, activation
     fused = cfg.fused_sum or splits == 1
     if tickets is None:
         tickets = (torch.zeros if fused and splits > 1 else torch.empty)(sum(tiles), device=device, dtype=torch.int32)
+    elif tickets.dtype != torch.int32 or tickets.numel() < sum(tiles) or tickets.device != device:
+        raise ValueError(f"masked_gemv: tickets must be int32 on {device} with at least {sum(tiles)} entries (one per "
+                         f"output tile), got {tickets.dtype} [{tickets.numel()}] on {tickets.device}")
     widths = [W.shape[1] for _, W, _ in units]
     part = torch.empty(splits * T * sum(widths), device=device, dtype=torch.float32)  # unit after unit: [S, T, m]
     ys = [torch.empty((T, m), device=device, dtype=out_dtype) for m in widths]

@@ -5,18 +5,37 @@ Decode: one masked GEMV over ``Wt: [n, m]`` (input-major), mask computed in its 
 projections of a gated MLP and computes ``h = act(gate) * up`` and its mask in the same load stage
 (GATED prologue): the middle of the MLP is no chain of tiny launches and ``h`` never goes to memory.
 Prefill runs cuBLAS with the same mask (masked_gemm.py).
+
+The split sum's tile tickets (masked_gemv.py) must be zero when the kernel starts and are zero
+again when it ends, so a caller that runs the adapter again and again passes one persistent
+buffer (``ticket_buffer``; the bound adapters do): no fill launch per call, and with programmatic
+dependent launch nothing stands between this kernel and the one before. Without one, each call
+fills its own.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
 
 from ranapass.kernels.configs import KernelConfig, masked_gemv_config, use_kernels
 from ranapass.kernels.launch import flatten_tokens
 from ranapass.kernels.masked_gemv import ACTIVATIONS, PROLOGUE_GATED, PROLOGUE_NEURON, masked_gemv
 from ranapass.kernels.masked_gemm import gated_neuron_adapter_gemm, neuron_adapter_gemm
 
-__all__ = ["neuron_adapter", "gated_neuron_adapter"]
+__all__ = ["neuron_adapter", "gated_neuron_adapter", "ticket_buffer"]
+
+MIN_BLOCK_N = 16
+"""The narrowest output tile a config may have (``KernelConfig``): it bounds the ticket count."""
+
+
+def ticket_buffer(m: int, device: torch.device | str) -> torch.Tensor:
+    """Zeroed int32 tickets for a neuron adapter with ``m`` outputs, enough for any decode config.
+
+    The kernels leave them zero. One buffer serves one adapter on one stream: two launches that use
+    it at the same time (two streams) would mix their counts.
+    """
+    return torch.zeros(triton.cdiv(m, MIN_BLOCK_N), device=device, dtype=torch.int32)
 
 
 def _check(name: str, n: int, Wt: torch.Tensor, thresholds: torch.Tensor) -> None:
@@ -33,6 +52,7 @@ def neuron_adapter(
     thresholds: torch.Tensor,
     bias: torch.Tensor | None = None,
     config: KernelConfig | None = None,
+    tickets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the neuron adapter on ``x: [..., n]``; returns ``[..., m]`` in ``x.dtype``.
 
@@ -42,6 +62,7 @@ def neuron_adapter(
         thresholds: ``[n]`` float32.
         bias: ``[m]`` or None.
         config: decode tiles; default from ``configs.masked_gemv_config``.
+        tickets: a ``ticket_buffer(m)`` kept across calls, or None (a fill per call).
     """
     x2, lead = flatten_tokens(x)
     T, n = x2.shape
@@ -50,7 +71,7 @@ def neuron_adapter(
     if not use_kernels(T, config):
         return neuron_adapter_gemm(x2, Wt, thresholds, bias).reshape(*lead, m)
     cfg = config if config is not None else masked_gemv_config(n, m, T)
-    y = masked_gemv(x2, None, thresholds, Wt, bias, x.dtype, cfg, PROLOGUE_NEURON)
+    y = masked_gemv(x2, None, thresholds, Wt, bias, x.dtype, cfg, PROLOGUE_NEURON, tickets=tickets)
     return y.reshape(*lead, m)
 
 
@@ -62,12 +83,13 @@ def gated_neuron_adapter(
     bias: torch.Tensor | None = None,
     activation: str = "silu",
     config: KernelConfig | None = None,
+    tickets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the neuron adapter on ``h = act(gate) * up`` (``[..., n]`` each); returns ``[..., m]``.
 
     Args:
         gate, up: the gate and up projections' outputs, same shape and dtype.
-        Wt, thresholds, bias: as in ``neuron_adapter``.
+        Wt, thresholds, bias, tickets: as in ``neuron_adapter``.
         activation: ``"silu"``, ``"gelu_tanh"`` or ``"gelu"``.
         config: decode tiles; default from ``configs.masked_gemv_config``.
     """
@@ -84,5 +106,6 @@ def gated_neuron_adapter(
     if not use_kernels(T, config):
         return gated_neuron_adapter_gemm(g2, u2, Wt, thresholds, bias, activation).reshape(*lead, m)
     cfg = config if config is not None else masked_gemv_config(n, m, T)
-    y = masked_gemv(g2, u2, thresholds, Wt, bias, gate.dtype, cfg, PROLOGUE_GATED, ACTIVATIONS[activation])
+    y = masked_gemv(g2, u2, thresholds, Wt, bias, gate.dtype, cfg, PROLOGUE_GATED, ACTIVATIONS[activation],
+                    tickets=tickets)
     return y.reshape(*lead, m)

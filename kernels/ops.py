@@ -70,36 +70,42 @@ def rank_adapter_pair(
     return _rank.rank_adapter_pair(x, first, second)
 
 
-@torch.library.triton_op("ranapass::neuron_adapter", mutates_args=())
+@torch.library.triton_op("ranapass::neuron_adapter", mutates_args={"tickets"})
 def neuron_adapter(
     x: torch.Tensor,
     Wt: torch.Tensor,
     thresholds: torch.Tensor,
     bias: torch.Tensor | None,
+    tickets: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``y = (keep * x) Wt + bias`` with ``keep = |x| >= thresholds``; see kernels/reference.py."""
+    """``y = (keep * x) Wt + bias`` with ``keep = |x| >= thresholds``; see kernels/reference.py.
+
+    ``tickets``: the decode kernel's persistent workspace (``neuron_adapter.ticket_buffer``), zero
+    before and after each call, or None.
+    """
     if x.device.type != "cuda":
         return neuron_adapter_reference(x, Wt, thresholds, bias)
     if _opaque(x):
-        return neuron_adapter_decode(x, Wt, thresholds, bias)
-    return _neuron.neuron_adapter(x, Wt, thresholds, bias)
+        return neuron_adapter_decode(x, Wt, thresholds, bias, tickets)
+    return _neuron.neuron_adapter(x, Wt, thresholds, bias, tickets=tickets)
 
 
-@torch.library.triton_op("ranapass::gated_neuron_adapter", mutates_args=())
+@torch.library.triton_op("ranapass::gated_neuron_adapter", mutates_args={"tickets"})
 def gated_neuron_adapter(
     gate: torch.Tensor,
     up: torch.Tensor,
     Wt: torch.Tensor,
     thresholds: torch.Tensor,
     bias: torch.Tensor | None,
+    tickets: torch.Tensor | None,
     activation: str,
 ) -> torch.Tensor:
     """Neuron adapter on ``h = act(gate) * up``: the down projection of a gated MLP with its middle fused."""
     if gate.device.type != "cuda":
         return neuron_adapter_reference(gated_activation(gate, up, activation), Wt, thresholds, bias)
     if _opaque(gate):
-        return gated_neuron_adapter_decode(gate, up, Wt, thresholds, bias, activation)
-    return _neuron.gated_neuron_adapter(gate, up, Wt, thresholds, bias, activation)
+        return gated_neuron_adapter_decode(gate, up, Wt, thresholds, bias, tickets, activation)
+    return _neuron.gated_neuron_adapter(gate, up, Wt, thresholds, bias, activation, tickets=tickets)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -140,27 +146,28 @@ def _(x, B1, At1, thresholds1, bias1, B2, At2, thresholds2, bias2):
     return _out(x, At1.shape[1]), _out(x, At2.shape[1])
 
 
-@torch.library.custom_op("ranapass::neuron_adapter_decode", mutates_args=())
+@torch.library.custom_op("ranapass::neuron_adapter_decode", mutates_args={"tickets"})
 def neuron_adapter_decode(x: torch.Tensor, Wt: torch.Tensor, thresholds: torch.Tensor,
-                          bias: torch.Tensor | None) -> torch.Tensor:
+                          bias: torch.Tensor | None, tickets: torch.Tensor | None) -> torch.Tensor:
     """``neuron_adapter``'s decode kernel, launched directly."""
     with direct_launch():
-        return _neuron.neuron_adapter(x, Wt, thresholds, bias)
+        return _neuron.neuron_adapter(x, Wt, thresholds, bias, tickets=tickets)
 
 
 @neuron_adapter_decode.register_fake
-def _(x, Wt, thresholds, bias):
+def _(x, Wt, thresholds, bias, tickets):
     return _out(x, Wt.shape[1])
 
 
-@torch.library.custom_op("ranapass::gated_neuron_adapter_decode", mutates_args=())
+@torch.library.custom_op("ranapass::gated_neuron_adapter_decode", mutates_args={"tickets"})
 def gated_neuron_adapter_decode(gate: torch.Tensor, up: torch.Tensor, Wt: torch.Tensor, thresholds: torch.Tensor,
-                                bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+                                bias: torch.Tensor | None, tickets: torch.Tensor | None,
+                                activation: str) -> torch.Tensor:
     """``gated_neuron_adapter``'s decode kernel, launched directly."""
     with direct_launch():
-        return _neuron.gated_neuron_adapter(gate, up, Wt, thresholds, bias, activation)
+        return _neuron.gated_neuron_adapter(gate, up, Wt, thresholds, bias, activation, tickets=tickets)
 
 
 @gated_neuron_adapter_decode.register_fake
-def _(gate, up, Wt, thresholds, bias, activation):
+def _(gate, up, Wt, thresholds, bias, tickets, activation):
     return _out(gate, Wt.shape[1])

@@ -19,6 +19,7 @@ import torch
 
 from ranapass.cost_model import flops as F
 from ranapass.kernels import ops as _ops  # noqa: F401  (registers torch.ops.ranapass.*)
+from ranapass.kernels.neuron_adapter import ticket_buffer
 from ranapass.kernels.reference import (neuron_adapter_keep, neuron_adapter_reference, rank_adapter_reference,
                                         rank_adapter_scores)
 
@@ -203,6 +204,7 @@ class NeuronAdapterSpec(AdapterSpec):
             "Wt": torch.cat([x.detach() for x in weights], dim=0).t().contiguous(),
             "thresholds": self.thresholds.to(w.device, torch.float32).contiguous(),
             "bias": _stack_bias(biases, self.out_features, w),
+            "tickets": ticket_buffer(self.out_total, w.device),  # the decode kernel's workspace, kept zero
         }
         return BoundAdapter(self, torch.ops.ranapass.neuron_adapter.default, buffers)
 
@@ -210,7 +212,8 @@ class NeuronAdapterSpec(AdapterSpec):
 class BoundAdapter:
     """An adapter ready to run on one model: ``op(x, *buffers.values())`` computes the stacked output.
 
-    ``buffers`` are the op's tensor arguments after ``x`` (``None`` for an absent bias); the FX pass
+    ``buffers`` are the op's tensor arguments after ``x`` (``None`` for an absent bias; a neuron
+    adapter's ``tickets`` are its decode kernel's workspace, which every call leaves zero); the FX pass
     registers them on the compiled graph, the eager path passes them directly.
     """
 
@@ -222,8 +225,10 @@ class BoundAdapter:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             # The ops are for inference; the reference math is differentiable (masks are constants).
-            ref = rank_adapter_reference if isinstance(self.spec, RankAdapterSpec) else neuron_adapter_reference
-            return ref(x, *self.buffers.values())
+            b = self.buffers
+            if isinstance(self.spec, RankAdapterSpec):
+                return rank_adapter_reference(x, b["B"], b["At"], b["thresholds"], b["bias"])
+            return neuron_adapter_reference(x, b["Wt"], b["thresholds"], b["bias"])
         return self.op(x, *self.buffers.values())
 
     def kept(self, x: torch.Tensor) -> torch.Tensor:

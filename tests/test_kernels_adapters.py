@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(
 if has_triton() and (has_cuda() or triton_interpret()):
     from ranapass.kernels.configs import KernelConfig
     from ranapass.kernels.launch import direct_launch
-    from ranapass.kernels.neuron_adapter import gated_neuron_adapter, neuron_adapter
+    from ranapass.kernels.neuron_adapter import gated_neuron_adapter, neuron_adapter, ticket_buffer
     from ranapass.kernels.rank_adapter import rank_adapter, rank_adapter_pair
     from ranapass.kernels.reference import (
         gated_activation,
@@ -225,6 +225,27 @@ def test_outputs_and_workspaces_need_no_fill(monkeypatch, fused_sum, prefetch):
     assert tickets and all((t == 0).all() for t in (tickets if fused_sum else [tickets[0], tickets[-1]]))
 
 
+def test_persistent_tickets_serve_every_call_and_stay_zero():
+    """One ``ticket_buffer`` across calls of different split counts and both neuron kernels: each call
+    finds it zero (the results equal the per-call fill's bit for bit) and leaves it zero."""
+    gen = torch.Generator().manual_seed(4)
+    dtype = torch.bfloat16
+    n, m = 90, 70
+    x, up = _rand((1, n), dtype, gen), _rand((1, n), dtype, gen)
+    Wt, bias = _rand((n, m), dtype, gen, n ** -0.5), _rand((m,), dtype, gen)
+    thr = _thresholds(x.cpu().float(), 0.5, MARGIN[dtype], gen).to(DEVICE)
+    tickets = ticket_buffer(m, DEVICE)
+    configs = [None, KernelConfig(16, 16, 3, 4), KernelConfig(32, 16, 2, 1, prefetch=True), KernelConfig(16, 32, 6)]
+    with direct_launch():
+        for cfg in configs * 2:
+            for call in (lambda **kw: neuron_adapter(x, Wt, thr, bias, config=cfg, **kw),
+                         lambda **kw: gated_neuron_adapter(x, up, Wt, thr, None, "silu", config=cfg, **kw)):
+                assert torch.equal(call(tickets=tickets), call())
+                assert not tickets.any()
+    with pytest.raises(ValueError, match="tickets must be int32"):
+        neuron_adapter(x, Wt, thr, bias, config=KernelConfig(16, 16, 3), tickets=tickets[:2])
+
+
 def test_leading_dims_and_prefill_regime():
     """``[batch, seq, n]`` inputs, and a token count past the decode kernels (masked GEMMs)."""
     gen = torch.Generator().manual_seed(1)
@@ -271,8 +292,9 @@ def test_decode_ops_pass_opcheck_and_equal_their_launchers():
         (ops.rank_adapter_decode.default, (x, B, At, thr_r, bias), (rank_adapter_reference(x, B, At, thr_r, bias),)),
         (ops.rank_adapter_pair_decode.default, (x, B, At, thr_r, None, B2, At2, thr_r2, None),
          (rank_adapter_reference(x, B, At, thr_r), rank_adapter_reference(x, B2, At2, thr_r2))),
-        (ops.neuron_adapter_decode.default, (x, Wt, thr_n, bias), (neuron_adapter_reference(x, Wt, thr_n, bias),)),
-        (ops.gated_neuron_adapter_decode.default, (x, up, Wt, thr_g, None, "silu"),
+        (ops.neuron_adapter_decode.default, (x, Wt, thr_n, bias, ticket_buffer(33, DEVICE)),
+         (neuron_adapter_reference(x, Wt, thr_n, bias),)),
+        (ops.gated_neuron_adapter_decode.default, (x, up, Wt, thr_g, None, None, "silu"),
          (neuron_adapter_reference(gated_activation(x, up, "silu"), Wt, thr_g),)),
     ]
     for op, args, refs in cases:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import ranapass.kernels.ops  # noqa: F401  (registers torch.ops.ranapass.*)
+from ranapass.kernels.neuron_adapter import ticket_buffer
 from ranapass.kernels.reference import gated_activation, neuron_adapter_reference, rank_adapter_reference
 
 OPS = torch.ops.ranapass
@@ -25,8 +26,9 @@ def test_ops_pass_opcheck_and_equal_the_reference_on_cpu(dtype, with_bias):
     x, B, At, Wt, thr_r, thr_n, bias = _args(dtype, with_bias)
     up = x * 0.5
     cases = [(OPS.rank_adapter.default, (x, B, At, thr_r, bias), rank_adapter_reference(x, B, At, thr_r, bias)),
-             (OPS.neuron_adapter.default, (x, Wt, thr_n, bias), neuron_adapter_reference(x, Wt, thr_n, bias)),
-             (OPS.gated_neuron_adapter.default, (x, up, Wt, thr_n, bias, "silu"),
+             (OPS.neuron_adapter.default, (x, Wt, thr_n, bias, ticket_buffer(17, "cpu")),
+              neuron_adapter_reference(x, Wt, thr_n, bias)),
+             (OPS.gated_neuron_adapter.default, (x, up, Wt, thr_n, bias, None, "silu"),
               neuron_adapter_reference(gated_activation(x, up, "silu"), Wt, thr_n, bias))]
     for op, args, ref in cases:
         torch.library.opcheck(op, args)
