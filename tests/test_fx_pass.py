@@ -182,6 +182,22 @@ def test_adapter_called_twice_registers_its_buffers_once():
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
 
 
+def test_neuron_adapter_registers_its_tickets_as_a_buffer():
+    """A neuron op's tickets (its decode kernel's workspace) reach the graph as the bound adapter's own
+    buffer, like its weights: a static input that every call leaves zero."""
+    model, inputs = Twice().eval(), torch.randn(4, 32)
+    ranapass.attach(model, build_plan(model, inputs, neuron="all"))
+    gm, report, _ = capture(model, inputs)
+
+    assert report.rewritten == 1
+    bound = lookup(model.lin.weight).adapter
+    tickets = dict(gm.named_buffers())["rana_lin_tickets"]
+    assert tickets is bound.buffers["tickets"] and tickets.dtype == torch.int32 and not tickets.any()
+    assert "rana_lin_tickets" in gm._param_name_to_source
+    ops = [n for n in gm.graph.nodes if n.target is torch.ops.ranapass.neuron_adapter.default]
+    assert ops and all(n.args[-1].target == "rana_lin_tickets" for n in ops)
+
+
 class TracedLinear(torch.nn.Linear):
     """Not a leaf for fx.symbolic_trace (defined outside torch.nn): traced into F.linear with get_attr weights."""
 
