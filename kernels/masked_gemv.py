@@ -359,9 +359,9 @@ def _launch(a, b, stride_ap, a2_off, units, out_dtype, cfg, prologue, activation
     y1, y2 = ys[0], ys[-1]
     b = a if b is None else b
     block_t = triton.next_power_of_2(T)
-    # the last program sums BLOCK_S splits per load: 32 fp32 values per thread (not tied to the split count,
-    # so that one compiled kernel serves every split count)
-    block_s = max(1, 1024 * cfg.num_warps // (block_t * cfg.block_n))
+    # the last program sums BLOCK_S splits per load: all of them in one load where that is at most 64 fp32
+    # values per thread (each further load is one more round trip to L2 at the very end of the kernel)
+    block_s = max(1, min(triton.next_power_of_2(splits), 2048 * cfg.num_warps // (block_t * cfg.block_n)))
     pdl = use_pdl(device)
     launch(masked_gemv_kernel)[(sum(tiles), splits)](
         a, b, thr1, W1, y1 if bias1 is None else bias1, part, tickets, y1,

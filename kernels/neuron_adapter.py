@@ -33,7 +33,9 @@ def ticket_buffer(m: int, device: torch.device | str) -> torch.Tensor:
     """Zeroed int32 tickets for a neuron adapter with ``m`` outputs, enough for any decode config.
 
     The kernels leave them zero. One buffer serves one adapter on one stream: two launches that use
-    it at the same time (two streams) would mix their counts.
+    it at the same time (two streams) would mix their counts. The ops declare it mutated, so under
+    CUDA graphs it must be a static input: the backend registers it as a buffer of the compiled graph;
+    a hand-written compiled function marks it (``torch._dynamo.mark_static_address``).
     """
     return torch.zeros(triton.cdiv(m, MIN_BLOCK_N), device=device, dtype=torch.int32)
 
