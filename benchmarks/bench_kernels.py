@@ -534,7 +534,8 @@ def decode_timing(gen: torch.Generator, bw: float, batches: list[int], models) -
                         variants = [("decode op", time_graph([lambda c=c, i=i: c.op(i, decode=True)
                                                               for c, i in zip(cs, inps)]))]
                         with pdl_off():
-                            variants.append(("no PDL", time_graph([lambda c=c, i=i: c.op(i) for c, i in zip(cs, inps)])))
+                            variants.append(("no PDL", time_graph([lambda c=c, i=i: c.op(i)
+                                                                   for c, i in zip(cs, inps)])))
                         if u.kind == "neuron":  # without its persistent tickets: a fill launch per call
                             with _fill_per_call(cs):
                                 variants.append(("ticket fill", time_graph([lambda c=c, i=i: c.op(i)
@@ -696,9 +697,10 @@ def tune_summary(rows: list[dict]) -> str:
 
 def summary(res: dict) -> str:
     rows = [r for r in res["decode"] if r["T"] == 1 and (r["kernel"] == "dense" or r.get("plan"))]
-    lines = ["", f"{'model':<11} {'unit':<5} {'kernel':<18} {'dens':>5} {'us':>7} {'x dense':>7} {'%BW':>5} {'t/floor':>7}"]
+    w = max(len(r["kernel"]) for r in rows)
+    lines = ["", f"{'model':<11} {'unit':<5} {'kernel':<{w}} {'dens':>5} {'us':>7} {'x dense':>7} {'%BW':>5} {'t/floor':>7}"]
     for r in rows:
-        lines.append(f"{r['model']:<11} {r['unit']:<5} {r['kernel']:<18} {r['density']:>5.2f} {r['us']:>7.2f} "
+        lines.append(f"{r['model']:<11} {r['unit']:<5} {r['kernel']:<{w}} {r['density']:>5.2f} {r['us']:>7.2f} "
                      f"{r['x_dense']:>7.2f} {r['pct_bw']:>5.0f} {r['bound_ratio']:>7.2f}")
     ok = sum(r["ok"] for r in res["check"])
     lines.append(f"check {ok}/{len(res['check'])} ok; compile {res['compile']}; copy {res['copy_gbps_start']:.0f}/"

@@ -23,8 +23,8 @@ import dataclasses
 
 import triton
 
-__all__ = ["KernelConfig", "DECODE_MAX_TOKENS", "ROW_SKIP_MAX_TOKENS", "TARGET_PROGRAMS", "TUNED", "router_config",
-           "masked_gemv_config", "rank_adapter_configs", "auto_splits", "use_kernels"]
+__all__ = ["KernelConfig", "MIN_BLOCK", "DECODE_MAX_TOKENS", "ROW_SKIP_MAX_TOKENS", "TARGET_PROGRAMS", "TUNED",
+           "router_config", "masked_gemv_config", "rank_adapter_configs", "auto_splits", "use_kernels"]
 
 DECODE_MAX_TOKENS = 8
 """The most tokens the Triton decode kernels take."""
@@ -34,6 +34,9 @@ density d the union of T tokens keeps ``1 - (1 - d)^T`` of the rows (0.89 at d =
 at T = 4), so several tokens save few bytes, and the union kernels measured slower than dense there
 (benchmarks/RESULTS.md); cuBLAS's GEMM over the masked inputs reads the dense bytes at dense speed. An
 explicit config still runs the kernels up to ``DECODE_MAX_TOKENS``."""
+MIN_BLOCK = 16
+"""The smallest tile edge a config may have; it bounds how many output tiles, and so tickets, a launch
+can have (``neuron_adapter.ticket_buffer``)."""
 TARGET_PROGRAMS = 2048  # ~16 short programs per SM on a 132-SM H100/H200: loads in flight while others wait
 
 
@@ -69,8 +72,8 @@ class KernelConfig:
     def __post_init__(self) -> None:
         for name in ("block_k", "block_n"):
             v = getattr(self, name)
-            if v < 16 or v & (v - 1):
-                raise ValueError(f"KernelConfig.{name} must be a power of two >= 16, got {v}")
+            if v < MIN_BLOCK or v & (v - 1):
+                raise ValueError(f"KernelConfig.{name} must be a power of two >= {MIN_BLOCK}, got {v}")
         if self.splits < 1:
             raise ValueError(f"KernelConfig.splits must be >= 1, got {self.splits}")
 

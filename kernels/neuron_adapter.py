@@ -18,15 +18,12 @@ from __future__ import annotations
 import torch
 import triton
 
-from ranapass.kernels.configs import KernelConfig, masked_gemv_config, use_kernels
+from ranapass.kernels.configs import MIN_BLOCK, KernelConfig, masked_gemv_config, use_kernels
 from ranapass.kernels.launch import flatten_tokens
 from ranapass.kernels.masked_gemv import ACTIVATIONS, PROLOGUE_GATED, PROLOGUE_NEURON, masked_gemv
 from ranapass.kernels.masked_gemm import gated_neuron_adapter_gemm, neuron_adapter_gemm
 
 __all__ = ["neuron_adapter", "gated_neuron_adapter", "ticket_buffer"]
-
-MIN_BLOCK_N = 16
-"""The narrowest output tile a config may have (``KernelConfig``): it bounds the ticket count."""
 
 
 def ticket_buffer(m: int, device: torch.device | str) -> torch.Tensor:
@@ -37,7 +34,7 @@ def ticket_buffer(m: int, device: torch.device | str) -> torch.Tensor:
     CUDA graphs it must be a static input: the backend registers it as a buffer of the compiled graph;
     a hand-written compiled function marks it (``torch._dynamo.mark_static_address``).
     """
-    return torch.zeros(triton.cdiv(m, MIN_BLOCK_N), device=device, dtype=torch.int32)
+    return torch.zeros(triton.cdiv(m, MIN_BLOCK), device=device, dtype=torch.int32)
 
 
 def _check(name: str, n: int, Wt: torch.Tensor, thresholds: torch.Tensor) -> None:
