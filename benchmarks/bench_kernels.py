@@ -698,7 +698,8 @@ def tune_summary(rows: list[dict]) -> str:
 def summary(res: dict) -> str:
     rows = [r for r in res["decode"] if r["T"] == 1 and (r["kernel"] == "dense" or r.get("plan"))]
     w = max(len(r["kernel"]) for r in rows)
-    lines = ["", f"{'model':<11} {'unit':<5} {'kernel':<{w}} {'dens':>5} {'us':>7} {'x dense':>7} {'%BW':>5} {'t/floor':>7}"]
+    lines = ["", f"{'model':<11} {'unit':<5} {'kernel':<{w}} {'dens':>5} {'us':>7} {'x dense':>7} {'%BW':>5} "
+                 f"{'t/floor':>7}"]
     for r in rows:
         lines.append(f"{r['model']:<11} {r['unit']:<5} {r['kernel']:<{w}} {r['density']:>5.2f} {r['us']:>7.2f} "
                      f"{r['x_dense']:>7.2f} {r['pct_bw']:>5.0f} {r['bound_ratio']:>7.2f}")
