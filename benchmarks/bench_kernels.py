@@ -17,7 +17,9 @@ One run does, in order:
    batch 1 and the plan density also the opaque ``*_decode`` op (what a compiled graph calls with Inductor's
    PDL on), the op without programmatic dependent launch (``RANAPASS_PDL=0``) and, for the neuron ops,
    the op without its persistent tickets (a fill launch per call);
-6. prefill timing (512 and 2048 tokens), bf16, dense vs adapted.
+6. prefill timing (512 and 2048 tokens), bf16, dense vs adapted;
+7. the read floor (read_floor.py): at each decode op's byte count (batch 1, plan density), the time of a
+   kernel that only streams those bytes, timed the same way: what latency leaves of the bar to any one launch.
 
 Usage::
 
@@ -44,6 +46,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ranapass.kernels.ops  # noqa: E402,F401  (registers torch.ops.ranapass.*)
+from read_floor import read_floor  # noqa: E402
 from common import (  # noqa: E402
     LLAMA2_7B,
     LLAMA3_8B,
@@ -643,11 +646,20 @@ def main() -> None:
     for r in res["profile"]:
         print("profile", r, flush=True)
     res["prefill"] = prefill_timing(gen)
+    res["read_floor"] = read_floor(bw, decode_ops(res))
+    _save(out, res)
     res["copy_gbps_end"] = copy_bandwidth()
     res["seconds"] = time.time() - t0
     _save(out, res)
     (out / "kernels.md").write_text(report(res))
     print(summary(res), flush=True)
+
+
+def decode_ops(res: dict) -> list[dict]:
+    """The ops a compiled decode graph calls at batch 1 and the plan density (``*_decode``), with their floors."""
+    ops = [{**r, "floor_us": r["us"] / r["bound_ratio"]} for r in res["decode"]
+           if r["T"] == 1 and r.get("plan") and r["kernel"].endswith("(decode op)")]
+    return ops + [r for r in res["pair"] if r["kernel"] == "rank_adapter_pair_decode"]
 
 
 def _save(out: Path, res: dict) -> None:
@@ -666,6 +678,11 @@ def report(res: dict) -> str:
              "", "### gate + up at batch 1, plan density: two ops vs rank_adapter_pair (bf16)",
              markdown_table(res["pair"], ["model", "unit", "kernel", "us", "x_dense", "floor_us", "bound_ratio"]),
              "", "### compile", json.dumps(res["compile"])]
+    if "read_floor" in res:
+        parts += ["", "### read floor: a kernel that only streams each decode op's bytes (read_floor.py), t/floor",
+                  markdown_table(res["read_floor"], ["model", "unit", "op", "mbytes", "floor_us", "op_us", "op_ratio",
+                                                     "stream_us", "stream_ratio", "stream_cfg", "after_input_us",
+                                                     "after_input_ratio", "torch_sum_us", "torch_sum_ratio"])]
     if "tune" in res:
         parts += ["", "### tune: batch 1, bf16, plan density (whole op; router rows: the router config with the "
                   "tuned GEMV)", markdown_table(res["tune"], ["model", "unit", "stage", "config", "us", "pct_bw",
@@ -703,6 +720,10 @@ def summary(res: dict) -> str:
     for r in rows:
         lines.append(f"{r['model']:<11} {r['unit']:<5} {r['kernel']:<{w}} {r['density']:>5.2f} {r['us']:>7.2f} "
                      f"{r['x_dense']:>7.2f} {r['pct_bw']:>5.0f} {r['bound_ratio']:>7.2f}")
+    for r in res.get("read_floor", []):
+        lines.append(f"read floor {r['model']:<11} {r['unit']:<7} {r['mbytes']:6.1f} MB: op {r['op_ratio']:.2f}, "
+                     f"stream {r['stream_ratio']:.2f} ({r['stream_cfg']}), after input {r['after_input_ratio']:.2f}, "
+                     f"torch.sum {r['torch_sum_ratio']:.2f}")
     ok = sum(r["ok"] for r in res["check"])
     lines.append(f"check {ok}/{len(res['check'])} ok; compile {res['compile']}; copy {res['copy_gbps_start']:.0f}/"
                  f"{res['copy_gbps_end']:.0f} GB/s; {res['seconds']:.0f} s")
