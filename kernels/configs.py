@@ -3,7 +3,7 @@
 Keyed ``@triton.autotune`` inside a triton_op may be ignored by Inductor (all shapes get one config),
 so the launchers pick a config here. One decode token runs the Triton kernels (``use_kernels``); more
 tokens run cuBLAS GEMMs with the same masks (masked_gemm.py). The reduction dimension is
-split so the grid has about ``TARGET_PROGRAMS`` programs: enough loads in flight on every SM of an
+split so the grid has at most ``TARGET_PROGRAMS`` programs: enough loads in flight on every SM of an
 H100/H200 (132 SMs), while each weight row is still read by one program only.
 
 The one-token rules are the winners of checked sweeps (benchmarks/bench_kernels.py --tune, runs D and
@@ -37,7 +37,7 @@ explicit config still runs the kernels up to ``DECODE_MAX_TOKENS``."""
 MIN_BLOCK = 16
 """The smallest tile edge a config may have; it bounds how many output tiles, and so tickets, a launch
 can have (``neuron_adapter.ticket_buffer``)."""
-TARGET_PROGRAMS = 2048  # ~16 short programs per SM on a 132-SM H100/H200: loads in flight while others wait
+TARGET_PROGRAMS = 16 * 132  # 16 short programs per SM of a 132-SM H100/H200: loads in flight while others wait
 
 
 def use_kernels(T: int, config: object | None) -> bool:
@@ -79,8 +79,16 @@ class KernelConfig:
 
 
 def auto_splits(out_tiles: int, k: int, block_k: int, target: int = TARGET_PROGRAMS) -> int:
-    """Split the reduction so the grid has about ``target`` programs, each with >= 1 block of K."""
-    return max(1, min(target // max(out_tiles, 1), triton.cdiv(k, block_k)))
+    """Split the reduction into at most ``target / out_tiles`` splits, each with >= 1 block of K.
+
+    A split's programs run one after another along K, so the kernel waits for the split with the
+    most blocks: of the split counts that give the fewest blocks per split, take the smallest (the
+    fewest partials to sum). Llama-2-7B q/k/v's 32 blocks over 10 splits left two splits with 4; 11
+    splits leave none with more than 3 (its GEMV kernel 14.98 -> 14.57 us, RESULTS.md runs L and O).
+    """
+    blocks = triton.cdiv(k, block_k)
+    most = max(1, min(target // max(out_tiles, 1), blocks))
+    return triton.cdiv(blocks, triton.cdiv(blocks, most))
 
 
 TUNED: dict[tuple[str, int, int], KernelConfig] = {}
