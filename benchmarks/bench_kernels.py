@@ -46,7 +46,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ranapass.kernels.ops  # noqa: E402,F401  (registers torch.ops.ranapass.*)
-from read_floor import read_floor  # noqa: E402
 from common import (  # noqa: E402
     LLAMA2_7B,
     LLAMA3_8B,
@@ -67,6 +66,7 @@ from ranapass.kernels import configs as C  # noqa: E402
 from ranapass.kernels.launch import direct_launch, pdl_supported  # noqa: E402
 from ranapass.kernels.neuron_adapter import gated_neuron_adapter, neuron_adapter, ticket_buffer  # noqa: E402
 from ranapass.kernels.rank_adapter import rank_adapter  # noqa: E402
+from read_floor import read_floor  # noqa: E402
 
 OPS = torch.ops.ranapass
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
