@@ -19,7 +19,8 @@ One run does, in order:
    the op without its persistent tickets (a fill launch per call);
 6. prefill timing (512 and 2048 tokens), bf16, dense vs adapted;
 7. the read floor (read_floor.py): at each decode op's byte count (batch 1, plan density), the time of a
-   kernel that only streams those bytes, timed the same way: what latency leaves of the bar to any one launch.
+   kernel that only streams those bytes, timed the same way: what latency leaves of the bar to any one launch;
+   for a rank op also two dependent streams split where its router and masked GEMV split.
 
 Usage::
 
@@ -656,10 +657,17 @@ def main() -> None:
 
 
 def decode_ops(res: dict) -> list[dict]:
-    """The ops a compiled decode graph calls at batch 1 and the plan density (``*_decode``), with their floors."""
+    """The ops a compiled decode graph calls at batch 1 and the plan density (``*_decode``), with their
+    floors and, for a rank op, the bytes its router launch reads (B of each unit, and x; bf16)."""
+    units = {(m.name, u.name): u for m in (LLAMA2_7B, LLAMA3_8B) for u in block_units(m)}
     ops = [{**r, "floor_us": r["us"] / r["bound_ratio"]} for r in res["decode"]
            if r["T"] == 1 and r.get("plan") and r["kernel"].endswith("(decode op)")]
-    return ops + [r for r in res["pair"] if r["kernel"] == "rank_adapter_pair_decode"]
+    ops += [dict(r) for r in res["pair"] if r["kernel"] == "rank_adapter_pair_decode"]
+    for op in ops:
+        rank = [units[op["model"], name] for name in op["unit"].split("+")]
+        if all(u.kind == "rank" for u in rank):
+            op["router_bytes"] = 2 * (sum(u.rank * u.n for u in rank) + rank[0].n)
+    return ops
 
 
 def _save(out: Path, res: dict) -> None:
@@ -682,7 +690,8 @@ def report(res: dict) -> str:
         parts += ["", "### read floor: a kernel that only streams each decode op's bytes (read_floor.py), t/floor",
                   markdown_table(res["read_floor"], ["model", "unit", "op", "mbytes", "floor_us", "op_us", "op_ratio",
                                                      "stream_us", "stream_ratio", "stream_cfg", "after_input_us",
-                                                     "after_input_ratio", "torch_sum_us", "torch_sum_ratio"])]
+                                                     "after_input_ratio", "two_streams_us", "two_streams_ratio",
+                                                     "torch_sum_us", "torch_sum_ratio"])]
     if "tune" in res:
         parts += ["", "### tune: batch 1, bf16, plan density (whole op; router rows: the router config with the "
                   "tuned GEMV)", markdown_table(res["tune"], ["model", "unit", "stage", "config", "us", "pct_bw",
@@ -723,7 +732,7 @@ def summary(res: dict) -> str:
     for r in res.get("read_floor", []):
         lines.append(f"read floor {r['model']:<11} {r['unit']:<7} {r['mbytes']:6.1f} MB: op {r['op_ratio']:.2f}, "
                      f"stream {r['stream_ratio']:.2f} ({r['stream_cfg']}), after input {r['after_input_ratio']:.2f}, "
-                     f"torch.sum {r['torch_sum_ratio']:.2f}")
+                     f"two streams {r['two_streams_ratio']:.2f}, torch.sum {r['torch_sum_ratio']:.2f}")
     ok = sum(r["ok"] for r in res["check"])
     lines.append(f"check {ok}/{len(res['check'])} ok; compile {res['compile']}; copy {res['copy_gbps_start']:.0f}/"
                  f"{res['copy_gbps_end']:.0f} GB/s; {res['seconds']:.0f} s")

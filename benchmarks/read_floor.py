@@ -7,12 +7,15 @@ kernel that does nothing but stream that many contiguous bytes and sum them (the
 sweep of load widths, loads per program and warps), timed like the ops: back to back in one CUDA
 graph over rotating copies (no call finds its bytes in L2), launched with programmatic dependent
 launch where the ops are. ``stream after input``: the same kernel when each program first loads a
-small input that its big loads wait on, as a masked GEMV's loads wait on their mask.
+small input that its big loads wait on, as a masked GEMV's loads wait on their mask. ``two streams``
+(rank ops): the router's bytes (B and x), then the rest in a second launch that waits for the first
+and streams after an input: the shape of a rank op, two dependent launches, without its arithmetic.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 import triton
@@ -76,26 +79,44 @@ class _Stream:
             raise RuntimeError(f"stream_kernel summed {got}, torch {want}")
 
 
+def _best(s: _Stream, input_first: bool = False) -> tuple[float, tuple[int, int, int]]:
+    """The fastest (block, loads per program, warps) over ``s``'s bytes, with at least a program per SM."""
+    return min((s.time(b, i, w, input_first=input_first), (b, i, w))
+               for b, i, w in itertools.product(BLOCKS, ITERS, WARPS) if triton.cdiv(s.n, b * i) >= 132)
+
+
+def _two_streams(first: _Stream, second: _Stream) -> float:
+    """Microseconds per pair: ``first``, then ``second`` after an input, each at its own best config."""
+    c1, c2 = _best(first)[1], _best(second, input_first=True)[1]
+    n = max(len(first.ws), len(second.ws))
+    return time_graph([lambda i=i: (first.launch(first.ws[i % len(first.ws)], *c1),
+                                    second.launch(second.ws[i % len(second.ws)], *c2, True)) for i in range(n)],
+                      min_calls=64, reps=7)
+
+
 def read_floor(bw: float, ops: list[dict]) -> list[dict]:
-    """For each op row (``model``, ``unit``, ``kernel``, ``us``, ``bound_ratio``, ``floor_us``): the best
-    stream over its bytes, the stream after an input and ``torch.sum`` over them, with their t/floor."""
+    """For each op row (``model``, ``unit``, ``kernel``, ``us``, ``floor_us``, and for a rank op
+    ``router_bytes``): the best stream over its bytes, the stream after an input, ``torch.sum`` over
+    them and, for a rank op, two dependent streams split where its launches split, with their t/floor."""
     rows = []
     for op in ops:
         nbytes = int(op["floor_us"] * 1e-6 * bw * 1e9)
         s = _Stream(nbytes)
         s.check()
-        best = min((s.time(b, i, w), (b, i, w)) for b, i, w in itertools.product(BLOCKS, ITERS, WARPS)
-                   if triton.cdiv(s.n, b * i) >= 132)  # at least a program per SM
-        t_input = s.time(*best[1], input_first=True)
+        t_stream, (b, i, w) = _best(s)
+        t_input = s.time(b, i, w, input_first=True)
         t_sum = time_graph([lambda w=w: w.sum() for w in s.ws], min_calls=64, reps=7)
+        del s
+        t_two = math.nan
+        if op.get("router_bytes"):
+            t_two = _two_streams(_Stream(op["router_bytes"]), _Stream(nbytes - op["router_bytes"]))
         floor = op["floor_us"]
-        b, i, w = best[1]
         rows.append({"model": op["model"], "unit": op["unit"], "op": op["kernel"], "mbytes": nbytes / 1e6,
                      "floor_us": floor, "op_us": op["us"], "op_ratio": op["us"] / floor,
-                     "stream_us": best[0], "stream_ratio": best[0] / floor,
+                     "stream_us": t_stream, "stream_ratio": t_stream / floor,
                      "stream_cfg": f"{b} x {i} per program, {w} warp{'s' if w > 1 else ''}",
                      "after_input_us": t_input, "after_input_ratio": t_input / floor,
+                     "two_streams_us": t_two, "two_streams_ratio": t_two / floor,
                      "torch_sum_us": t_sum, "torch_sum_ratio": t_sum / floor})
-        del s
         torch.cuda.empty_cache()
     return rows
