@@ -105,7 +105,7 @@ def read_floor(bw: float, ops: list[dict]) -> list[dict]:
         s.check()
         t_stream, (b, i, w) = _best(s)
         t_input = s.time(b, i, w, input_first=True)
-        t_sum = time_graph([lambda w=w: w.sum() for w in s.ws], min_calls=64, reps=7)
+        t_sum = time_graph([lambda c=c: c.sum() for c in s.ws], min_calls=64, reps=7)
         del s
         t_two = math.nan
         if op.get("router_bytes"):
