@@ -20,7 +20,8 @@ from ranapass.adapters import BoundAdapter
 from ranapass.fingerprint import weights_fingerprint
 from ranapass.plan import Plan, PlanMismatchError, UnitPlan
 
-__all__ = ["attach", "detach", "attachment_of", "lookup", "running", "AdapterRef", "Attachment", "FlopMeter"]
+__all__ = ["attach", "detach", "attachment_of", "lookup", "temporarily_attached", "AdapterRef", "Attachment",
+           "FlopMeter"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +160,7 @@ def detach(model: torch.nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def running(model: torch.nn.Module, plan: Plan) -> Iterator[Attachment]:
+def temporarily_attached(model: torch.nn.Module, plan: Plan) -> Iterator[Attachment]:
     """Run ``model`` eagerly with ``plan`` inside the context, then restore its previous attachment."""
     previous = attachment_of(model)
     attachment = attach(model, plan, check_fingerprint=False)

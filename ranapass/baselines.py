@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F_nn
 
 from ranapass.adapters import AdapterSpec, BoundAdapter, NeuronAdapterSpec, register_adapter
-from ranapass.attach import FlopMeter, running
+from ranapass.attach import FlopMeter, temporarily_attached
 from ranapass.calibrate import candidate_linears, collect, run_model
 from ranapass.cost_model import flops as F
 from ranapass.fingerprint import weights_fingerprint
@@ -250,7 +250,7 @@ class _SparseUnit:
 
 def measured_ratio(model: torch.nn.Module, plan: Plan, windows: torch.Tensor, batch_size: int = 4) -> float:
     """FLOP ratio (block linears, adapted / dense) measured with real masks while ``plan`` runs eagerly."""
-    with running(model, plan), FlopMeter() as meter, torch.no_grad():
+    with temporarily_attached(model, plan), FlopMeter() as meter, torch.no_grad():
         for batch in windows.split(batch_size):
             run_model(model, batch.to(next(model.parameters()).device))
     return meter.ratio(plan)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ranapass.attach import FlopMeter, running
+from ranapass.attach import FlopMeter, temporarily_attached
 from ranapass.plan import Plan
 
 __all__ = ["EVAL_WINDOW", "EVAL_NUM_WINDOWS", "EVAL_SOURCE", "PerplexityResult", "AdaptedResult", "perplexity",
@@ -144,7 +144,7 @@ def adapted_perplexity(model: torch.nn.Module, plan: Plan, windows: torch.Tensor
         >>> r = adapted_perplexity(model, plan, evaluation_windows(tokenizer))  # doctest: +SKIP
         >>> r.perplexity.ppl, r.flop_ratio  # doctest: +SKIP
     """
-    with running(model, plan), FlopMeter() as meter:
+    with temporarily_attached(model, plan), FlopMeter() as meter:
         result = perplexity(model, windows, batch_size, progress=progress)
     return AdaptedResult(result, meter.ratio(plan), meter.flops(plan), plan.expected_ratio())
 

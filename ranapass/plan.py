@@ -19,13 +19,14 @@ from safetensors.torch import load_file, save_file
 
 from ranapass.adapters import ADAPTER_KINDS, AdapterSpec
 from ranapass.cost_model import flops as F
+from ranapass.errors import RanapassError
 
 __all__ = ["UnitPlan", "Plan", "PlanMismatchError"]
 
 PLAN_VERSION = 1
 
 
-class PlanMismatchError(ValueError):
+class PlanMismatchError(RanapassError):
     """A plan (or profile) was applied to a model whose weights it was not made for."""
 
 

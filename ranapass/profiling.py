@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ranapass.adapters import NeuronAdapterSpec, RankAdapterSpec
-from ranapass.attach import running
+from ranapass.attach import temporarily_attached
 from ranapass.cache import cache_dir
 from ranapass.calibrate import RANK_MIN_ASPECT, CalibrationStats, SiteStats, candidate_linears, collect
 from ranapass.cost_model import flops as F
@@ -514,7 +514,7 @@ def profile(model: torch.nn.Module, data: Any = None, *, options: ProfileOptions
         sites = _profile_data_free(model, linears)
         holdout, meta = None, {"data": "none (weights' spectra)"}
     elif under is not None:
-        with running(model, under):
+        with temporarily_attached(model, under):
             sites, holdout, meta = _profile_with_data(model, data, linears, options, loss_fn)
         meta["calibrated_under"] = f"plan at budget {under.budget} ({under.allocation})"
     else:

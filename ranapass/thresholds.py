@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ranapass.attach import running
+from ranapass.attach import temporarily_attached
 from ranapass.calibrate import run_model
 from ranapass.plan import Plan, UnitPlan
 
@@ -81,7 +81,7 @@ def fit_thresholds(model: torch.nn.Module, plan: Plan, windows: Any) -> dict[str
             fitted[unit.name] = tau
         return pre
 
-    with running(model, plan) as attachment:
+    with temporarily_attached(model, plan) as attachment:
         try:
             for unit in plan.adapted:
                 module = model.get_submodule(unit.members[0])

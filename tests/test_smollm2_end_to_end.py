@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ranapass.attach import running
+from ranapass.attach import temporarily_attached
 from ranapass.data import evaluation_windows
 from ranapass.evaluate import adapted_perplexity, perplexity
 
@@ -22,7 +22,7 @@ def test_budget_one_reproduces_dense_logits(smollm2, smollm2_profile):
     x = evaluation_windows(tokenizer, num_windows=1, window=128)
     with torch.no_grad():
         dense = model(x).logits
-        with running(model, plan):
+        with temporarily_attached(model, plan):
             adapted = model(x).logits
     torch.testing.assert_close(adapted, dense, rtol=1e-4, atol=1e-4)
 
