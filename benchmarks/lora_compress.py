@@ -19,10 +19,8 @@ paired error is what tells a difference of 0.0002 nats from noise.
     python benchmarks/lora_compress.py --adapter DIR        # an adapter of your own
 
 Keeps that are whole ranks of the rank-16 adapter (0.25, 0.125, 0.0625: 4, 2, 1) compare uniform
-truncation at exactly the same size. CPU only. Training is 300 steps of 2 x 128 tokens (1-3 s a step
-on a quiet 2-core CPU, several times that on a shared one: pass --threads 1 there, as two OpenMP
-threads on one free core crawl); each evaluation is 32 x 512 tokens (about 30 s), the calibration
-with gradients about 2 minutes.
+truncation at exactly the same size. CPU only: training is 300 steps of 2 x 128 tokens, each evaluation
+32 x 512 tokens; on a shared CPU pass --threads 1 (run times: benchmarks/RESULTS.md, "LoRA compression").
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from ranapass.errors import RanapassError
 from ranapass.lora import LoraFactors, calibrate_lora, compress_lora, load_lora, lora_spectrum
 from tiny_models import tiny_llama, token_windows
 
@@ -292,14 +293,22 @@ def test_calibrating_a_peft_model_leaves_it_as_it_was(default_adapter, ids):
     assert not torch.allclose(before, logits(tiny_llama(), ids))
 
 
+def test_failed_calibration_leaves_no_hook(default_adapter):
+    _, folder, _ = default_adapter
+    base = tiny_llama()
+    with pytest.raises(ValueError, match="empty"):
+        calibrate_lora(folder, base, token_windows(8)[:0])
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in base.modules())
+
+
 def test_output_error_needs_the_base_model(tmp_path, default_adapter):
     _, folder, _ = default_adapter
-    with pytest.raises(ValueError, match="not the adapter's base model"):
+    with pytest.raises(RanapassError, match="not the adapter's base model"):
         calibrate_lora(folder, tiny_llama(hidden=32, intermediate=80), token_windows(8))
-    with pytest.raises(ValueError, match="needs a calibration"):
+    with pytest.raises(RanapassError, match="needs a calibration"):
         compress_lora(folder, 0.25, error="output")
     _, with_embedding, _ = make_adapter(tmp_path, targets=["embed_tokens", "q_proj"])
-    with pytest.raises(ValueError, match="data-free only"):
+    with pytest.raises(RanapassError, match="data-free only"):
         calibrate_lora(with_embedding, tiny_llama(), token_windows(8))
 
 
@@ -402,9 +411,9 @@ def test_fisher_needs_gradients(default_adapter):
     _, folder, _ = default_adapter
     calibration = calibrate_lora(folder, tiny_llama(), token_windows(8))
     assert calibration.grad_sq == {}
-    with pytest.raises(ValueError, match="pass gradient_data"):
+    with pytest.raises(RanapassError, match="pass gradient_data"):
         compress_lora(folder, 0.25, error="fisher", calibration=calibration)
-    with pytest.raises(ValueError, match="needs a calibration"):
+    with pytest.raises(RanapassError, match="needs a calibration"):
         compress_lora(folder, 0.25, error="fisher")
 
 
@@ -421,19 +430,32 @@ def test_fisher_needs_gradients(default_adapter):
 ])
 def test_bad_arguments(tmp_path, default_adapter, kwargs, match):
     _, folder, _ = default_adapter
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(RanapassError, match=match):
         compress_lora(folder, **{"keep": 0.25, **kwargs})
+
+
+def test_a_method_added_to_the_table_is_used(monkeypatch, default_adapter):
+    from ranapass.lora.compression import RANK_METHODS, RankMethod
+
+    def first_module_only(problem):
+        return [problem.modules[0].rank] + [0] * (len(problem.modules) - 1)
+
+    monkeypatch.setitem(RANK_METHODS, "first", RankMethod(first_module_only, lambda problem: "never"))
+    result = compress_lora(default_adapter[1], 0.5, method="first")
+    kept = [m.kept for m in result.modules]
+    assert kept == [result.modules[0].rank] + [0] * (len(kept) - 1)
+    assert [f.name for f in result.adapter.modules] == [result.modules[0].name]
 
 
 def test_keep_too_small(tmp_path, default_adapter):
     _, folder, _ = default_adapter
-    with pytest.raises(ValueError, match="leaves no rank"):
+    with pytest.raises(RanapassError, match="leaves no rank"):
         compress_lora(folder, 1e-6)
 
 
 def test_dora_is_refused(tmp_path):
     _, folder, _ = make_adapter(tmp_path, use_dora=True)
-    with pytest.raises(ValueError, match="DoRA"):
+    with pytest.raises(RanapassError, match="DoRA"):
         load_lora(folder)
 
 
@@ -480,7 +502,7 @@ def test_cli_table_and_errors(tmp_path, default_adapter, capsys):
 
 def test_uniform_below_one_rank_says_why(default_adapter):
     _, folder, _ = default_adapter
-    with pytest.raises(ValueError, match="at least 1/8"):
+    with pytest.raises(RanapassError, match="at least 1/8"):
         compress_lora(folder, 0.1, method="uniform")
 
 
