@@ -53,6 +53,7 @@ from tqdm import tqdm
 
 from ranapass.calibrate import collect
 from ranapass.cost_model.allocate import Candidate, Unit, allocate
+from ranapass.errors import RanapassError
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -643,7 +644,7 @@ def compress_lora(
         result.adapter.save("my-adapter-25")   # PeftModel.from_pretrained(base, "my-adapter-25")
     """
     if not 0 < keep <= 1:
-        raise ValueError(f"keep must be in (0, 1], got {keep}")
+        raise RanapassError(f"keep must be in (0, 1], got {keep}")
     for value, allowed, what in ((method, METHODS, "method"), (target, TARGETS, "target"), (error, ERRORS, "error")):
         if value not in allowed:
             raise ValueError(f"{what} must be one of {', '.join(allowed)}; got {value!r}")
