@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ranapass.cost_model import flops as F
+from ranapass.cost_model import flops
 from ranapass.kernels import configs
 
 # ------------------------------------------------------------------------------------------ shapes
@@ -64,11 +64,11 @@ class UnitShape:
 
     def flops(self, kept_fraction: float) -> float:
         if self.kind == "rank":
-            return F.per_token(F.rank_adapter(self.m, self.n, self.rank, kept_fraction * self.rank))
-        return F.per_token(F.neuron_adapter(self.m, self.n, kept_fraction * self.n))
+            return flops.per_token(flops.rank_adapter(self.m, self.n, self.rank, kept_fraction * self.rank))
+        return flops.per_token(flops.neuron_adapter(self.m, self.n, kept_fraction * self.n))
 
     def dense_flops(self) -> float:
-        return F.per_token(F.dense_linear(self.m, self.n))
+        return flops.per_token(flops.dense_linear(self.m, self.n))
 
 
 def block_units(shape: ModelShape, rank_fraction: float = 0.5) -> list[UnitShape]:

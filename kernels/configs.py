@@ -6,15 +6,13 @@ tokens run cuBLAS GEMMs with the same masks (masked_gemm.py). The reduction dime
 split so the grid has at most ``TARGET_PROGRAMS`` programs: enough loads in flight on every SM of an
 H100/H200 (132 SMs), while each weight row is still read by one program only.
 
-The one-token rules are the winners of checked sweeps (benchmarks/bench_kernels.py --tune, runs D and
-E in benchmarks/RESULTS.md). On an H100 (run E), at every Llama-2-7B and Llama-3-8B unit shape the
-masked GEMV was fastest, or within 0.3% of it, with 64-row x 64-column tiles, one warp, about
-``TARGET_PROGRAMS`` programs and the split sum fused (the prefetch on where a split has several
-chunks and the prologue is not the rank one); 32-row tiles, run D's winners on an H200 where 64-row
-one-warp tiles were not tried, were 0.3-4% slower. The router: 16 ranks x 512 inputs, 4 warps,
-4 splits, on both cards. Shapes in ``TUNED`` (filled by ``--tune`` or
-``benchmarks/common.load_tuned``) take their own tiles instead. The tiles for several tokens
-(explicit configs only) are untuned.
+The one-token rules: 64-row x 64-column masked-GEMV tiles, one warp, about ``TARGET_PROGRAMS``
+programs, the split sum fused, and the prefetch on where a split has several chunks and the prologue
+is not the rank one; the router takes 16 ranks x 512 inputs, 4 warps and up to 528 programs. They are the winners
+of checked sweeps at the Llama-2-7B and Llama-3-8B unit shapes (``benchmarks/bench_kernels.py --tune``;
+the sweeps and their figures are in benchmarks/RESULTS.md, "Where the kernel rules come from").
+Shapes in ``TUNED`` (filled by ``--tune`` or ``benchmarks/common.load_tuned``) take their own tiles
+instead. The tiles for several tokens (explicit configs only) are untuned.
 """
 
 from __future__ import annotations
@@ -83,8 +81,8 @@ def auto_splits(out_tiles: int, k: int, block_k: int, target: int = TARGET_PROGR
 
     Each program walks its split's blocks one after another, so the kernel waits for the split with
     the most blocks: of the split counts that give the fewest blocks per split, take the smallest (the
-    fewest partials to sum). Llama-2-7B q/k/v's 32 blocks over 10 splits left two splits with 4; 11
-    splits leave none with more than 3 (its GEMV kernel 14.98 -> 14.57 us, RESULTS.md runs L and O).
+    fewest partials to sum): 32 blocks go to 11 splits of at most 3 blocks, not 10 with two of 4
+    (the gain at Llama-2-7B q/k/v is in benchmarks/RESULTS.md).
     """
     blocks = triton.cdiv(k, block_k)
     most = max(1, min(target // max(out_tiles, 1), blocks))
@@ -110,14 +108,14 @@ def masked_gemv_config(K: int, m: int, T: int = 1, rank: bool = False) -> Kernel
     """Decode tiles of ``y = (keep * v) W`` (``W: [K, m]``, K maskable rows) for T tokens.
 
     ``rank``: the rank adapter's GEMV, whose masked input sums the router's partials; it never
-    prefetches (that took 164-245 registers a thread in sm_90 compiles).
+    prefetches (its prologue loads one row per router split: too many registers a thread; RESULTS.md).
     """
     if T == 1:
         if ("gemv", K, m) in TUNED:
             return TUNED["gemv", K, m]
         splits = auto_splits(triton.cdiv(m, 64), K, 64)
         return KernelConfig(64, 64, splits, 1, prefetch=not rank and triton.cdiv(K, 64) >= 2 * splits)
-    # several tokens (union kernels): the split sum in a second launch; fused, they ran 1.25-2.1x slower (run D)
+    # several tokens (union kernels): the split sum in a second launch (faster than fused there; RESULTS.md)
     block_k = max(16, 64 // triton.next_power_of_2(T))
     return KernelConfig(block_k, 128, auto_splits(triton.cdiv(m, 128), K, block_k), 4, fused_sum=False)
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import torch
 from torch._library.triton import is_wrap_triton_enabled
 
-from ranapass.capabilities import triton_interpret
+from ranapass.kernels.capabilities import triton_interpret
 
 __all__ = ["launch", "direct_launch", "flatten_tokens", "pdl_supported", "use_pdl", "pdl_launch",
            "launch_opaque"]

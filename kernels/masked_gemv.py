@@ -56,25 +56,24 @@ import torch
 import triton
 import triton.language as tl
 
-from ranapass.capabilities import triton_interpret
+from ranapass.kernels.capabilities import triton_interpret
 from ranapass.kernels.configs import KernelConfig
 from ranapass.kernels.launch import launch, pdl_launch, use_pdl
 from ranapass.kernels.primitives import cast, launch_dependents, wait_for_prior_grid
 
 __all__ = ["masked_gemv", "masked_gemv_pair", "masked_gemv_kernel", "split_sum_kernel", "PROLOGUE_RANK",
-           "PROLOGUE_NEURON", "PROLOGUE_GATED", "ACTIVATIONS"]
+           "PROLOGUE_NEURON", "PROLOGUE_GATED"]
 
 PROLOGUE_RANK = 0
 PROLOGUE_NEURON = 1
 PROLOGUE_GATED = 2
 
-ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
-"""Gated activations the GATED prologue knows, as constexpr codes."""
-
 
 @triton.jit
 def _gated(gate, up, ACTIVATION: tl.constexpr, IN_DTYPE: tl.constexpr, INTERPRETER: tl.constexpr):
-    """``act(gate) * up`` in fp32, rounded to ``IN_DTYPE`` after each step like torch's eager ops."""
+    """``act(gate) * up`` in fp32, rounded to ``IN_DTYPE`` after each step like torch's eager ops.
+
+    ``ACTIVATION`` is a code of the table in activations.py, whose torch functions this must equal."""
     g = gate.to(tl.float32)
     if ACTIVATION == 0:  # silu
         a = g / (1.0 + tl.exp(-g))

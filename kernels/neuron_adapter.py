@@ -20,7 +20,8 @@ import triton
 
 from ranapass.kernels.configs import MIN_BLOCK, KernelConfig, masked_gemv_config, use_kernels
 from ranapass.kernels.launch import flatten_tokens
-from ranapass.kernels.masked_gemv import ACTIVATIONS, PROLOGUE_GATED, PROLOGUE_NEURON, masked_gemv
+from ranapass.kernels.activations import lookup
+from ranapass.kernels.masked_gemv import PROLOGUE_GATED, PROLOGUE_NEURON, masked_gemv
 from ranapass.kernels.masked_gemm import gated_neuron_adapter_gemm, neuron_adapter_gemm
 
 __all__ = ["neuron_adapter", "gated_neuron_adapter", "ticket_buffer"]
@@ -89,11 +90,10 @@ def gated_neuron_adapter(
     Args:
         gate, up: the gate and up projections' outputs, same shape and dtype.
         Wt, thresholds, bias, tickets: as in ``neuron_adapter``.
-        activation: ``"silu"``, ``"gelu_tanh"`` or ``"gelu"``.
+        activation: a name of ``activations.ACTIVATIONS``.
         config: decode tiles; default from ``configs.masked_gemv_config``.
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown gated activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
+    code = lookup(activation).code
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(f"gated_neuron_adapter: gate {tuple(gate.shape)} {gate.dtype} and up "
                          f"{tuple(up.shape)} {up.dtype} must match")
@@ -105,6 +105,6 @@ def gated_neuron_adapter(
     if not use_kernels(T, config):
         return gated_neuron_adapter_gemm(g2, u2, Wt, thresholds, bias, activation).reshape(*lead, m)
     cfg = config if config is not None else masked_gemv_config(n, m, T)
-    y = masked_gemv(g2, u2, thresholds, Wt, bias, gate.dtype, cfg, PROLOGUE_GATED, ACTIVATIONS[activation],
+    y = masked_gemv(g2, u2, thresholds, Wt, bias, gate.dtype, cfg, PROLOGUE_GATED, code,
                     tickets=tickets)
     return y.reshape(*lead, m)

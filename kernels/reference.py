@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from ranapass.kernels.activations import gated_activation
+
 __all__ = [
     "rank_adapter_reference",
     "rank_adapter_scores",
@@ -70,14 +72,3 @@ def neuron_adapter_reference(
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
-
-
-def gated_activation(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
-    """``act(gate) * up`` for the gated MLPs (SwiGLU, GeGLU), the input of a down-projection adapter."""
-    if activation == "silu":
-        return torch.nn.functional.silu(gate) * up
-    if activation == "gelu_tanh":
-        return torch.nn.functional.gelu(gate, approximate="tanh") * up
-    if activation == "gelu":
-        return torch.nn.functional.gelu(gate) * up
-    raise ValueError(f"unknown gated activation {activation!r}; expected 'silu', 'gelu_tanh' or 'gelu'")

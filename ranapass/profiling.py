@@ -37,6 +37,7 @@ from ranapass.cost_model.curves import Curve, neuron_curve, rank_curve, static_r
 from ranapass.cost_model.decompose import gram_factor, output_pca, weight_svd
 from ranapass.cost_model.uniform import UniformGroup, allocate_uniform
 from ranapass.fingerprint import weights_fingerprint
+from ranapass.errors import RanapassError
 from ranapass.plan import Plan, PlanMismatchError, UnitPlan
 from ranapass.thresholds import fit_thresholds
 
@@ -396,7 +397,7 @@ class Profile:
 
 def _check_budget(budget: float) -> None:
     if not (isinstance(budget, (int, float)) and 0.0 < budget <= 1.0):
-        raise ValueError(f"budget must be in (0, 1], got {budget!r}")
+        raise RanapassError(f"budget must be in (0, 1], got {budget!r}")
 
 
 def _per_entry(tau: float, norms: torch.Tensor) -> torch.Tensor:

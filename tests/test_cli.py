@@ -87,3 +87,30 @@ def test_demo_compiles_and_compares(capsys, tiny_llama_dir, text_dir, isolated_c
     assert rep["plan"]["budget"] == 0.56 and rep["units_rewritten"] > 0
     assert rep["compiled_ppl"] == pytest.approx(rep["eager_ppl"], rel=5e-3)
     assert 0 < rep["flop_ratio_measured"] < 1 and "rewrote" in rep["diff_summary"].lower()
+
+
+@pytest.mark.parametrize("json_flag", [False, True])
+def test_main_reports_any_ranapass_error_in_one_line(json_flag, capsys, monkeypatch):
+    """``main`` catches ``RanapassError`` from any command: one line on stderr (or a JSON object), exit 2."""
+    from ranapass.cli import eval as eval_cli
+    from ranapass.errors import RanapassError
+
+    def broken(args):
+        raise RanapassError("the model folder is empty:\npass --model NAME")
+
+    monkeypatch.setattr(eval_cli, "load_inputs", broken)
+    assert main(["eval", "--model", "nowhere"] + ["--json"] * json_flag) == 2
+    captured = capsys.readouterr()
+    if json_flag:
+        assert json.loads(captured.out)["error"] == "the model folder is empty:\npass --model NAME"
+    else:
+        assert captured.out == ""
+        assert captured.err == "ranapass eval: error: the model folder is empty: pass --model NAME\n"
+
+
+def test_other_exceptions_are_not_swallowed(monkeypatch):
+    from ranapass.cli import eval as eval_cli
+
+    monkeypatch.setattr(eval_cli, "load_inputs", lambda args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main(["eval", "--model", "nowhere"])

@@ -11,13 +11,10 @@ import argparse
 import time
 
 from ranapass.cli import eval as eval_cli
-from ranapass.cli._output import add_json_flag, emit
-from ranapass.cli._workflow import add_plan_args, add_profile_args, load_profile, plan_from_args
+from ranapass.cli._shared import add_json_flag, add_plan_args, add_profile_args, emit, load_profile, plan_from_args
 from ranapass.compiled_eval import compare_compiled
 from ranapass.cost_model import dense_flops, per_token_at
-from ranapass.data import TextSourceError
 from ranapass.evaluate import protocol
-from ranapass.models import ModelLoadError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,14 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        model, tokenizer, windows = eval_cli.load_inputs(args)
-        prof, profile_seconds = load_profile(args, model, tokenizer)
-        start = time.perf_counter()
-        plan = plan_from_args(args, prof)
-        plan_seconds = time.perf_counter() - start
-    except (ModelLoadError, TextSourceError, ValueError) as e:
-        return eval_cli.fail(args, e)
+    model, tokenizer, windows = eval_cli.load_inputs(args)
+    prof, profile_seconds = load_profile(args, model, tokenizer)
+    start = time.perf_counter()
+    plan = plan_from_args(args, prof)
+    plan_seconds = time.perf_counter() - start
     result = compare_compiled(model, plan, windows, batch_size=args.batch_size)
     flops = per_token_at(dense_flops(model), seq_len=windows.shape[1])
     kinds = {}

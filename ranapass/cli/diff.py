@@ -7,11 +7,8 @@ from pathlib import Path
 
 import torch
 
-from ranapass.cli import eval as eval_cli
-from ranapass.cli._output import add_json_flag, emit
-from ranapass.cli._workflow import add_plan_args, add_profile_args, load_profile, plan_from_args
-from ranapass.data import TextSourceError
-from ranapass.models import DEFAULT_MODEL, ModelLoadError, load_model
+from ranapass.cli._shared import add_json_flag, add_plan_args, add_profile_args, emit, load_profile, plan_from_args
+from ranapass.models import DEFAULT_MODEL, load_model
 from ranapass.plan import Plan
 
 
@@ -39,12 +36,9 @@ def run(args: argparse.Namespace) -> int:
     import ranapass
     from ranapass.diff import diff
 
-    try:
-        model, tokenizer = load_model(args.model)
-        plan = Plan.load(args.plan) if args.plan else plan_from_args(args, load_profile(args, model, tokenizer)[0])
-        ranapass.attach(model, plan)
-    except (ModelLoadError, TextSourceError, ValueError, FileNotFoundError) as e:
-        return eval_cli.fail(args, e)
+    model, tokenizer = load_model(args.model)
+    plan = Plan.load(args.plan) if args.plan else plan_from_args(args, load_profile(args, model, tokenizer)[0])
+    ranapass.attach(model, plan)
     ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0))
     result = diff(model, ids.to(next(model.parameters()).device))
 

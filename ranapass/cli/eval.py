@@ -7,23 +7,20 @@ and the number and length of windows, and the printed protocol line says what wa
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 import time
 from typing import Any
 
 import torch
 
-from ranapass.cli._output import add_json_flag, emit
 from ranapass.cost_model import dense_flops, per_token_at
-from ranapass.data import TextSourceError, load_texts, token_windows
-from ranapass.cli._workflow import add_profile_args, load_profile, plan_from_args
+from ranapass.data import load_texts, token_windows
+from ranapass.cli._shared import add_json_flag, add_profile_args, emit, load_profile, plan_from_args
 from ranapass.evaluate import EVAL_NUM_WINDOWS, EVAL_SOURCE, EVAL_WINDOW, adapted_perplexity, perplexity, protocol
-from ranapass.models import DEFAULT_MODEL, ModelLoadError, load_model
+from ranapass.models import DEFAULT_MODEL, load_model
 from ranapass.plan import Plan
 
 __all__ = ["register", "add_model_text_args", "load_inputs", "evaluate_dense", "evaluate_adapted", "report",
-           "format_report", "format_adapted", "fail"]
+           "format_report", "format_adapted"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -153,26 +150,12 @@ def format_adapted(rep: dict[str, Any], dense: dict[str, Any]) -> str:
     ])
 
 
-def fail(args: argparse.Namespace, error: Exception) -> int:
-    """Report a user-fixable error (missing model or text, too little text): a JSON object with
-    ``--json``, else one line on stderr; exit status 2. ``-v`` also logs the traceback."""
-    logging.getLogger(__name__).debug("%s failed", args.command, exc_info=error)
-    if getattr(args, "json", False):
-        emit(args, {"error": str(error), "error_type": type(error).__name__}, "")
-    else:
-        print(f"ranapass {args.command}: error: {error}", file=sys.stderr)
-    return 2
-
-
 def run(args: argparse.Namespace) -> int:
-    try:
-        model, tokenizer, windows = load_inputs(args)
-        rep = report(args, model, windows)
-        text = format_report(rep)
-        if args.budget is not None or args.plan:
-            rep["adapted"] = evaluate_adapted(args, model, tokenizer, windows)
-            text += "\n" + format_adapted(rep["adapted"], rep["dense"])
-    except (ModelLoadError, TextSourceError, ValueError) as e:
-        return fail(args, e)
+    model, tokenizer, windows = load_inputs(args)
+    rep = report(args, model, windows)
+    text = format_report(rep)
+    if args.budget is not None or args.plan:
+        rep["adapted"] = evaluate_adapted(args, model, tokenizer, windows)
+        text += "\n" + format_adapted(rep["adapted"], rep["dense"])
     emit(args, rep, text)
     return 0

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ranapass.cli._output import add_json_flag, emit
-from ranapass.cli.eval import fail
-from ranapass.data import TextSourceError, calibration_windows
+from ranapass.cli._shared import add_json_flag, emit
+from ranapass.data import calibration_windows
 from ranapass.lora import CALIBRATED_ERRORS, ERRORS, METHODS, TARGETS, calibrate_lora, compress_lora, load_lora
-from ranapass.models import ModelLoadError, load_model
+from ranapass.errors import RanapassError
+from ranapass.models import load_model
 
 DEFAULT_CALIBRATION_WINDOWS = 32
 
@@ -50,23 +50,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.out is not None and args.out.resolve() == args.adapter.resolve():
-        return fail(args, ValueError("--out must differ from the input adapter folder (it would overwrite it)"))
-    try:
-        adapter = load_lora(args.adapter)
-        calibration = None
-        if args.error in CALIBRATED_ERRORS:
-            name = args.model or adapter.config.get("base_model_name_or_path")
-            if not name:
-                raise ValueError(f"--error {args.error} needs the base model: the adapter names none, pass --model")
-            model, tokenizer = load_model(name)
-            windows = calibration_windows(tokenizer, args.text, num_windows=args.calib_windows,
-                                          window=args.calib_window_len)
-            calibration = calibrate_lora(adapter, model, windows,
-                                         gradient_data=windows if args.error == "fisher" else None)
-        result = compress_lora(adapter, args.keep, method=args.method, target=args.target, error=args.error,
-                               calibration=calibration)
-    except (OSError, ValueError, ModelLoadError, TextSourceError) as e:
-        return fail(args, e)
+        raise RanapassError("--out must differ from the input adapter folder (it would overwrite it)")
+    adapter = load_lora(args.adapter)
+    calibration = None
+    if args.error in CALIBRATED_ERRORS:
+        name = args.model or adapter.config.get("base_model_name_or_path")
+        if not name:
+            raise RanapassError(f"--error {args.error} needs the base model: the adapter names none, pass --model")
+        model, tokenizer = load_model(name)
+        windows = calibration_windows(tokenizer, args.text, num_windows=args.calib_windows,
+                                      window=args.calib_window_len)
+        calibration = calibrate_lora(adapter, model, windows,
+                                     gradient_data=windows if args.error == "fisher" else None)
+    result = compress_lora(adapter, args.keep, method=args.method, target=args.target, error=args.error,
+                           calibration=calibration)
     payload = {"adapter": str(args.adapter), "out": None if args.out is None else str(args.out), **result.to_dict()}
     text = result.summary()
     if args.out is not None:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from ranapass.cli import eval as eval_cli
-from ranapass.cli._output import add_json_flag, emit
-from ranapass.cli._workflow import add_model_calibration_args, add_plan_args, load_profile, plan_from_args
-from ranapass.data import TextSourceError
-from ranapass.models import ModelLoadError, load_model
+from ranapass.cli._shared import (
+    add_json_flag,
+    add_model_calibration_args,
+    add_plan_args,
+    emit,
+    load_profile,
+    plan_from_args,
+)
+from ranapass.models import load_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,12 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        model, tokenizer = load_model(args.model)
-        prof, _ = load_profile(args, model, tokenizer)
-        plan = plan_from_args(args, prof)
-    except (ModelLoadError, TextSourceError, ValueError) as e:
-        return eval_cli.fail(args, e)
+    model, tokenizer = load_model(args.model)
+    prof, _ = load_profile(args, model, tokenizer)
+    plan = plan_from_args(args, prof)
     if args.out:
         plan.save(args.out)
     budgets = [float(b) for b in args.curve.split(",")] if args.curve else []

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ranapass.cli import eval as eval_cli
-from ranapass.cli._output import add_json_flag, emit
-from ranapass.cli._workflow import add_model_calibration_args, load_profile
-from ranapass.data import TextSourceError
-from ranapass.models import ModelLoadError, load_model
+from ranapass.cli._shared import add_json_flag, add_model_calibration_args, emit, load_profile
+from ranapass.models import load_model
 
 BUDGETS = (0.4, 0.5, 0.56, 0.6, 0.7, 0.8, 0.9)
 
@@ -23,11 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        model, tokenizer = load_model(args.model)
-        prof, seconds = load_profile(args, model, tokenizer)
-    except (ModelLoadError, TextSourceError, ValueError) as e:
-        return eval_cli.fail(args, e)
+    model, tokenizer = load_model(args.model)
+    prof, seconds = load_profile(args, model, tokenizer)
     if args.out:
         prof.save(args.out)
     curve = prof.curve(BUDGETS)

@@ -3,8 +3,9 @@
 The kernels run where they can: on a GPU, or on CPU tensors under Triton's interpreter. Triton
 decides at import time whether ``@triton.jit`` makes interpreted functions, so on a CPU-only machine
 these tests skip in the main pytest process and ``test_kernels_interpreter.py`` runs this file again
-in a subprocess with ``TRITON_INTERPRET=1`` set before anything is imported. The rest of the suite
-never sees the interpreter.
+in a subprocess with ``TRITON_INTERPRET=1`` set before anything is imported (the fixed cases in the
+fast suite, the random properties, marked ``slow``, in the full one). The rest of the suite never sees
+the interpreter.
 
 Thresholds are kept away from every score by a margin (``_thresholds``), so a mask decision cannot
 flip between the kernel's and the reference's summation order; the comparison is then the plain
@@ -18,7 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ranapass.capabilities import has_cuda, has_triton, triton_interpret
+from ranapass.kernels.capabilities import has_cuda, has_triton, triton_interpret
 
 pytestmark = pytest.mark.skipif(
     not has_triton() or not (has_cuda() or triton_interpret()),
@@ -89,6 +90,7 @@ DIM = st.integers(1, 72)
 DENSITY = st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]) | st.floats(0.0, 1.0)
 
 
+@pytest.mark.slow
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(T=TOKENS, n=DIM, nB=DIM, m=DIM, density=DENSITY, dtype=st.sampled_from(DTYPES), with_bias=st.booleans(),
        data=st.data())
@@ -110,6 +112,7 @@ def test_rank_adapter(T, n, nB, m, density, dtype, with_bias, data):
     assert _rel_err(y, ref) <= RTOL[dtype]
 
 
+@pytest.mark.slow
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(T=TOKENS, n=DIM, ranks=st.tuples(DIM, DIM), widths=st.tuples(DIM, DIM), density=DENSITY,
        dtype=st.sampled_from(DTYPES), with_bias=st.booleans(), data=st.data())
@@ -134,6 +137,7 @@ def test_rank_adapter_pair(T, n, ranks, widths, density, dtype, with_bias, data)
         assert _rel_err(y, ref) <= RTOL[dtype]
 
 
+@pytest.mark.slow
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(T=TOKENS, n=DIM, m=DIM, density=DENSITY, dtype=st.sampled_from(DTYPES), with_bias=st.booleans(),
        data=st.data())
@@ -150,6 +154,7 @@ def test_neuron_adapter(T, n, m, density, dtype, with_bias, data):
     assert _rel_err(y, ref) <= RTOL[dtype]
 
 
+@pytest.mark.slow
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(T=TOKENS, n=DIM, m=DIM, density=DENSITY, dtype=st.sampled_from(DTYPES),
        activation=st.sampled_from(["silu", "gelu_tanh", "gelu"]), with_bias=st.booleans(), data=st.data())

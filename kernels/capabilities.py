@@ -8,7 +8,7 @@ import os
 
 import torch
 
-__all__ = ["has_triton", "has_cuda", "triton_interpret", "torch_version_at_least", "cuda_capability"]
+__all__ = ["has_triton", "has_cuda", "triton_interpret"]
 
 
 @functools.cache
@@ -25,16 +25,3 @@ def has_cuda() -> bool:
 def triton_interpret() -> bool:
     """True when ``TRITON_INTERPRET=1``: kernels run on CPU tensors through Triton's interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def torch_version_at_least(version: str) -> bool:
-    """Compare the running torch's release with ``version`` numerically (not as text)."""
-    def parse(v: str) -> tuple[int, ...]:
-        return tuple(int(p) for p in v.split("+")[0].split(".")[:3] if p.isdigit())
-
-    return parse(torch.__version__) >= parse(version)
-
-
-def cuda_capability() -> tuple[int, int] | None:
-    """(major, minor) of the current CUDA device, or None without one."""
-    return torch.cuda.get_device_capability() if has_cuda() else None

@@ -1,9 +1,16 @@
-"""Steps the commands share: calibration arguments and the (cached) profile of a model."""
+"""What the commands share: ``--json`` output, the error report, calibration and plan arguments, the profile.
+
+Commands raise ``RanapassError`` for what the user can fix; ``main`` reports it through ``report_error``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import sys
 import time
+from typing import Any
 
 import torch
 
@@ -12,6 +19,29 @@ from ranapass.models import DEFAULT_MODEL
 from ranapass.profiling import Profile, ProfileOptions, profile
 
 DEFAULT_CALIBRATION_WINDOWS = 128
+
+
+def add_json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def emit(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
+    """Print ``payload`` as one JSON object when ``--json`` was given, else ``text``."""
+    if getattr(args, "json", False):
+        print(json.dumps(payload, indent=None, default=float))
+    else:
+        print(text)
+
+
+def report_error(args: argparse.Namespace, error: Exception) -> int:
+    """Report a user-fixable error: ``{"error": ...}`` on stdout with ``--json``, else one line
+    ``ranapass COMMAND: error: ...`` on stderr; returns the exit status 2. ``-v`` also logs the traceback."""
+    logging.getLogger(__name__).debug("%s failed", args.command, exc_info=error)
+    if getattr(args, "json", False):
+        emit(args, {"error": str(error), "error_type": type(error).__name__}, "")
+    else:
+        print(f"ranapass {args.command}: error: {' '.join(str(error).split())}", file=sys.stderr)
+    return 2
 
 
 def add_model_calibration_args(parser: argparse.ArgumentParser) -> None:
