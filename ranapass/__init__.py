@@ -16,6 +16,7 @@ from ranapass.generation import CompiledGenerator
 from ranapass.lora import LoraAdapter, LoraCalibration, LoraCompression, calibrate_lora, compress_lora, load_lora
 from ranapass.models import load_model
 from ranapass.plan import Plan, PlanMismatchError, UnitPlan
+from ranapass.planning import PlanOptions
 from ranapass.profiling import Profile, ProfileOptions, profile
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "PerplexityResult",
     "Plan",
     "PlanMismatchError",
+    "PlanOptions",
     "Profile",
     "ProfileOptions",
     "RanaBackend",

@@ -52,7 +52,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ranapass.calibrate import collect
-from ranapass.cost_model.allocate import Candidate, Unit, allocate
+from ranapass.cost_model.allocate import Candidate, Choice, allocate
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -451,7 +451,7 @@ def _allocate_global(spectra: Sequence[LoraSpectrum], costs: Sequence[int], budg
     units = []
     for spec, c, norm in zip(spectra, costs, norms):
         tail = _tail_energy(spec.values)
-        units.append(Unit.simple([Candidate(k * c, e / norm) for k, e in enumerate(tail)]))
+        units.append(Choice.simple([Candidate(k * c, e / norm) for k, e in enumerate(tail)]))
     return [choice[0] for choice in allocate(units, budget).choice]
 
 
