@@ -1,18 +1,18 @@
-"""Global allocation: one candidate per unit, minimising total error under a total-cost budget.
+"""Global allocation: one candidate per choice, minimising total error under a total-cost budget.
 
 The problem is a multiple-choice knapsack::
 
-    minimise  sum_u error_u(c_u)   subject to   sum_u cost_u(c_u) <= budget
+    minimise  sum_c error_c(x_c)   subject to   sum_c cost_c(x_c) <= budget
 
-solved by Lagrangian relaxation: for a multiplier lam every unit independently takes the candidate
+solved by Lagrangian relaxation: for a multiplier lam every choice independently takes the candidate
 minimising ``error + lam * cost`` (always a vertex of its lower convex hull), the total cost falls
 as lam grows, and bisection finds the smallest lam that fits. The slack left at that breakpoint is
 then filled greedily along the hulls (best error drop per unit of cost first). On the hull this is
-exact; off-hull candidates are never chosen, which costs at most one hull step per unit.
+exact; off-hull candidates are never chosen, which costs at most one hull step per choice.
 
-A unit may offer *alternatives*: different ways to split it (for q/k/v: one grouped adapter, or
-three separate ones). Each alternative is a list of parts, each part a list of candidates; for a
-given lam the unit takes the alternative whose parts' Lagrangian values sum lowest.
+A ``Choice`` may offer *alternatives*: different ways to split what it configures (for q/k/v: one
+grouped adapter, or three separate ones). Each alternative is a list of parts, each part a list of
+candidates; for a given lam the choice takes the alternative whose parts' Lagrangian values sum lowest.
 
 Costs and errors are plain floats here; what they mean (FLOPs, parameters; weighted squared
 error, discarded singular-value energy) is the caller's.
@@ -25,11 +25,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["Candidate", "Unit", "Allocation", "Allocator", "allocate", "InfeasibleBudgetError"]
+__all__ = ["Candidate", "Choice", "Allocation", "Allocator", "allocate", "InfeasibleBudgetError"]
 
 
 class InfeasibleBudgetError(ValueError):
-    """Even the cheapest candidate of every unit exceeds the budget."""
+    """Even the cheapest candidate of every choice exceeds the budget."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,20 +41,21 @@ class Candidate:
 
 
 @dataclasses.dataclass
-class Unit:
-    """A unit to allocate: one or more alternatives, each a list of parts, each a list of candidates."""
+class Choice:
+    """One decision of the allocator: one or more alternatives, each a list of parts, each a list of
+    candidates. The allocator picks one alternative, then one candidate for each of its parts."""
 
     alternatives: list[list[list[Candidate]]]
 
     @classmethod
-    def simple(cls, candidates: Sequence[Candidate]) -> Unit:
-        """A unit with a single way to configure it."""
+    def simple(cls, candidates: Sequence[Candidate]) -> Choice:
+        """A choice with a single alternative of a single part: pick one of ``candidates``."""
         return cls([[list(candidates)]])
 
 
 @dataclasses.dataclass
 class Allocation:
-    """Result: per unit, the chosen alternative and, per part, the index of the chosen candidate."""
+    """Result: per choice, the chosen alternative and, per part, the index of the chosen candidate."""
 
     alternative: list[int]
     choice: list[list[int]]
@@ -84,14 +85,14 @@ def _lower_hull(costs: np.ndarray, errors: np.ndarray) -> np.ndarray:
 
 
 class Allocator:
-    """The hulls of a set of units, computed once; ``solve(budget)`` for as many budgets as needed."""
+    """The hulls of a set of choices, computed once; ``solve(budget)`` for as many budgets as needed."""
 
-    def __init__(self, units: Sequence[Unit]):
-        costs, errors, hulls, part_alt, alt_unit = [], [], [], [], []
-        for ui, u in enumerate(units):
-            if not u.alternatives:
-                raise ValueError("every unit needs at least one alternative")
-            for alt in u.alternatives:
+    def __init__(self, choices: Sequence[Choice]):
+        costs, errors, hulls, part_alt, alt_choice = [], [], [], [], []
+        for ci, choice in enumerate(choices):
+            if not choice.alternatives:
+                raise ValueError("every choice needs at least one alternative")
+            for alt in choice.alternatives:
                 for part in alt:
                     if not part:
                         raise ValueError("every part needs at least one candidate")
@@ -103,8 +104,8 @@ class Allocator:
                     hulls.append(h)
                     costs.append(c[h])
                     errors.append(e[h])
-                    part_alt.append(len(alt_unit))
-                alt_unit.append(ui)
+                    part_alt.append(len(alt_choice))
+                alt_choice.append(ci)
         width = max(len(h) for h in hulls)
         self.cost = np.zeros((len(hulls), width))
         self.error = np.full((len(hulls), width), np.inf)
@@ -115,20 +116,20 @@ class Allocator:
         self.length = np.array([len(h) for h in hulls])
         self.hulls = hulls
         self.part_alt = np.array(part_alt)
-        self.alt_unit = np.array(alt_unit)
-        self.num_units = len(units)
-        self.num_alts = len(alt_unit)
+        self.alt_choice = np.array(alt_choice)
+        self.num_choices = len(choices)
+        self.num_alts = len(alt_choice)
 
     def _choose(self, lam: float) -> tuple[np.ndarray, np.ndarray, float]:
-        """Per part the hull position minimising error + lam * cost; per unit the best alternative."""
+        """Per part the hull position minimising error + lam * cost; per choice the best alternative."""
         value = self.error + lam * self.cost
         pos = np.argmin(value, axis=1)
         best = value[np.arange(len(pos)), pos]
         alt_value = np.bincount(self.part_alt, weights=best, minlength=self.num_alts)
-        # lexicographic: unit, then value -> the first alternative of each unit is its best
-        order = np.lexsort((alt_value, self.alt_unit))
+        # lexicographic: choice, then value -> the first alternative of each choice is its best
+        order = np.lexsort((alt_value, self.alt_choice))
         first = np.ones(len(order), dtype=bool)
-        first[1:] = self.alt_unit[order][1:] != self.alt_unit[order][:-1]
+        first[1:] = self.alt_choice[order][1:] != self.alt_choice[order][:-1]
         chosen_alt = np.zeros(self.num_alts, dtype=bool)
         chosen_alt[order[first]] = True
         active = chosen_alt[self.part_alt]
@@ -136,13 +137,13 @@ class Allocator:
         return pos, active, cost
 
     def solve(self, budget: float, *, iterations: int = 100) -> Allocation:
-        """Choose one candidate per part (and one alternative per unit) minimising total error.
+        """Choose one candidate per part (and one alternative per choice) minimising total error.
 
         Raises:
             InfeasibleBudgetError: if the cheapest choices together exceed ``budget``.
         """
         min_alt = np.bincount(self.part_alt, weights=self.cost[:, 0], minlength=self.num_alts)
-        min_cost = float(sum(min_alt[self.alt_unit == u].min() for u in range(self.num_units)))
+        min_cost = float(sum(min_alt[self.alt_choice == c].min() for c in range(self.num_choices)))
         if min_cost > budget * (1 + 1e-12):
             raise InfeasibleBudgetError(f"the cheapest configuration costs {min_cost:.6g}, over the budget {budget:.6g}")
         lo, hi = 0.0, 1.0
@@ -174,8 +175,8 @@ class Allocator:
             pos[rows[k]] += 1
             total += float(dc[k])
         alternative, choice, error = [], [], 0.0
-        for u in range(self.num_units):
-            alts = np.flatnonzero(self.alt_unit == u)
+        for c in range(self.num_choices):
+            alts = np.flatnonzero(self.alt_choice == c)
             a = next(i for i, al in enumerate(alts) if active[self.part_alt == al].any())
             parts = np.flatnonzero(self.part_alt == alts[a])
             alternative.append(a)
@@ -184,15 +185,15 @@ class Allocator:
         return Allocation(alternative, choice, total, error, hi)
 
 
-def allocate(units: Sequence[Unit], budget: float, *, iterations: int = 100) -> Allocation:
-    """Choose one candidate per part (and one alternative per unit) minimising total error.
+def allocate(choices: Sequence[Choice], budget: float, *, iterations: int = 100) -> Allocation:
+    """Choose one candidate per part (and one alternative per choice) minimising total error.
 
     Args:
-        units: the units; every part must offer at least one candidate.
+        choices: the choices; every part must offer at least one candidate.
         budget: upper bound on the total cost.
         iterations: bisection steps on the multiplier.
 
     Raises:
         InfeasibleBudgetError: if the cheapest choices together exceed ``budget``.
     """
-    return Allocator(units).solve(budget, iterations=iterations)
+    return Allocator(choices).solve(budget, iterations=iterations)

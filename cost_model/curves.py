@@ -20,7 +20,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from ranapass.cost_model import flops as F
+from ranapass.cost_model import flops
 
 __all__ = ["Curve", "KEEP_FRACTIONS", "rank_grid", "rank_curve", "neuron_curve", "static_rank_curve"]
 
@@ -68,7 +68,7 @@ def rank_grid(r: int, steps: int = 16) -> list[int]:
 
 
 def _rank_flops(m: int, n: int, rank: np.ndarray, kept: np.ndarray) -> np.ndarray:
-    return np.asarray(F.rank_adapter_per_token(m, n, rank.astype(np.float64), kept), dtype=np.float64)
+    return np.asarray(flops.rank_adapter_per_token(m, n, rank.astype(np.float64), kept), dtype=np.float64)
 
 
 @torch.no_grad()
@@ -171,5 +171,5 @@ def neuron_curve(x: torch.Tensor, weight: torch.Tensor, out_weight: torch.Tensor
         kept.append(k / N if tau > 0 else float(n))
         errors.append(float(err))
     kept_a = np.array(kept)
-    flops = np.asarray(F.neuron_adapter_per_token(m, n, kept_a), dtype=np.float64)
-    return Curve("neuron", np.full(len(kept_a), n), np.array(taus), kept_a, flops, np.array(errors))
+    cost = np.asarray(flops.neuron_adapter_per_token(m, n, kept_a), dtype=np.float64)
+    return Curve("neuron", np.full(len(kept_a), n), np.array(taus), kept_a, cost, np.array(errors))

@@ -19,7 +19,7 @@ import logging
 import sympy
 import torch
 
-from ranapass.cost_model import flops as F
+from ranapass.cost_model import flops
 
 __all__ = ["dense_flops", "per_token_at"]
 
@@ -38,7 +38,7 @@ def _attention(model: torch.nn.Module) -> sympy.Expr:
         raise ValueError(f"{type(text).__name__} lacks num_hidden_layers/num_attention_heads: cannot count "
                          "attention FLOPs")
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return layers * F.attention_scores(heads, head_dim)
+    return layers * flops.attention_scores(heads, head_dim)
 
 
 def dense_flops(model: torch.nn.Module) -> dict[str, sympy.Expr]:
@@ -62,7 +62,7 @@ def dense_flops(model: torch.nn.Module) -> dict[str, sympy.Expr]:
     lm_head = sympy.Integer(0)
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
-            cost = F.dense_linear(module.out_features, module.in_features)
+            cost = flops.dense_linear(module.out_features, module.in_features)
             if module is head:
                 lm_head += cost
             else:
@@ -72,6 +72,6 @@ def dense_flops(model: torch.nn.Module) -> dict[str, sympy.Expr]:
             "total": block + lm_head + attention}
 
 
-def per_token_at(flops: dict[str, sympy.Expr], seq_len: int) -> dict[str, float]:
+def per_token_at(exprs: dict[str, sympy.Expr], seq_len: int) -> dict[str, float]:
     """Evaluate FLOP expressions per token, with attention over ``seq_len`` keys (``S = seq_len``)."""
-    return {name: F.per_token(expr.subs(F.S, seq_len)) for name, expr in flops.items()}
+    return {name: flops.per_token(expr.subs(flops.S, seq_len)) for name, expr in exprs.items()}

@@ -6,16 +6,22 @@ by a search that minimises the MLP's error) each keep the same fraction rho of t
 and o_proj stays dense. Here each block's groups are solved exactly with the same knapsack as the
 global allocator, restricted to their own FLOPs ``rho * dense``; rho is set by bisection so the
 whole model meets the budget.
+
+``allocate_reference`` derives those groups from a profile's sites; ``allocate_uniform`` solves them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from ranapass.cost_model.allocate import Candidate, InfeasibleBudgetError, Unit, allocate
+from ranapass.cost_model.allocate import Candidate, Choice, InfeasibleBudgetError, allocate
 
-__all__ = ["UniformGroup", "allocate_uniform"]
+if TYPE_CHECKING:
+    from ranapass.candidates import Site, UnitCandidates
+
+__all__ = ["UniformGroup", "allocate_uniform", "allocate_reference"]
 
 
 @dataclasses.dataclass
@@ -41,7 +47,7 @@ def allocate_uniform(groups: Sequence[UniformGroup], fixed_cost: float, budget: 
         total, picks = fixed_cost, []
         for g in groups:
             try:
-                a = allocate([Unit.simple(c) for c in g.units], rho * g.dense_cost)
+                a = allocate([Choice.simple(c) for c in g.units], rho * g.dense_cost)
             except InfeasibleBudgetError:
                 return None
             total += a.cost
@@ -64,3 +70,62 @@ def allocate_uniform(groups: Sequence[UniformGroup], fixed_cost: float, budget: 
         raise InfeasibleBudgetError(f"uniform allocation cannot meet budget {budget:.6g} "
                                     f"(dense units alone cost {fixed_cost:.6g})")
     return lo, found[1]
+
+
+def _block_of(path: str) -> str:
+    """The block a module belongs to: its path up to the last numeric component (``model.layers.3``)."""
+    parts = path.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i].isdigit():
+            return ".".join(parts[: i + 1])
+    return ""
+
+
+def allocate_reference(sites: Sequence[Site], target: float, kinds: tuple[str, ...], count_mask_cost: bool
+                       ) -> tuple[float, list[tuple[UnitCandidates, tuple[str, int]]]]:
+    """The reference recipe over a profile's sites, within ``target`` FLOPs per token.
+
+    Derived from the structure: per block, the first site read (the attention input: q/k/v, stacked)
+    and the MLP (units wider out than in: rank; narrower: neuron) share one ratio; square linears
+    (o_proj) stay dense. ``kinds`` may narrow rank units to "lowrank"; with "lowrank" alone (static
+    low rank, no masks) narrow units take low rank too, or stay dense.
+
+    Returns:
+        the common ratio rho, and per unit its chosen option (see ``UnitCandidates.options``).
+
+    Raises:
+        InfeasibleBudgetError: no ratio meets ``target``.
+    """
+    rank_kinds = ("lowrank",) if "lowrank" in kinds and "rank" not in kinds else ("rank",)
+    narrow = rank_kinds if kinds == ("lowrank",) else ("neuron",)
+    blocks: dict[str, list[Site]] = {}
+    for site in sites:
+        blocks.setdefault(_block_of(site.members[0]), []).append(site)
+    groups, members, fixed, dense_chosen = [], [], 0.0, []
+    for block in blocks.values():
+        attention, mlp = [], []
+        for i, site in enumerate(block):
+            if i == 0 and site.stacked is not None:
+                attention.append((site.stacked, rank_kinds))
+                continue
+            for u in site.separate:
+                m, n = sum(u.out_features), u.in_features
+                unit_kinds = rank_kinds if m > n else narrow
+                if m == n or not u.options(unit_kinds, dense=False)[1]:  # no candidate of these kinds
+                    fixed += u.dense_flops
+                    dense_chosen.append(u)
+                elif i == 0:
+                    attention.append((u, unit_kinds))
+                else:
+                    mlp.append((u, unit_kinds))
+        for group in (attention, mlp):
+            if group:
+                found = [u.options(k, dense=False, count_mask_cost=count_mask_cost) for u, k in group]
+                opts = [o for o, _ in found]
+                groups.append(UniformGroup([c for _, c in found], sum(u.dense_flops for u, _ in group)))
+                members.append([(u, uo) for (u, _), uo in zip(group, opts)])
+    rho, picks = allocate_uniform(groups, fixed, target)
+    chosen = [(u, ("dense", -1)) for u in dense_chosen]
+    for group, pick in zip(members, picks):
+        chosen += [(u, uo[p]) for (u, uo), p in zip(group, pick)]
+    return rho, chosen

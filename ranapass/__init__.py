@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ranapass.lora import LoraAdapter, LoraCalibration, LoraCompression, calibrate_lora, compress_lora, load_lora
     from ranapass.models import load_model
     from ranapass.plan import Plan, PlanMismatchError, UnitPlan
+    from ranapass.planning import PlanOptions
     from ranapass.profiling import Profile, ProfileOptions, profile
 
 _EXPORTS: dict[str, str] = {
@@ -43,6 +44,7 @@ _EXPORTS: dict[str, str] = {
     "PerplexityResult": "ranapass.evaluate",
     "Plan": "ranapass.plan",
     "PlanMismatchError": "ranapass.plan",
+    "PlanOptions": "ranapass.planning",
     "Profile": "ranapass.profiling",
     "ProfileOptions": "ranapass.profiling",
     "RanaBackend": "ranapass.backend",

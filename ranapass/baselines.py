@@ -38,7 +38,7 @@ from ranapass.calibrate import candidate_linears, collect, run_model
 from ranapass.cost_model import flops as F
 from ranapass.fingerprint import weights_fingerprint
 from ranapass.plan import Plan, UnitPlan
-from ranapass.profiling import _stack_name
+from ranapass.candidates import stack_name
 
 __all__ = [
     "GatedMaskAdapterSpec",
@@ -385,7 +385,7 @@ def teal(model: torch.nn.Module, windows: torch.Tensor, *, holdout_windows: int 
         def make(tau, members=members, outs=outs, n=n):
             return NeuronAdapterSpec(members, outs, n, tau, thresholds=torch.full((n,), tau, dtype=torch.float32))
 
-        name = members[0] if len(members) == 1 else _stack_name(members)
+        name = members[0] if len(members) == 1 else stack_name(members)
         units.append(_SparseUnit(name, members, outs, n, _Quantiles.of(site.sample.abs()), make, n))
     placed = {m for u in units for m in u.members}
     dense = [_dense_unit(p, lin) for p, lin in linears.items() if p not in placed]
@@ -427,7 +427,7 @@ def cats(model: torch.nn.Module, windows: torch.Tensor, *, holdout_windows: int 
             tiny = torch.finfo(torch.float32).tiny
             return NeuronAdapterSpec((mlp.down,), (m,), d, tiny, thresholds=torch.full((d,), tiny))
 
-        units.append(_SparseUnit(_stack_name((mlp.gate, mlp.up)), (mlp.gate, mlp.up), (d, d), n,
+        units.append(_SparseUnit(stack_name((mlp.gate, mlp.up)), (mlp.gate, mlp.up), (d, d), n,
                                  _Quantiles.of(scores), make_gate, d))
         units.append(_SparseUnit(mlp.down, (mlp.down,), (d_lin.out_features,), d, None, make_down, d))
     placed = {m for u in units for m in u.members}

@@ -24,6 +24,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ranapass.errors import RanapassError
+from ranapass.hooks import forward_hooks
+
 __all__ = ["SiteStats", "CalibrationStats", "candidate_linears", "collect", "run_model"]
 
 log = logging.getLogger(__name__)
@@ -74,7 +77,7 @@ def candidate_linears(model: torch.nn.Module, exclude: tuple[str, ...] = ()) -> 
         if isinstance(module, torch.nn.Linear) and name not in skip and module is not out_emb:
             found[name] = module
     if not found:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear to adapt (excluded: {sorted(skip)})")
+        raise RanapassError(f"{type(model).__name__} has no nn.Linear to adapt (excluded: {sorted(skip)})")
     return found
 
 
@@ -131,12 +134,8 @@ def _discover_sites(model: torch.nn.Module, linears: dict[str, torch.nn.Linear],
                 groups[id(x)].append(name)
         return pre
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
-    try:
+    with forward_hooks([(m, hook(n)) for n, m in linears.items()], pre=True):
         run_model(model, first_batch)
-    finally:
-        for h in handles:
-            h.remove()
     sites, placed = [], set()
     for members in groups.values():
         members = [m for m in members if m not in placed]
@@ -177,7 +176,7 @@ def collect(model: torch.nn.Module, data: Any, *, linears: dict[str, torch.nn.Li
     examples, tokens = _count(data)
     batches = list(_batches(data, batch_size, device))
     if not batches:
-        raise ValueError("calibration data is empty")
+        raise RanapassError("calibration data is empty")
     site_members = _discover_sites(model, linears, batches[0])
     sites = []
     for members in site_members:
@@ -188,7 +187,7 @@ def collect(model: torch.nn.Module, data: Any, *, linears: dict[str, torch.nn.Li
         sites.append(SiteStats(list(members), n, outs, gram))
     min_tokens = max(s.in_features for s in sites)
     if tokens < min_tokens:
-        raise ValueError(f"calibration data has {tokens} tokens, fewer than the widest layer input "
+        raise RanapassError(f"calibration data has {tokens} tokens, fewer than the widest layer input "
                          f"({min_tokens}): statistics would be rank-deficient; give more or longer texts")
 
     gen = torch.Generator().manual_seed(seed)
@@ -214,14 +213,9 @@ def collect(model: torch.nn.Module, data: Any, *, linears: dict[str, torch.nn.Li
             site.samples.append(flat[idx.to(flat.device)].cpu())
         return pre
 
-    handles = [linears[m].register_forward_pre_hook(hook(m)) for s in sites for m in s.members]
-    try:
-        with torch.no_grad():
-            for batch in tqdm(batches, desc="calibration", unit="batch"):
-                run_model(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    with forward_hooks([(linears[m], hook(m)) for s in sites for m in s.members], pre=True), torch.no_grad():
+        for batch in tqdm(batches, desc="calibration", unit="batch"):
+            run_model(model, batch)
 
     grad_sq = {} if gradient_data is None else _gradient_weights(model, linears, sites, gradient_data,
                                                                  loss_fn, device)
@@ -230,7 +224,7 @@ def collect(model: torch.nn.Module, data: Any, *, linears: dict[str, torch.nn.Li
 
 def _lm_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
     if not (isinstance(batch, torch.Tensor) and hasattr(model, "config")):
-        raise ValueError("output-gradient statistics need a loss: pass batches of token ids for a Hugging Face causal "
+        raise RanapassError("output-gradient statistics need a loss: pass batches of token ids for a Hugging Face causal "
                          "LM, or loss_fn(model, batch); a profile can also do without them (error_weighting='relative')")
     logits = model(input_ids=batch).logits[:, :-1].float()
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
@@ -252,22 +246,20 @@ def _gradient_weights(model, linears, sites, data, loss_fn, device) -> dict[str,
             captured.append((name, out))
         return fwd
 
-    handles = [linears[m].register_forward_hook(hook(m)) for m in members]
     try:
-        # One window per backward: the autograd graph of a batch is the memory peak of calibration.
-        for batch in tqdm(list(_batches(data, 1, device)), desc="output gradients", unit="window"):
-            captured.clear()
-            with torch.enable_grad():
-                loss = loss_fn(model, batch)
-                grads = torch.autograd.grad(loss, [t for _, t in captured], allow_unused=True)
-            for (name, _), g in zip(captured, grads):
-                if g is None:
-                    continue
-                g = g.detach().reshape(-1, g.shape[-1]).float()
-                sums[name] += g.square().sum(0).double().cpu()
-                counts[name] += g.shape[0]
+        with forward_hooks([(linears[m], hook(m)) for m in members]):
+            # One window per backward: the autograd graph of a batch is the memory peak of calibration.
+            for batch in tqdm(list(_batches(data, 1, device)), desc="output gradients", unit="window"):
+                captured.clear()
+                with torch.enable_grad():
+                    loss = loss_fn(model, batch)
+                    grads = torch.autograd.grad(loss, [t for _, t in captured], allow_unused=True)
+                for (name, _), g in zip(captured, grads):
+                    if g is None:
+                        continue
+                    g = g.detach().reshape(-1, g.shape[-1]).float()
+                    sums[name] += g.square().sum(0).double().cpu()
+                    counts[name] += g.shape[0]
     finally:
-        for h in handles:
-            h.remove()
         captured.clear()
     return {m: sums[m] / counts[m] for m in members if counts[m]}

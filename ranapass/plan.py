@@ -8,22 +8,21 @@ checks the JSON against an allowlist of adapter kinds, and ``attach`` checks the
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import sympy
 import torch
-from safetensors.torch import load_file, save_file
 
+from ranapass import storage
 from ranapass.adapters import ADAPTER_KINDS, AdapterSpec
 from ranapass.cost_model import flops as F
 from ranapass.errors import RanapassError
 
 __all__ = ["UnitPlan", "Plan", "PlanMismatchError"]
 
-PLAN_VERSION = 1
+PLAN_FORMAT = storage.Format("ranapass.Plan", 1, "plan.json", "tensors.safetensors", "re-plan from the profile")
 
 
 class PlanMismatchError(RanapassError):
@@ -137,8 +136,6 @@ class Plan:
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``plan.json`` + ``tensors.safetensors`` into directory ``path``."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
         units = []
         for i, u in enumerate(self.units):
@@ -150,33 +147,22 @@ class Plan:
                 for key, t in u.adapter.tensors().items():
                     tensors[f"{i}.{key}"] = t.detach().to("cpu").contiguous()
             units.append(entry)
-        doc = {"_type": "ranapass.Plan", "_version": PLAN_VERSION, "budget": self.budget,
-               "allocation": self.allocation, "fingerprint": self.fingerprint, "meta": self.meta, "units": units}
-        save_file(tensors, str(path / "tensors.safetensors"))
-        (path / "plan.json").write_text(json.dumps(doc, indent=1))
-        return path
+        doc = {"budget": self.budget, "allocation": self.allocation, "fingerprint": self.fingerprint,
+               "meta": self.meta, "units": units}
+        return storage.write(path, PLAN_FORMAT, doc, tensors)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
         """Read a plan written by ``save``; unknown types, versions or adapter kinds are errors."""
-        path = Path(path)
-        if not (path / "plan.json").is_file():
-            raise RanapassError(f"{path} holds no plan.json: pass the directory given to Plan.save")
-        doc = json.loads((path / "plan.json").read_text())
-        if doc.get("_type") != "ranapass.Plan":
-            raise ValueError(f"{path}/plan.json is not a ranapass plan (_type={doc.get('_type')!r})")
-        if doc.get("_version") != PLAN_VERSION:
-            raise ValueError(f"{path} is plan version {doc.get('_version')}, this ranapass reads version "
-                             f"{PLAN_VERSION}: re-plan from the profile")
-        tensors = load_file(str(path / "tensors.safetensors"))
+        doc, tensors = storage.read(path, PLAN_FORMAT)
         units = []
         for i, e in enumerate(doc["units"]):
             adapter = None
             if e["adapter"] is not None:
                 kind = e["adapter"]["kind"]
                 if kind not in ADAPTER_KINDS:
-                    raise ValueError(f"{path}: unit {e['name']!r} uses unknown adapter kind {kind!r}; "
-                                     f"known: {sorted(ADAPTER_KINDS)}")
+                    raise RanapassError(f"{path}: unit {e['name']!r} uses unknown adapter kind {kind!r}; "
+                                        f"known: {sorted(ADAPTER_KINDS)}")
                 prefix = f"{i}."
                 own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
                 adapter = ADAPTER_KINDS[kind].from_saved(e["adapter"], own)

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from ranapass.cost_model.allocate import Candidate, InfeasibleBudgetError, Unit, _lower_hull, allocate
+from ranapass.cost_model.allocate import Candidate, Choice, InfeasibleBudgetError, _lower_hull, allocate
 from ranapass.cost_model.uniform import UniformGroup, allocate_uniform
 
 
@@ -20,7 +20,7 @@ def _convex_units(rng, count):
             cost += rng.uniform(0.5, 2)
             err -= s
             cands.append(Candidate(cost, max(err, 0.0)))
-        units.append(Unit.simple(cands))
+        units.append(Choice.simple(cands))
     return units
 
 
@@ -60,8 +60,8 @@ def test_matches_brute_force_within_one_hull_step():
 
 
 def test_spends_budget_on_the_steepest_units():
-    flat = Unit.simple([Candidate(0, 1.0), Candidate(10, 0.9)])
-    steep = Unit.simple([Candidate(0, 1.0), Candidate(10, 0.0)])
+    flat = Choice.simple([Candidate(0, 1.0), Candidate(10, 0.9)])
+    steep = Choice.simple([Candidate(0, 1.0), Candidate(10, 0.0)])
     result = allocate([flat, steep], 10)
     assert result.choice == [[0], [1]] and result.cost == 10
 
@@ -77,19 +77,19 @@ def test_lower_hull_drops_dominated_and_concave_points():
 
 def test_alternatives_pick_the_better_split():
     # One grouped adapter (cheap and good) against two separate ones.
-    unit = Unit([[[Candidate(0, 2.0), Candidate(4, 0.1)]],
-                 [[Candidate(0, 1.0), Candidate(4, 0.5)], [Candidate(0, 1.0), Candidate(4, 0.5)]]])
-    result = allocate([unit], 4)
+    qkv = Choice([[[Candidate(0, 2.0), Candidate(4, 0.1)]],
+                  [[Candidate(0, 1.0), Candidate(4, 0.5)], [Candidate(0, 1.0), Candidate(4, 0.5)]]])
+    result = allocate([qkv], 4)
     assert result.alternative == [0] and result.choice == [[1]]
-    result = allocate([unit], 0)
+    result = allocate([qkv], 0)
     assert result.error == 2.0
 
 
 def test_infeasible_budget_is_an_error():
     with pytest.raises(InfeasibleBudgetError, match="cheapest"):
-        allocate([Unit.simple([Candidate(5, 0)])], 4)
+        allocate([Choice.simple([Candidate(5, 0)])], 4)
     with pytest.raises(ValueError, match="finite"):
-        allocate([Unit.simple([Candidate(float("nan"), 0)])], 4)
+        allocate([Choice.simple([Candidate(float("nan"), 0)])], 4)
 
 
 def test_uniform_gives_every_group_the_same_ratio():

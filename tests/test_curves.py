@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from ranapass.cost_model.curves import neuron_curve, rank_curve, rank_grid, static_rank_curve
-from ranapass.cost_model.decompose import gram_factor, output_pca, weight_svd
+from ranapass.decompose import gram_factor, output_pca, weight_svd
 from ranapass.kernels.reference import neuron_adapter_reference, rank_adapter_reference
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ranapass.cost_model import dense_flops, per_token_at
-from ranapass.cost_model import flops as F
+from ranapass.cost_model import flops
 from ranapass.evaluate import EVAL_NUM_WINDOWS, EVAL_WINDOW, perplexity, protocol
 
 from conftest import make_tiny_llama
@@ -87,9 +87,9 @@ def test_dense_flops_of_a_llama(tie):
     kv = 2 * 8
     per_layer = 2 * (32 * 32 + kv * 32 + kv * 32 + 32 * 32 + 48 * 32 + 48 * 32 + 32 * 48)
     f = dense_flops(model)
-    assert sympy_equal(f["block_linears"], F.T * 2 * per_layer)
-    assert sympy_equal(f["lm_head"], F.T * 2 * 300 * 32)
-    assert sympy_equal(f["attention"], F.T * F.S * 2 * 4 * 4 * 8)
+    assert sympy_equal(f["block_linears"], flops.T * 2 * per_layer)
+    assert sympy_equal(f["lm_head"], flops.T * 2 * 300 * 32)
+    assert sympy_equal(f["attention"], flops.T * flops.S * 2 * 4 * 4 * 8)
     assert sympy_equal(f["total"], f["block_linears"] + f["lm_head"] + f["attention"])
     at = per_token_at(f, seq_len=16)
     assert at["attention"] == 2 * 4 * 4 * 8 * 16

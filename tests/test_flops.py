@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ranapass.cost_model import flops as F
+from ranapass.cost_model import flops
 
 
 def _counted(fn) -> int:
@@ -22,8 +22,8 @@ def test_rank_adapter_flops_match_counter(m, n, rank):
         z = B @ x
         kept = (z.abs() >= 0.8).nonzero().squeeze(1)
         counted = _counted(lambda: (B @ x.unsqueeze(1), At.index_select(0, kept).t() @ z[kept].unsqueeze(1)))
-        model = F.per_token(F.rank_adapter(m, n, rank, kept.numel()))
-        assert counted == model - F.MASK_FLOPS_PER_SCORE * rank
+        model = flops.per_token(flops.rank_adapter(m, n, rank, kept.numel()))
+        assert counted == model - flops.MASK_FLOPS_PER_SCORE * rank
 
 
 @pytest.mark.parametrize("m,n", [(24, 16), (5, 31)])
@@ -33,19 +33,19 @@ def test_neuron_adapter_flops_match_counter(m, n):
     for x in torch.randn(4, n):
         kept = (x.abs() >= 0.7).nonzero().squeeze(1)
         counted = _counted(lambda: wt.index_select(0, kept).t() @ x[kept].unsqueeze(1))
-        assert counted == F.per_token(F.neuron_adapter(m, n, kept.numel())) - F.MASK_FLOPS_PER_SCORE * n
+        assert counted == flops.per_token(flops.neuron_adapter(m, n, kept.numel())) - flops.MASK_FLOPS_PER_SCORE * n
 
 
 def test_dense_and_attention_expressions():
     counted = _counted(lambda: torch.nn.functional.linear(torch.randn(9, 16), torch.randn(24, 16)))
-    assert counted == F.dense_linear(24, 16).subs(F.T, 9)
+    assert counted == flops.dense_linear(24, 16).subs(flops.T, 9)
     q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 11, 8), torch.randn(1, 2, 11, 8)
     counted = _counted(lambda: (q @ k.transpose(-1, -2)).softmax(-1) @ v)
-    assert counted == F.attention_scores(2, 8).subs({F.T: 5, F.S: 11})
+    assert counted == flops.attention_scores(2, 8).subs({flops.T: 5, flops.S: 11})
 
 
 def test_numeric_forms_agree_with_sympy():
-    assert F.rank_adapter_per_token(30, 20, 12, 7.5) == F.per_token(F.rank_adapter(30, 20, 12, 7.5))
-    assert F.neuron_adapter_per_token(30, 20, 7.5) == F.per_token(F.neuron_adapter(30, 20, 7.5))
+    assert flops.rank_adapter_per_token(30, 20, 12, 7.5) == flops.per_token(flops.rank_adapter(30, 20, 12, 7.5))
+    assert flops.neuron_adapter_per_token(30, 20, 7.5) == flops.per_token(flops.neuron_adapter(30, 20, 7.5))
     with pytest.raises(ValueError, match="still depends"):
-        F.per_token(F.attention_scores(2, 8))
+        flops.per_token(flops.attention_scores(2, 8))

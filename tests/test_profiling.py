@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import ranapass
+from ranapass.errors import RanapassError
 from ranapass.profiling import Profile, ProfileOptions, profile
 from tiny_models import tiny_llama, token_windows
 
@@ -111,6 +112,38 @@ def test_failed_attach_changes_nothing(model, prof):
         ranapass.attach(model, plan)
     from ranapass.attach import lookup
     assert all(lookup(p) is None for p in model.parameters())
+
+
+def _same_plans(a, b):
+    assert [(u.name, u.kind, u.expected_kept, u.predicted_error) for u in a.units] == \
+        [(u.name, u.kind, u.expected_kept, u.predicted_error) for u in b.units]
+    for ua, ub in zip(a.units, b.units):
+        if ua.adapter is not None:
+            ta, tb = ua.adapter.tensors(), ub.adapter.tensors()
+            assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_plan_options_and_keywords_agree(prof):
+    options = ranapass.PlanOptions(allocation="uniform", kinds=["rank", "neuron"], fit=False)
+    _same_plans(prof.plan(0.5, options=options), prof.plan(0.5, allocation="uniform", fit=False))
+    # keywords override the fields of options
+    _same_plans(prof.plan(0.5, options=options, allocation="global"), prof.plan(0.5, fit=False))
+    assert prof.curve([0.5], options=options) == prof.curve([0.5], allocation="uniform")
+    assert prof.curve([0.5], options=options) != prof.curve([0.5])
+    with pytest.raises(TypeError, match="unknown plan option"):
+        prof.plan(0.5, alocation="uniform")
+    with pytest.raises(RanapassError, match="allocation must be one of"):
+        prof.curve([0.5], allocation="greedy")
+
+
+def test_saved_profile_plans_identically(model, prof, tmp_path):
+    prof.save(tmp_path / "p")
+    again = Profile.load(tmp_path / "p", model)
+    assert torch.equal(again.holdout, prof.holdout)
+    _same_plans(again.plan(0.5), prof.plan(0.5))
+    _same_plans(again.plan(0.6, allocation="uniform", fit=False), prof.plan(0.6, allocation="uniform", fit=False))
+    with pytest.raises(RanapassError, match="holds no plan.json: pass the directory given to Plan.save"):
+        ranapass.Plan.load(tmp_path / "p")
 
 
 def test_profile_save_load_and_cache(model, prof, tmp_path):

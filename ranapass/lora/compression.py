@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Literal
 
 from tqdm import tqdm
 
-from ranapass.cost_model.allocate import Candidate, Unit, allocate
+from ranapass.cost_model.allocate import Candidate, Choice, allocate
 from ranapass.errors import RanapassError
 from ranapass.lora.calibration import LoraCalibration, check_calibration
 from ranapass.lora.io import LoraAdapter, LoraFactors, Target, compressed_config, load_lora
@@ -126,7 +126,7 @@ CALIBRATED_ERRORS = tuple(name for name, kind in ERROR_MEASURES.items() if kind.
 def _allocate_global(problem: RankProblem) -> list[int]:
     """The allocator over ranks 0..t per module, error = discarded energy / the module's norm."""
     norms = ERROR_MEASURES[problem.error].norms(problem)
-    units = [Unit.simple([Candidate(k * c, e / norm) for k, e in enumerate(spec.tail_energy())])
+    units = [Choice.simple([Candidate(k * c, e / norm) for k, e in enumerate(spec.tail_energy())])
              for spec, c, norm in zip(problem.spectra, problem.costs, norms)]
     return [choice[0] for choice in allocate(units, problem.budget).choice]
 

@@ -1,4 +1,4 @@
-"""Data-aware low-rank decomposition of a linear layer (RaNA's rank adapter basis).
+"""Data-aware low-rank decomposition of a linear layer (RaNA's rank adapter basis), from calibration statistics.
 
 With ``C = sum_x x x^T`` over calibration inputs, A holds the top eigenvectors of ``W C W^T``
 (the principal axes of the layer's *outputs*, orthonormal) and ``B = A^T W``. Then ``B x`` are

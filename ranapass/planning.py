@@ -1,0 +1,203 @@
+"""Planning: allocate a FLOP budget over a profile's candidates, then build the plan's adapters.
+
+``PlanOptions`` holds every setting of a plan but its budget, with their defaults. An allocation
+strategy (``ALLOCATIONS``, by name) picks one option per unit; ``Planner`` builds the adapters of the
+picks from the model's weights and, when asked, re-fits the thresholds on held-out windows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ranapass.adapters import NeuronAdapterSpec, RankAdapterSpec
+from ranapass.candidates import KINDS, Site, UnitCandidates
+from ranapass.cost_model.allocate import Allocator, Choice, InfeasibleBudgetError
+from ranapass.cost_model.uniform import allocate_reference
+from ranapass.errors import RanapassError
+from ranapass.plan import Plan, UnitPlan
+from ranapass.thresholds import fit_thresholds
+
+__all__ = ["PlanOptions", "Planner", "ALLOCATIONS", "check_budget"]
+
+log = logging.getLogger(__name__)
+
+Chosen = list[tuple[UnitCandidates, tuple[str, int]]]
+"""Per unit, its chosen option ``(curve kind, index)`` (see ``UnitCandidates.options``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanOptions:
+    """How to plan (everything but the budget).
+
+    Args:
+        allocation: a name of ``ALLOCATIONS``: "global" (one knapsack over every unit) or "uniform"
+            (the reference's recipe: same ratio per block for q/k/v and the MLP, o_proj dense).
+        kinds: candidate families allowed: any of "rank" (rank adapters, masked or not), "lowrank"
+            (static low rank only, no mask) and "neuron".
+        grouping: let multi-member sites use one stacked rank adapter.
+        fit: re-fit thresholds on the held-out calibration windows (needs them; see ``Profile.holdout``).
+        count_mask_cost: charge the masks' compare/select FLOPs during allocation (the reference
+            code does not; an ablation). Reported FLOPs always include them.
+    """
+
+    allocation: str = "global"
+    kinds: tuple[str, ...] = ("rank", "neuron")
+    grouping: bool = True
+    fit: bool = True
+    count_mask_cost: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kinds", tuple(self.kinds))
+        for k in self.kinds:
+            if k not in KINDS:
+                raise RanapassError(f"unknown candidate kind {k!r}; expected a subset of {KINDS}")
+        if self.allocation not in ALLOCATIONS:
+            raise RanapassError(f"allocation must be one of {sorted(ALLOCATIONS)}, got {self.allocation!r}")
+
+    @classmethod
+    def resolve(cls, options: PlanOptions | None, overrides: dict[str, Any]) -> PlanOptions:
+        """``options`` (default: the defaults) with the fields named in ``overrides`` replaced."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise TypeError(f"unknown plan option(s) {unknown}; the options are {sorted(fields)}")
+        return dataclasses.replace(options or cls(), **overrides)
+
+
+def check_budget(budget: float) -> None:
+    """A budget is a FLOP ratio in (0, 1]."""
+    if not (isinstance(budget, (int, float)) and 0.0 < budget <= 1.0):
+        raise RanapassError(f"budget must be in (0, 1], got {budget!r}")
+
+
+class Planner:
+    """Plans over one model's candidate sites; keeps what several plans share (allocation hulls, norms)."""
+
+    def __init__(self, model: torch.nn.Module, sites: list[Site], fingerprint: str, meta: dict[str, Any]):
+        self.model = model
+        self.sites = sites
+        self.fingerprint = fingerprint
+        self.meta = meta
+        self._allocators: dict[tuple, tuple[Allocator, list]] = {}
+        self._column_norms: dict[str, torch.Tensor] = {}
+
+    def dense_flops(self) -> float:
+        """Dense FLOPs per token of the block linears."""
+        return sum(u.dense_flops for s in self.sites for u in s.separate)
+
+    def allocate(self, budget: float, options: PlanOptions) -> Chosen:
+        """One option per unit under ``budget`` (adapted / dense FLOPs), by ``options.allocation``."""
+        check_budget(budget)
+        return ALLOCATIONS[options.allocation](self, budget * self.dense_flops(), options)
+
+    def plan(self, budget: float, options: PlanOptions, holdout: torch.Tensor | None) -> Plan:
+        """Allocate, build the adapters and (``options.fit``) fit their thresholds on ``holdout``."""
+        t0 = time.perf_counter()
+        chosen = self.allocate(budget, options)
+        plan = self._build(chosen, budget, options.allocation)
+        t_alloc = time.perf_counter() - t0
+        if options.fit and holdout is not None and plan.adapted:
+            fit_thresholds(self.model, plan, holdout)
+            plan.meta["thresholds"] = f"fitted on {holdout.shape[0]} held-out calibration windows"
+        else:
+            plan.meta["thresholds"] = "calibration statistics"
+        plan.meta.update({"allocation_seconds": round(t_alloc, 3), "kinds": list(options.kinds),
+                          "grouping": options.grouping, "count_mask_cost": options.count_mask_cost})
+        log.info("planned budget %.3f (%s): expected ratio %.4f, %d/%d units adapted, %.2fs", budget,
+                 options.allocation, plan.expected_ratio(), len(plan.adapted), len(plan.units),
+                 time.perf_counter() - t0)
+        return plan
+
+    def predict(self, budget: float, options: PlanOptions) -> dict[str, float]:
+        """The allocation's expected FLOP ratio and predicted error at ``budget`` (nothing built)."""
+        chosen = self.allocate(budget, options)
+        cost = sum(u.candidate(o).cost for u, o in chosen)
+        err = sum(u.candidate(o).error for u, o in chosen)
+        return {"budget": budget, "expected_ratio": cost / self.dense_flops(), "predicted_error": err}
+
+    def _allocator(self, kinds, grouping, count_mask_cost) -> tuple[Allocator, list]:
+        """The allocation problem for these settings (hulls computed once per profile and settings)."""
+        key = (kinds, grouping, count_mask_cost)
+        if key not in self._allocators:
+            choices, index = [], []
+            for site in self.sites:
+                alts = site.alternatives(grouping)
+                found = [[u.options(kinds, count_mask_cost=count_mask_cost) for u in alt] for alt in alts]
+                choices.append(Choice([[cands for _, cands in alt] for alt in found]))
+                index.append((alts, [[opts for opts, _ in alt] for alt in found]))
+            self._allocators[key] = (Allocator(choices), index)
+        return self._allocators[key]
+
+    def _weights(self, unit: UnitCandidates) -> torch.Tensor:
+        return torch.cat([self.model.get_submodule(m).weight.detach().float().cpu() for m in unit.members])
+
+    def _build(self, chosen: list[tuple[UnitCandidates, tuple[str, int]]], budget: float, allocation: str) -> Plan:
+        units = []
+        for unit, (kind, i) in chosen:
+            adapter, kept, err = None, None, 0.0
+            if kind == "rank":
+                c = unit.curves["rank"]
+                nb, tau = int(c.rank[i]), float(c.tau[i])
+                a = unit.basis[:, :nb]
+                b = a.t() @ self._weights(unit)
+                norms = a.norm(dim=0)
+                adapter = RankAdapterSpec(unit.members, unit.out_features, unit.in_features, tau,
+                                          B=b.contiguous(), At=a.t().contiguous(), thresholds=_per_entry(tau, norms))
+                kept, err = float(c.kept[i]), float(c.error[i])
+            elif kind == "neuron":
+                c = unit.curves["neuron"]
+                tau = float(c.tau[i])
+                if unit.name not in self._column_norms:
+                    self._column_norms[unit.name] = self._weights(unit).norm(dim=0)
+                norms = self._column_norms[unit.name]
+                adapter = NeuronAdapterSpec(unit.members, unit.out_features, unit.in_features, tau,
+                                            thresholds=_per_entry(tau, norms))
+                kept, err = float(c.kept[i]), float(c.error[i])
+            units.append(UnitPlan(unit.name, unit.members, unit.out_features, unit.in_features, adapter, kept, err))
+        order = {m: k for k, m in enumerate(m for s in self.sites for m in s.members)}
+        units.sort(key=lambda u: order[u.members[0]])
+        return Plan(units, budget, allocation, self.fingerprint, dict(self.meta))
+
+
+def _per_entry(tau: float, norms: torch.Tensor) -> torch.Tensor:
+    """Per-rank/per-input thresholds ``tau / norm`` (never kept where the norm is 0)."""
+    norms = norms.float()
+    return torch.where(norms > 0, tau / norms.clamp_min(1e-30), torch.full_like(norms, float("inf")))
+
+
+# ---------------------------------------------------------------------------------------- strategies
+def _allocate_global(planner: Planner, target: float, options: PlanOptions) -> Chosen:
+    """One knapsack over every unit (cost_model/allocate.py), each site grouped or not as it fits best."""
+    allocator, index = planner._allocator(options.kinds, options.grouping, options.count_mask_cost)
+    try:
+        result = allocator.solve(target)
+    except InfeasibleBudgetError as e:
+        raise RanapassError(f"budget {target / planner.dense_flops():.4f} is below the cheapest configuration "
+                            f"the allowed kinds {list(options.kinds)} offer ({e})") from e
+    chosen = []
+    for (alts, opts), a, picks in zip(index, result.alternative, result.choice):
+        chosen += [(u, uo[p]) for u, uo, p in zip(alts[a], opts[a], picks)]
+    return chosen
+
+
+def _allocate_uniform(planner: Planner, target: float, options: PlanOptions) -> Chosen:
+    """The reference recipe (cost_model/uniform.py): one ratio per block for q/k/v and the MLP."""
+    try:
+        rho, chosen = allocate_reference(planner.sites, target, options.kinds, options.count_mask_cost)
+    except InfeasibleBudgetError as e:
+        raise RanapassError(f"uniform allocation cannot reach budget {target / planner.dense_flops():.4f}: {e}") from e
+    log.info("uniform allocation: every adapted group keeps %.3f of its dense FLOPs", rho)
+    return chosen
+
+
+ALLOCATIONS: dict[str, Callable[[Planner, float, PlanOptions], Chosen]] = {
+    "global": _allocate_global,
+    "uniform": _allocate_uniform,
+}
+"""Allocation strategies by name: ``strategy(planner, target FLOPs per token, options) -> chosen options``."""
