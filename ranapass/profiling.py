@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ranapass.adapters import NeuronAdapterSpec, RankAdapterSpec
+from ranapass.adapters import ADAPTER_KINDS
 from ranapass.attach import temporarily_attached
 from ranapass.cache import cache_dir
 from ranapass.calibrate import RANK_MIN_ASPECT, CalibrationStats, SiteStats, candidate_linears, collect
@@ -165,7 +165,6 @@ class Profile:
         self.fingerprint = fingerprint
         self.meta = meta
         self._allocators: dict[tuple, tuple[Allocator, list]] = {}
-        self._column_norms: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ queries
     @property
@@ -316,24 +315,10 @@ class Profile:
         units = []
         for unit, (kind, i) in chosen:
             adapter, kept, err = None, None, 0.0
-            if kind == "rank":
-                c = unit.curves["rank"]
-                nb, tau = int(c.rank[i]), float(c.tau[i])
-                a = unit.basis[:, :nb]
-                b = a.t() @ self._weights(unit)
-                norms = a.norm(dim=0)
-                adapter = RankAdapterSpec(unit.members, unit.out_features, unit.in_features, tau,
-                                          B=b.contiguous(), At=a.t().contiguous(), thresholds=_per_entry(tau, norms))
-                kept, err = float(c.kept[i]), float(c.error[i])
-            elif kind == "neuron":
-                c = unit.curves["neuron"]
-                tau = float(c.tau[i])
-                if unit.name not in self._column_norms:
-                    self._column_norms[unit.name] = self._weights(unit).norm(dim=0)
-                norms = self._column_norms[unit.name]
-                adapter = NeuronAdapterSpec(unit.members, unit.out_features, unit.in_features, tau,
-                                            thresholds=_per_entry(tau, norms))
-                kept, err = float(c.kept[i]), float(c.error[i])
+            if kind != "dense":
+                adapter = ADAPTER_KINDS[kind].from_candidate(unit, i, self._weights(unit))
+                curve = unit.curves[kind]
+                kept, err = float(curve.kept[i]), float(curve.error[i])
             units.append(UnitPlan(unit.name, unit.members, unit.out_features, unit.in_features, adapter, kept, err))
         order = {m: k for k, m in enumerate(m for s in self.sites for m in s.members)}
         units.sort(key=lambda u: order[u.members[0]])
@@ -397,12 +382,6 @@ class Profile:
 def _check_budget(budget: float) -> None:
     if not (isinstance(budget, (int, float)) and 0.0 < budget <= 1.0):
         raise ValueError(f"budget must be in (0, 1], got {budget!r}")
-
-
-def _per_entry(tau: float, norms: torch.Tensor) -> torch.Tensor:
-    """Per-rank/per-input thresholds ``tau / norm`` (never kept where the norm is 0)."""
-    norms = norms.float()
-    return torch.where(norms > 0, tau / norms.clamp_min(1e-30), torch.full_like(norms, float("inf")))
 
 
 def _block_of(path: str) -> str:
