@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from ranapass.diff import GraphDiff, diff
     from ranapass.evaluate import AdaptedResult, PerplexityResult, adapted_perplexity, perplexity
     from ranapass.fingerprint import weights_fingerprint
-    from ranapass.fx_pass import RewriteError, RewriteReport
+    from ranapass.rewrite_report import RewriteError, RewriteReport
     from ranapass.generation import CompiledGenerator
     from ranapass.lora import LoraAdapter, LoraCalibration, LoraCompression, calibrate_lora, compress_lora, load_lora
     from ranapass.models import load_model
@@ -49,8 +49,8 @@ _EXPORTS: dict[str, str] = {
     "ProfileOptions": "ranapass.profiling",
     "RanaBackend": "ranapass.backend",
     "RankAdapterSpec": "ranapass.adapters",
-    "RewriteError": "ranapass.fx_pass",
-    "RewriteReport": "ranapass.fx_pass",
+    "RewriteError": "ranapass.rewrite_report",
+    "RewriteReport": "ranapass.rewrite_report",
     "UnitPlan": "ranapass.plan",
     "adapted_perplexity": "ranapass.evaluate",
     "attach": "ranapass.attach",

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ranapass.adapters import BoundAdapter
+from ranapass.bound import BoundAdapter, bind
 from ranapass.fingerprint import weights_fingerprint
 from ranapass.plan import Plan, PlanMismatchError, UnitPlan
 
@@ -136,7 +136,7 @@ def attach(model: torch.nn.Module, plan: Plan, *, check_fingerprint: bool = True
             if not isinstance(getattr(module, "weight", None), torch.Tensor):
                 raise PlanMismatchError(f"{path!r} has no weight tensor; the plan was made for another model")
             modules.append(module)
-        bound = unit.adapter.bind([m.weight for m in modules], [getattr(m, "bias", None) for m in modules])
+        bound = bind(unit.adapter, [m.weight for m in modules], [getattr(m, "bias", None) for m in modules])
         for i, path in enumerate(unit.members):
             refs[path] = AdapterRef(bound, i, unit)
     detach(model)

@@ -10,7 +10,8 @@ so a comparison at equal *measured* FLOPs is a comparison of methods, not of acc
 - **CATS-style** (Lee et al., 2024), MLP only: the gate projection is computed densely; the
   intermediate units with ``|act(gate x)| < t`` (one cutoff per layer, a quantile at sparsity ``s``)
   skip their row of ``up`` and their column of ``down``. The gate/up pair is one ``GatedMaskAdapterSpec``
-  (a kind of its own, eager only); ``down`` is a neuron adapter that keeps exactly its non-zero inputs,
+  (a kind of its own, ``ranapass.adapters.gated_mask``, without a kernel: compiled, its reference math is
+  traced into the graph); ``down`` is a neuron adapter that keeps exactly its non-zero inputs,
   which are the units the gate kept. Per token and layer it costs ``2 n d`` (gate) ``+ 2 n k`` (up rows)
   ``+ 2 d`` (the mask) ``+ 2 m k`` (down columns) ``+ 2 d`` (down's zero test, which a fused kernel
   would not need: 0.1% of the MLP), with k of the d units kept; dense is ``6 n d`` (m = n = hidden).
@@ -25,18 +26,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F_nn
 
-from ranapass.adapters import AdapterSpec, BoundAdapter, NeuronAdapterSpec, register_adapter
+from ranapass.adapters import AdapterSpec, GatedMaskAdapterSpec, NeuronAdapterSpec
+from ranapass.adapters.gated_mask import ACTIVATIONS, gate_magnitudes
 from ranapass.attach import FlopMeter, temporarily_attached
 from ranapass.calibrate import candidate_linears, collect, run_model
-from ranapass.cost_model import flops as F
 from ranapass.fingerprint import weights_fingerprint
+from ranapass.hooks import forward_hooks
 from ranapass.plan import Plan, UnitPlan
 from ranapass.candidates import stack_name
 
@@ -52,103 +53,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "silu": F_nn.silu,
-    "gelu_tanh": lambda t: F_nn.gelu(t, approximate="tanh"),
-    "gelu": F_nn.gelu,
-}
-"""Gate activations a gated MLP may use (the names of ``ranapass.kernels.reference.gated_activation``)."""
-
 QUANTILE_POINTS = 4097
 """Order statistics kept per site: thresholds at any sparsity are interpolated between them."""
-
-
-# ---------------------------------------------------------------------------------------- CATS adapter
-def gated_mask_reference(x: torch.Tensor, Wg: torch.Tensor, Wu: torch.Tensor, thresholds: torch.Tensor,
-                         bias: torch.Tensor | None, activation: str) -> torch.Tensor:
-    """``[g, keep * u]`` with ``g = Wg x``, ``u = Wu x`` and ``keep = |act(g)| >= thresholds`` (float32 math).
-
-    The dropped rows of ``u`` are never needed (a kernel skips them); here they are computed and zeroed,
-    which is the same result.
-    """
-    xf = x.float()
-    g = torch.matmul(xf, Wg.float().t())
-    u = torch.matmul(xf, Wu.float().t())
-    if bias is not None:
-        d = g.shape[-1]
-        g = g + bias[:d].float()
-        u = u + bias[d:].float()
-    keep = ACTIVATIONS[activation](g).abs() >= thresholds.float()
-    return torch.cat([g, torch.where(keep, u, 0.0)], dim=-1).to(x.dtype)
-
-
-class _GatedMaskBound(BoundAdapter):
-    """Eager-only bound form of ``GatedMaskAdapterSpec`` (no ``torch.ops`` kernel, no FX lowering)."""
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.buffers
-        return gated_mask_reference(x, b["Wg"], b["Wu"], b["thresholds"], b["bias"], self.spec.activation)
-
-    def kept(self, x: torch.Tensor) -> torch.Tensor:
-        g = torch.matmul(x.float(), self.buffers["Wg"].float().t())
-        if self.buffers["bias"] is not None:
-            g = g + self.buffers["bias"][: g.shape[-1]].float()
-        return (ACTIVATIONS[self.spec.activation](g).abs() >= self.buffers["thresholds"]).sum(-1)
-
-
-@register_adapter
-@dataclasses.dataclass
-class GatedMaskAdapterSpec(AdapterSpec):
-    """CATS-style gate/up unit: members ``(gate, up)``; output ``[gate x, keep * up x]``.
-
-    ``keep_j = |act((gate x)_j)| >= thresholds_j``; the gate is always computed, the up rows only where
-    kept (then ``act(g) * u`` is zero exactly at the dropped units, so the down projection can skip them).
-    Eager only: the FX pass and the kernels do not lower this kind.
-
-    Args:
-        activation: the gate activation, a key of ``ACTIVATIONS``.
-        thresholds: ``[d]`` float32 cutoffs on ``|act(gate x)|`` (CATS: one value per layer).
-    """
-
-    kind: ClassVar[str] = "gated_mask"
-    activation: str = "silu"
-    thresholds: torch.Tensor = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if len(self.members) != 2 or self.out_features[0] != self.out_features[1]:
-            raise ValueError(f"gated mask adapter needs (gate, up) members of equal width, got {self.members} "
-                             f"with widths {self.out_features}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown gate activation {self.activation!r}; expected one of {sorted(ACTIVATIONS)}")
-        if self.thresholds is None or self.thresholds.shape != (self.width,):
-            shape = None if self.thresholds is None else tuple(self.thresholds.shape)
-            raise ValueError(f"gated mask adapter {self.members}: thresholds of shape {shape}, expected ({self.width},)")
-
-    @property
-    def width(self) -> int:
-        return self.out_features[0]
-
-    def flops(self, kept: float | Any) -> Any:
-        d, n = self.width, self.in_features
-        return F.T * (2 * n * d + 2 * n * kept + F.MASK_FLOPS_PER_SCORE * d)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"thresholds": self.thresholds}
-
-    def config(self) -> dict[str, Any]:
-        return {**super().config(), "activation": self.activation}
-
-    def bind(self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]) -> BoundAdapter:
-        self._check_weights(weights)
-        w = weights[0]
-        bias = None
-        if any(b is not None for b in biases):
-            bias = torch.cat([(b if b is not None else w.new_zeros(m)).detach()
-                              for b, m in zip(biases, self.out_features)]).to(w.dtype)
-        buffers = {"Wg": weights[0].detach(), "Wu": weights[1].detach(),
-                   "thresholds": self.thresholds.to(w.device, torch.float32).contiguous(), "bias": bias}
-        return _GatedMaskBound(self, gated_mask_reference, buffers)
 
 
 # ---------------------------------------------------------------------------------------- structure
@@ -179,12 +85,8 @@ def find_gated_mlps(model: torch.nn.Module, batch: Any, linears: dict[str, torch
             calls.append((name, args[0], out))  # the input object itself: identity marks shared inputs
         return fwd
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
-    try:
+    with forward_hooks([(m, hook(n)) for n, m in linears.items()]):
         run_model(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
     found, used = [], set()
     for i, (a, xa, ya) in enumerate(calls):
         for j in range(i + 1, len(calls)):
@@ -410,12 +312,9 @@ def cats(model: torch.nn.Module, windows: torch.Tensor, *, holdout_windows: int 
     site_of = {m: s for s in stats.sites for m in s.members}
     units = []
     for mlp in mlps:
-        g_lin, u_lin, d_lin = linears[mlp.gate], linears[mlp.up], linears[mlp.down]
-        x = site_of[mlp.gate].sample
-        gate_out = torch.matmul(x, g_lin.weight.detach().float().cpu().t())
-        if g_lin.bias is not None:
-            gate_out = gate_out + g_lin.bias.detach().float().cpu()
-        scores = ACTIVATIONS[mlp.activation](gate_out).abs()
+        g_lin, d_lin = linears[mlp.gate], linears[mlp.down]
+        bias = None if g_lin.bias is None else g_lin.bias.detach().cpu()
+        scores = gate_magnitudes(site_of[mlp.gate].sample, g_lin.weight.detach().cpu(), bias, mlp.activation)
         d, n = g_lin.out_features, g_lin.in_features
 
         def make_gate(tau, mlp=mlp, d=d, n=n):

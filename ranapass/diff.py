@@ -25,7 +25,8 @@ from torch import fx
 
 from ranapass.attach import attachment_of
 from ranapass.backend import RanaBackend, unrewritten_units
-from ranapass.fx_pass import RewriteReport, rewrite_linears
+from ranapass.fx_pass import rewrite_linears
+from ranapass.rewrite_report import RewriteReport
 
 __all__ = ["diff", "GraphDiff", "GraphCapture"]
 

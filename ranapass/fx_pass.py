@@ -3,10 +3,8 @@
 It runs on the torch-IR graph Dynamo hands to the backend, before AOTAutograd (reference/compile.md
 §1.3), in two phases like Inductor's passes:
 
-1. *Decide.* Every linear node (``F.linear`` / ``torch._C._nn.linear`` calls, ``call_module`` on an
-   ``nn.Linear``) becomes a ``LinearSite``: its input node, and its weight and bias as the *real*
-   tensors (placeholder ``i`` is ``example_inputs[i]``; ``get_attr`` and module attributes are read
-   off the GraphModule). The weight is looked up in the attach registry by identity, never by name.
+1. *Decide.* Every linear node becomes a ``LinearSite`` (fx_sites.py: its input node, its real weight
+   and bias, and the adapter registered for the weight, looked up by identity, never by name).
    ``_should_rewrite(site)`` accepts it or names the reason it must stay dense.
 2. *Rewrite.* Accepted sites are grouped by (adapter, input node). A group becomes one op node that
    computes the unit's stacked output (q, k and v from one B product and one mask) and one slice per
@@ -17,12 +15,14 @@ It runs on the torch-IR graph Dynamo hands to the backend, before AOTAutograd (r
              q = qkv[..., :m_q]; k = qkv[..., m_q:m_q+m_k]; v = qkv[..., m_q+m_k:]
 
    The adapter tensors become buffers of the GraphModule, registered once per adapter with a
-   ``ConstantSource`` so AOTAutograd lifts them as static inputs (compile.md §2.2). A down
-   projection with a neuron adapter whose input is ``act(gate) * up`` may become one
-   ``gated_neuron_adapter`` call, so the kernels can fuse the MLP middle.
-3. *Pair.* Two ``rank_adapter`` ops of different units that read one input (gate and up, each with
-   its own B and mask) may become one ``rank_adapter_pair`` node and a ``getitem`` per unit, so
-   their routers and their masked GEMVs share launches::
+   ``ConstantSource`` so AOTAutograd lifts them as static inputs (compile.md §2.2). What the op node
+   calls is the kind's business (``AdapterSpec.lowering``): its ``torch.ops.ranapass`` op, or for a
+   kind without one its reference function, whose math AOTAutograd traces and Inductor compiles. A
+   single-member unit of a kind with a gated op (neuron adapter: ``gated_neuron_adapter``) whose input
+   is ``act(gate) * up`` may become one gated call, so the kernels can fuse the MLP middle.
+3. *Pair.* Two ops of a kind with a pair op that read one input (two ``rank_adapter`` units, gate and
+   up, each with its own B and mask) may become one ``rank_adapter_pair`` node and a ``getitem`` per
+   unit, so their routers and their masked GEMVs share launches::
 
        g = ranapass.rank_adapter(x, Bg, Atg, tg, None); u = ranapass.rank_adapter(x, Bu, Atu, tu, None)
        --->  gu = ranapass.rank_adapter_pair(x, Bg, Atg, tg, None, Bu, Atu, tu, None); g = gu[0]; u = gu[1]
@@ -34,8 +34,6 @@ registered weight was left dense), and ``strict=True`` raises instead.
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import logging
 import operator
 import re
@@ -49,214 +47,24 @@ from torch import fx
 from torch._dynamo.source import ConstantSource
 from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
 
-from ranapass.attach import AdapterRef, lookup
-from ranapass.cost_model import flops as flops_model
+from ranapass.adapters import ADAPTER_KINDS
+from ranapass.attach import AdapterRef
+from ranapass.bound import ranapass_op
+from ranapass.cost_model import flops
+from ranapass.fx_sites import VALUE_KEYS, LinearSite, find_linears, unfound, value
+from ranapass.rewrite_report import LeftDense, OpRewrite, RewriteError, RewriteReport
 
 __all__ = ["rewrite_linears", "RewriteReport", "OpRewrite", "LeftDense", "RewriteError"]
 
 log = logging.getLogger(__name__)
 
-LINEAR_TARGETS = (torch._C._nn.linear,)  # F.linear is torch._C._nn.linear
 SILU_TARGETS = (F.silu, torch._C._nn.silu)  # F.gelu is torch._C._nn.gelu; its approximate kwarg names the kind
 MUL_TARGETS = (operator.mul, torch.mul)
 META_KEYS = ("nn_module_stack", "stack_trace", "source_fn_stack")
-VALUE_KEYS = ("example_value", "val")  # Dynamo graphs carry example_value, AOT graphs val
 NOT_REGISTERED = "not_registered"
 
 
-class RewriteError(RuntimeError):
-    """Raised in strict mode when a registered weight could not be rewritten."""
-
-
-# ---------------------------------------------------------------------------------------- report
-@dataclasses.dataclass
-class OpRewrite:
-    """One op node the pass emitted and the linear nodes it replaced.
-
-    Args:
-        node: name of the new op node.
-        unit: name of the plan unit.
-        op: the op, e.g. ``ranapass.rank_adapter``.
-        old_op: what the replaced nodes called (``torch._C._nn.linear`` or ``call_module:nn.Linear``).
-        replaced: names of the replaced linear nodes, in member order.
-        members: module paths of the replaced linears.
-        outputs: replaced node name -> name of the node that now stands for it (a slice, or the op).
-        partial: the unit has members that do not read this input (the op still computes all of them).
-        width: static rank nB (rank adapter) or input width n (neuron adapter).
-        expected_kept: expected kept ranks/inputs per token from the plan.
-        flops_before: dense FLOPs per token of the replaced linears.
-        flops_after: FLOPs per token of the op at the expected kept count.
-    """
-
-    node: str
-    unit: str
-    op: str
-    old_op: str
-    replaced: tuple[str, ...]
-    members: tuple[str, ...]
-    outputs: dict[str, str]
-    partial: bool
-    width: int
-    expected_kept: float | None
-    flops_before: float
-    flops_after: float
-    _unit: Any = dataclasses.field(default=None, repr=False, compare=False)  # weakref to the UnitPlan
-
-    def rewrote(self, unit: Any) -> bool:
-        """Whether this op stands for ``unit`` (a ``UnitPlan``), by identity."""
-        return self._unit is not None and self._unit() is unit
-
-
-@dataclasses.dataclass
-class LeftDense:
-    """A linear node the pass left as it was, with its dense FLOPs per token (0 if its weight is unknown)."""
-
-    node: str
-    path: str
-    reason: str
-    flops: float = 0.0
-
-
-@dataclasses.dataclass
-class RewriteReport:
-    """What the pass did to one graph.
-
-    Args:
-        rewrites: the op nodes emitted.
-        skipped: linears with a registered weight that stayed dense, each with its reason.
-        dense: linears without a registered weight (e.g. lm_head), left dense.
-        unfound: member paths of registered weights that this graph reads but never through a linear
-            the pass recognises (e.g. ``x @ w.t()``): they stay dense.
-        counters: ``rewritten_units``, ``rewritten_linears``, ``ops``, ``dense_unregistered``,
-            ``skipped_<reason>``.
-    """
-
-    rewrites: list[OpRewrite] = dataclasses.field(default_factory=list)
-    skipped: list[LeftDense] = dataclasses.field(default_factory=list)
-    dense: list[LeftDense] = dataclasses.field(default_factory=list)
-    unfound: list[str] = dataclasses.field(default_factory=list)
-    counters: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-
-    @property
-    def units(self) -> list[str]:
-        """Names of the units rewritten in this graph, in graph order."""
-        return list(dict.fromkeys(r.unit for r in self.rewrites))
-
-    @property
-    def rewritten(self) -> int:
-        """Number of units rewritten (a unit called twice counts once)."""
-        return len(self.units)
-
-    @property
-    def complete(self) -> bool:
-        """True when every registered weight this graph reads was rewritten."""
-        return not self.skipped and not self.unfound
-
-    def summary(self) -> str:
-        """A few lines: units and linears rewritten, and everything left dense with its reason."""
-        c = self.counters
-        lines = [f"rewrote {self.rewritten} unit(s): {c['rewritten_linears']} linear(s) -> {c['ops']} ranapass op(s)"]
-        partial = [r.unit for r in self.rewrites if r.partial]
-        if partial:
-            lines.append(f"  partial units (members read different inputs; each op computes the whole unit): "
-                         f"{', '.join(dict.fromkeys(partial))}")
-        by_reason: dict[str, list[str]] = {}
-        for s in self.skipped:
-            by_reason.setdefault(s.reason, []).append(s.path)
-        for reason, paths in by_reason.items():
-            lines.append(f"  left dense (registered) {reason}: {', '.join(paths)}")
-        if self.unfound:
-            lines.append(f"  left dense (registered, read outside any linear): {', '.join(self.unfound)}")
-        if self.dense:
-            lines.append(f"  dense, no adapter registered: {', '.join(d.path for d in self.dense)}")
-        return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------------------------- decide
-@dataclasses.dataclass
-class LinearSite:
-    """A linear node with its operands resolved to real tensors."""
-
-    node: fx.Node
-    input: fx.Node
-    weight: torch.Tensor | None
-    bias: torch.Tensor | None
-    bias_resolved: bool  # False when the bias is computed in the graph, not a parameter
-    old_op: str
-    ref: AdapterRef | None
-
-    @property
-    def path(self) -> str:
-        return self.ref.path if self.ref is not None else module_path(self.node)
-
-    def left_dense(self, reason: str) -> LeftDense:
-        flops = 0.0
-        if isinstance(self.weight, torch.Tensor) and self.weight.dim() == 2:
-            flops = flops_model.per_token(flops_model.dense_linear(*self.weight.shape))
-        return LeftDense(self.node.name, self.path, reason, flops)
-
-
-def module_path(node: fx.Node) -> str:
-    """The module path of a node, from ``nn_module_stack``, without Dynamo's frame prefix (for reports only)."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return node.name
-    path = list(stack.values())[-1][0]
-    path = re.sub(r"^L\[[^\]]*\](\[[^\]]*\])*\.?", "", path)  # L['self'].x / L['args'][0].x -> x
-    return re.sub(r"\[(\d+)\]", r".\1", path) or node.name
-
-
-def _value(node: Any) -> Any:
-    """The fake value Dynamo (``example_value``) or AOT (``val``) recorded for a node."""
-    if not isinstance(node, fx.Node):
-        return None
-    for key in VALUE_KEYS:
-        if key in node.meta:
-            return node.meta[key]
-    return None
-
-
-def _real_tensor(gm: fx.GraphModule, node: Any, real_of: dict[fx.Node, Any]) -> tuple[bool, torch.Tensor | None]:
-    """Resolve a weight/bias argument to the real tensor: ``(resolved, tensor)``; None resolves to None."""
-    if node is None:
-        return True, None
-    if not isinstance(node, fx.Node):
-        return False, None
-    if node.op == "placeholder":
-        t = real_of.get(node)
-        return isinstance(t, torch.Tensor), t if isinstance(t, torch.Tensor) else None
-    if node.op == "get_attr":
-        t = operator.attrgetter(node.target)(gm)
-        return isinstance(t, torch.Tensor), t if isinstance(t, torch.Tensor) else None
-    return False, None
-
-
-def find_linears(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[LinearSite]:
-    """Every linear node of ``gm`` with its real weight and bias, and the adapter registered for the weight."""
-    real_of = dict(zip(gm.graph.find_nodes(op="placeholder"), example_inputs))
-    sites = []
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in LINEAR_TARGETS:
-            x = node.args[0] if node.args else node.kwargs.get("input")
-            w_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-            b_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-            _, weight = _real_tensor(gm, w_arg, real_of)
-            bias_resolved, bias = _real_tensor(gm, b_arg, real_of)
-            old_op = "torch._C._nn.linear"
-        elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), torch.nn.Linear):
-            module = gm.get_submodule(node.target)  # torch 2.11 with inline_inbuilt_nn_modules=False
-            x = node.args[0] if node.args else node.kwargs.get("input")
-            weight, bias, bias_resolved = module.weight, module.bias, True
-            old_op = "call_module:nn.Linear"
-        else:
-            continue
-        if not isinstance(x, fx.Node):
-            continue
-        ref = lookup(weight) if isinstance(weight, torch.Tensor) else None
-        sites.append(LinearSite(node, x, weight, bias, bias_resolved, old_op, ref))
-    return sites
-
-
 def _should_rewrite(site: LinearSite) -> tuple[bool, str]:
     """Whether a linear can become its adapter's op, reading only resolved tensors and fake values."""
     ref = site.ref
@@ -267,7 +75,7 @@ def _should_rewrite(site: LinearSite) -> tuple[bool, str]:
     if site.weight.dtype != like.dtype or site.weight.device != like.device:
         return False, (f"stale_adapter: the weight is {site.weight.dtype} on {site.weight.device} but the adapter "
                        f"was bound for {like.dtype} on {like.device}; attach the plan again after moving the model")
-    x, out = _value(site.input), _value(site.node)
+    x, out = value(site.input), value(site.node)
     if isinstance(x, torch.Tensor):
         if x.dim() == 0 or not statically_known_true(sym_eq(x.shape[-1], adapter.spec.in_features)):
             return False, f"input_shape: input {tuple(x.shape)} does not end in {adapter.spec.in_features}"
@@ -300,7 +108,7 @@ def _gated_input(node: fx.Node) -> tuple[fx.Node, fx.Node, str, list[fx.Node]] |
         name = _activation(act)
         if name is None or not isinstance(up, fx.Node):
             continue
-        vals = [_value(n) for n in (act.args[0], up, node)]
+        vals = [value(n) for n in (act.args[0], up, node)]
         if not all(isinstance(v, torch.Tensor) for v in vals) or not all(_same_shape(v, vals[0]) for v in vals):
             return None  # broadcasting or unknown shapes: not the plain gated MLP
         return act.args[0], up, name, [node, act]
@@ -333,7 +141,7 @@ class _Rewriter:
         self.buffer_names: dict[int, dict[str, str]] = {}  # id(bound adapter) -> op arg -> buffer name
         self.fake_mode = None
         for node in self.graph.nodes:
-            val = _value(node)
+            val = value(node)
             if isinstance(val, torch._subclasses.FakeTensor):
                 self.fake_mode = val.fake_mode
                 break
@@ -364,7 +172,7 @@ class _Rewriter:
                 nodes.append(None)
                 continue
             node = self.graph.get_attr(names[key])
-            self._set_value(node, lambda t=t: self.fake_mode.from_tensor(t, static_shapes=True))
+            self._setvalue(node, lambda t=t: self.fake_mode.from_tensor(t, static_shapes=True))
             nodes.append(node)
         return nodes
 
@@ -374,10 +182,10 @@ class _Rewriter:
         for key in META_KEYS:
             if key in like.meta:
                 node.meta[key] = like.meta[key]
-        self._set_value(node, compute, keys=[k for k in VALUE_KEYS if k in like.meta] or ["example_value"])
+        self._setvalue(node, compute, keys=[k for k in VALUE_KEYS if k in like.meta] or ["example_value"])
         return node
 
-    def _set_value(self, node: fx.Node, compute, keys: Sequence[str] = ("example_value",)) -> None:
+    def _setvalue(self, node: fx.Node, compute, keys: Sequence[str] = ("example_value",)) -> None:
         if self.fake_mode is None:
             return
         with self.fake_mode:
@@ -399,19 +207,21 @@ def _rewrite_group(rw: _Rewriter, sites: list[LinearSite], order: dict[fx.Node, 
     sites = sorted(sites, key=lambda s: (s.ref.member, order[s.node]))
     slices = adapter.member_slices()
     x = first.input
+    lowering = adapter.spec.lowering
     gated = None
-    if fuse_gated_mlp and adapter.op is torch.ops.ranapass.neuron_adapter.default and len(slices) == 1:
+    if fuse_gated_mlp and lowering is not None and lowering.gated_op is not None and len(slices) == 1:
         gated = _gated_input(x)
 
     with rw.graph.inserting_before(first.node):
         buffers = rw.buffers(ref)
         if gated is not None:
             gate, up, activation, _ = gated
-            target, args = torch.ops.ranapass.gated_neuron_adapter.default, (gate, up, *buffers, activation)
-        else:
-            target, args = adapter.op, (x, *buffers)
+            target = ranapass_op(lowering.gated_op)
+            args = (gate, up, *buffers, *adapter.constants, activation)
+        else:  # the kind's op, or (a kind without one) its reference math, traced by AOTAutograd
+            target, args = adapter.op, (x, *buffers, *adapter.constants)
         op_node = rw.call(target, args, first.node,
-                          lambda: target(*(_value(a) if isinstance(a, fx.Node) else a for a in args)))
+                          lambda: target(*(value(a) if isinstance(a, fx.Node) else a for a in args)))
         stands_for: dict[fx.Node, fx.Node] = {}
         for s in sites:
             if len(slices) == 1:
@@ -419,7 +229,7 @@ def _rewrite_group(rw: _Rewriter, sites: list[LinearSite], order: dict[fx.Node, 
             else:
                 sl = slices[s.ref.member]
                 stands_for[s.node] = rw.call(operator.getitem, (op_node, (Ellipsis, sl)), s.node,
-                                             lambda sl=sl: _value(op_node)[..., sl])
+                                             lambda sl=sl: value(op_node)[..., sl])
     outputs = {old.name: new.name for old, new in stands_for.items()}
     for old, new in stands_for.items():
         rw.replace(old, new)
@@ -431,7 +241,7 @@ def _rewrite_group(rw: _Rewriter, sites: list[LinearSite], order: dict[fx.Node, 
     return OpRewrite(
         node=op_node.name,
         unit=unit.name,
-        op=f"ranapass.{target._schema.name.split('::')[-1]}",
+        op=_op_name(target),
         old_op=first.old_op,
         replaced=tuple(outputs),
         members=tuple(unit.members[m] for m in present),
@@ -439,61 +249,60 @@ def _rewrite_group(rw: _Rewriter, sites: list[LinearSite], order: dict[fx.Node, 
         partial=len(present) != len(slices),
         width=adapter.spec.width,
         expected_kept=unit.expected_kept,
-        flops_before=sum(flops_model.per_token(flops_model.dense_linear(unit.out_features[m], unit.in_features))
+        flops_before=sum(flops.per_token(flops.dense_linear(unit.out_features[m], unit.in_features))
                          for m in present),
         flops_after=unit.flops(),
         _unit=weakref.ref(unit),
     )
 
 
-def _pair_rank_adapters(rw: _Rewriter, rewrites: list[OpRewrite]) -> int:
-    """Fuse ``rank_adapter`` ops that read one input two by two into ``rank_adapter_pair`` nodes.
+def _op_name(target: Any) -> str:
+    """``ranapass.<op>`` for a ranapass op, the qualified name of a traced reference function otherwise."""
+    if isinstance(target, torch._ops.OpOverload):
+        return f"ranapass.{target._schema.name.split('::')[-1]}"
+    return f"{target.__module__}.{target.__qualname__}"
 
-    The pair node goes where the first op was; the second op's buffer nodes move before it. Both
-    ops need a bias or neither (the kernels take one flag). Returns the number of pairs made.
+
+def _pair_ops() -> dict[torch._ops.OpOverload, torch._ops.OpOverload]:
+    """Each kind's op -> the op that runs two of its calls on one input, for the kinds that offer one."""
+    return {ranapass_op(k.lowering.op): ranapass_op(k.lowering.pair_op) for k in ADAPTER_KINDS.values()
+            if k.lowering is not None and k.lowering.pair_op is not None}
+
+
+def _pair_rank_adapters(rw: _Rewriter, rewrites: list[OpRewrite]) -> int:
+    """Fuse the ops of a kind with a pair op (``rank_adapter``) that read one input two by two.
+
+    The pair node goes where the first op was; the second op's buffer nodes move before it. Both ops
+    need the same operands present (a bias or neither: the kernels take one flag). Returns the number
+    of pairs made.
     """
-    single, pair = torch.ops.ranapass.rank_adapter.default, torch.ops.ranapass.rank_adapter_pair.default
-    by_input: dict[fx.Node, list[fx.Node]] = {}
+    pair_of = _pair_ops()
+    groups: dict[tuple, list[fx.Node]] = {}
     for node in rw.graph.nodes:
-        if node.op == "call_function" and node.target is single:
-            by_input.setdefault(node.args[0], []).append(node)
+        if node.op == "call_function" and node.target in pair_of:
+            present = tuple(a is not None for a in node.args[1:])
+            groups.setdefault((node.target, node.args[0], present), []).append(node)
     by_node = {r.node: r for r in rewrites}
     pairs = 0
-    for nodes in by_input.values():
-        with_bias = [n for n in nodes if n.args[4] is not None]
-        without = [n for n in nodes if n.args[4] is None]
-        for group in (with_bias, without):
-            for first, second in zip(group[0::2], group[1::2]):
-                for arg in second.args[1:]:
-                    if isinstance(arg, fx.Node) and arg.op == "get_attr" and len(arg.users) == 1:
-                        first.prepend(arg)
-                args = (first.args[0], *first.args[1:5], *second.args[1:5])
-                with rw.graph.inserting_before(first):
-                    node = rw.call(pair, args, first, lambda: pair(*(_value(a) if isinstance(a, fx.Node) else a
-                                                                      for a in args)))
-                    outs = [rw.call(operator.getitem, (node, i), old, lambda i=i: _value(node)[i])
-                            for i, old in enumerate((first, second))]
-                for old, new in zip((first, second), outs):
-                    r = by_node[old.name]
-                    r.node, r.op = node.name, "ranapass.rank_adapter_pair"
-                    r.outputs = {k: (new.name if v == old.name else v) for k, v in r.outputs.items()}
-                    rw.replace(old, new)
-                pairs += 1
+    for (single, _, _), group in groups.items():
+        pair = pair_of[single]
+        for first, second in zip(group[0::2], group[1::2]):
+            for arg in second.args[1:]:
+                if isinstance(arg, fx.Node) and arg.op == "get_attr" and len(arg.users) == 1:
+                    first.prepend(arg)
+            args = (*first.args, *second.args[1:])
+            with rw.graph.inserting_before(first):
+                node = rw.call(pair, args, first, lambda: pair(*(value(a) if isinstance(a, fx.Node) else a
+                                                                  for a in args)))
+                outs = [rw.call(operator.getitem, (node, i), old, lambda i=i: value(node)[i])
+                        for i, old in enumerate((first, second))]
+            for old, new in zip((first, second), outs):
+                r = by_node[old.name]
+                r.node, r.op = node.name, _op_name(pair)
+                r.outputs = {k: (new.name if v == old.name else v) for k, v in r.outputs.items()}
+                rw.replace(old, new)
+            pairs += 1
     return pairs
-
-
-def _unfound(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[LinearSite]) -> list[str]:
-    """Member paths of registered weights the graph reads (as inputs or attributes) outside any linear node."""
-    seen = {id(s.weight) for s in sites}
-    candidates = [*example_inputs, *gm.parameters()]
-    out = []
-    for t in candidates:
-        if isinstance(t, torch.Tensor) and id(t) not in seen:
-            ref = lookup(t)
-            if ref is not None:
-                out.append(ref.path)
-                seen.add(id(t))
-    return out
 
 
 def _reason_key(reason: str) -> str:
@@ -536,7 +345,7 @@ def rewrite_linears(gm: fx.GraphModule, example_inputs: Sequence[Any], *, fuse_g
         else:
             report.skipped.append(site.left_dense(reason))
             report.counters[f"skipped_{_reason_key(reason)}"] += 1
-    report.unfound = _unfound(gm, example_inputs, sites)
+    report.unfound = unfound(gm, example_inputs, sites)
     report.counters["skipped_unfound"] += len(report.unfound)
     if strict and not report.complete:
         raise RewriteError("ranapass (strict): registered weights would stay dense; the graph is unchanged.\n"

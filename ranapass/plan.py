@@ -17,7 +17,7 @@ import torch
 
 from ranapass import storage
 from ranapass.adapters import ADAPTER_KINDS, AdapterSpec
-from ranapass.cost_model import flops as F
+from ranapass.cost_model import flops
 from ranapass.errors import RanapassError
 
 __all__ = ["UnitPlan", "Plan", "PlanMismatchError"]
@@ -58,13 +58,13 @@ class UnitPlan:
     @property
     def dense_flops(self) -> float:
         """Dense FLOPs per token of the unit's linears."""
-        return F.per_token(F.dense_linear(sum(self.out_features), self.in_features))
+        return flops.per_token(flops.dense_linear(sum(self.out_features), self.in_features))
 
     def flops(self, kept: float | None = None) -> float:
         """FLOPs per token, at ``kept`` (default: the expected kept count)."""
         if self.adapter is None:
             return self.dense_flops
-        return F.per_token(self.adapter.flops(self.expected_kept if kept is None else kept))
+        return flops.per_token(self.adapter.flops(self.expected_kept if kept is None else kept))
 
 
 @dataclasses.dataclass
@@ -109,9 +109,9 @@ class Plan:
 
     def flops(self) -> dict[str, sympy.Expr]:
         """FLOPs as sympy expressions in T: ``{"dense": ..., "adapted": ..., <unit>: ...}``."""
-        out = {"dense": sum(F.dense_linear(sum(u.out_features), u.in_features) for u in self.units)}
+        out = {"dense": sum(flops.dense_linear(sum(u.out_features), u.in_features) for u in self.units)}
         per_unit = {u.name: (u.adapter.flops(u.expected_kept) if u.adapter is not None
-                             else F.dense_linear(sum(u.out_features), u.in_features)) for u in self.units}
+                             else flops.dense_linear(sum(u.out_features), u.in_features)) for u in self.units}
         out["adapted"] = sum(per_unit.values())
         out.update(per_unit)
         return out

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ranapass.adapters import NeuronAdapterSpec, RankAdapterSpec
+from ranapass.adapters import ADAPTER_KINDS
 from ranapass.candidates import KINDS, Site, UnitCandidates
 from ranapass.cost_model.allocate import Allocator, Choice, InfeasibleBudgetError
 from ranapass.cost_model.uniform import allocate_reference
@@ -77,7 +77,7 @@ def check_budget(budget: float) -> None:
 
 
 class Planner:
-    """Plans over one model's candidate sites; keeps what several plans share (allocation hulls, norms)."""
+    """Plans over one model's candidate sites; keeps what several plans share (allocation hulls)."""
 
     def __init__(self, model: torch.nn.Module, sites: list[Site], fingerprint: str, meta: dict[str, Any]):
         self.model = model
@@ -85,7 +85,6 @@ class Planner:
         self.fingerprint = fingerprint
         self.meta = meta
         self._allocators: dict[tuple, tuple[Allocator, list]] = {}
-        self._column_norms: dict[str, torch.Tensor] = {}
 
     def dense_flops(self) -> float:
         """Dense FLOPs per token of the block linears."""
@@ -138,37 +137,18 @@ class Planner:
         return torch.cat([self.model.get_submodule(m).weight.detach().float().cpu() for m in unit.members])
 
     def _build(self, chosen: list[tuple[UnitCandidates, tuple[str, int]]], budget: float, allocation: str) -> Plan:
+        """The plan of the chosen options: each adapted unit's kind builds its adapter from its candidate."""
         units = []
         for unit, (kind, i) in chosen:
             adapter, kept, err = None, None, 0.0
-            if kind == "rank":
-                c = unit.curves["rank"]
-                nb, tau = int(c.rank[i]), float(c.tau[i])
-                a = unit.basis[:, :nb]
-                b = a.t() @ self._weights(unit)
-                norms = a.norm(dim=0)
-                adapter = RankAdapterSpec(unit.members, unit.out_features, unit.in_features, tau,
-                                          B=b.contiguous(), At=a.t().contiguous(), thresholds=_per_entry(tau, norms))
-                kept, err = float(c.kept[i]), float(c.error[i])
-            elif kind == "neuron":
-                c = unit.curves["neuron"]
-                tau = float(c.tau[i])
-                if unit.name not in self._column_norms:
-                    self._column_norms[unit.name] = self._weights(unit).norm(dim=0)
-                norms = self._column_norms[unit.name]
-                adapter = NeuronAdapterSpec(unit.members, unit.out_features, unit.in_features, tau,
-                                            thresholds=_per_entry(tau, norms))
-                kept, err = float(c.kept[i]), float(c.error[i])
+            if kind != "dense":
+                adapter = ADAPTER_KINDS[kind].from_candidate(unit, i, self._weights(unit))
+                curve = unit.curves[kind]
+                kept, err = float(curve.kept[i]), float(curve.error[i])
             units.append(UnitPlan(unit.name, unit.members, unit.out_features, unit.in_features, adapter, kept, err))
         order = {m: k for k, m in enumerate(m for s in self.sites for m in s.members)}
         units.sort(key=lambda u: order[u.members[0]])
         return Plan(units, budget, allocation, self.fingerprint, dict(self.meta))
-
-
-def _per_entry(tau: float, norms: torch.Tensor) -> torch.Tensor:
-    """Per-rank/per-input thresholds ``tau / norm`` (never kept where the norm is 0)."""
-    norms = norms.float()
-    return torch.where(norms > 0, tau / norms.clamp_min(1e-30), torch.full_like(norms, float("inf")))
 
 
 # ---------------------------------------------------------------------------------------- strategies

@@ -14,8 +14,11 @@ from typing import Any
 
 import torch
 
+from ranapass.adapters.registry import per_entry_thresholds
 from ranapass.attach import temporarily_attached
+from ranapass.bound import BoundAdapter
 from ranapass.calibrate import run_model
+from ranapass.hooks import forward_hooks
 from ranapass.plan import Plan, UnitPlan
 
 __all__ = ["fit_thresholds"]
@@ -58,23 +61,14 @@ def fit_thresholds(model: torch.nn.Module, plan: Plan, windows: Any) -> dict[str
         ``{unit name: fitted tau}``.
     """
     fitted: dict[str, float] = {}
-    handles = []
 
-    def hook(unit: UnitPlan, buffers: dict[str, torch.Tensor]):
+    def hook(unit: UnitPlan, bound: BoundAdapter):
 
         def pre(module, args):
-            x = args[0].detach()
-            spec = unit.adapter
-            if spec.kind == "rank":
-                norms = buffers["At"].float().norm(dim=1)
-                scores = torch.matmul(x.float(), buffers["B"].float().t()).abs() * norms
-            elif spec.kind == "neuron":
-                norms = buffers["Wt"].float().norm(dim=1)
-                scores = x.float().abs() * norms
-            else:
-                raise NotImplementedError(f"threshold fitting does not know adapter kind {spec.kind!r}")
-            tau = _quantile_threshold(scores, unit.expected_kept / spec.width)
-            thresholds = torch.where(norms > 0, tau / norms, torch.full_like(norms, float("inf")))
+            spec, buffers = unit.adapter, bound.buffers
+            norms = spec.entry_norms(buffers)
+            tau = _quantile_threshold(spec.scores(args[0].detach(), buffers), unit.expected_kept / spec.width)
+            thresholds = per_entry_thresholds(tau, norms)
             buffers["thresholds"].copy_(thresholds)
             spec.thresholds = thresholds.cpu()
             spec.tau = tau
@@ -82,16 +76,11 @@ def fit_thresholds(model: torch.nn.Module, plan: Plan, windows: Any) -> dict[str
         return pre
 
     with temporarily_attached(model, plan) as attachment:
-        try:
-            for unit in plan.adapted:
-                module = model.get_submodule(unit.members[0])
-                buffers = attachment.refs[unit.members[0]].adapter.buffers
-                handles.append(module.register_forward_pre_hook(hook(unit, buffers)))
+        hooks = [(model.get_submodule(unit.members[0]), hook(unit, attachment.refs[unit.members[0]].adapter))
+                 for unit in plan.adapted]
+        with forward_hooks(hooks, pre=True):
             run_model(model, windows.to(next(model.parameters()).device) if isinstance(windows, torch.Tensor)
                       else windows)
-        finally:
-            for h in handles:
-                h.remove()
     missing = [u.name for u in plan.adapted if u.name not in fitted]
     if missing:
         log.warning("%d adapted units never ran on the held-out windows; thresholds left as calibrated: %s",

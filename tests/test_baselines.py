@@ -2,10 +2,13 @@
 
 import pytest
 import torch
+from plans import fresh_dynamo  # noqa: F401 (fixture)
 
 import ranapass
+from ranapass.backend import RanaBackend
 from ranapass.baselines import GatedMaskAdapterSpec, cats, find_gated_mlps, measured_ratio, teal
-from ranapass.cost_model import flops as F
+from ranapass.bound import bind
+from ranapass.cost_model import flops
 from tiny_models import tiny_llama, token_windows
 
 ATOL = 1e-5  # float32 logits of the tiny model
@@ -100,13 +103,32 @@ def test_gated_mask_matches_its_definition(model):
     mlp = model.model.layers[0].mlp
     g_w, u_w = mlp.gate_proj.weight, mlp.up_proj.weight
     spec = GatedMaskAdapterSpec(("g", "u"), (160, 160), 64, 0.1, thresholds=torch.full((160,), 0.1))
-    bound = spec.bind([g_w, u_w], [None, None])
+    bound = bind(spec, [g_w, u_w], [None, None])
     x = torch.randn(3, 5, 64)
     g, u = x @ g_w.t(), x @ u_w.t()
     keep = torch.nn.functional.silu(g).abs() >= 0.1
     torch.testing.assert_close(bound(x), torch.cat([g, u * keep], -1), atol=ATOL, rtol=0)
     assert torch.equal(bound.kept(x), keep.sum(-1))
-    assert F.per_token(spec.flops(10)) == 2 * 64 * 160 + 2 * 64 * 10 + 2 * 160
+    assert flops.per_token(spec.flops(10)) == 2 * 64 * 160 + 2 * 64 * 10 + 2 * 160
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_cats_plan_compiles_and_equals_eager(model, cats_baseline, compiler, fresh_dynamo):  # noqa: F811
+    """The gated-mask kind has no op: the pass traces its reference math, and the result is the eager one."""
+    plan = cats_baseline.plan_at(0.5)
+    ids = token_windows(2, seed=5)
+    with torch.no_grad():
+        eager = _logits(model, plan, ids)
+        ranapass.attach(model, plan)
+        backend = RanaBackend(compiler=compiler, strict=True)
+        try:
+            out = torch.compile(model, backend=backend, fullgraph=True)(ids).logits
+        finally:
+            ranapass.detach(model)
+    assert [r.rewritten for r in backend.reports] == [len(plan.adapted)] == [4]
+    ops = {r.op for r in backend.reports[0].rewrites}
+    assert ops == {"ranapass.adapters.gated_mask.gated_mask_reference", "ranapass.gated_neuron_adapter"}
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
 
 
 def test_gated_mask_rejects_bad_shapes():
