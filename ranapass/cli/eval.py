@@ -21,6 +21,7 @@ from ranapass.cli._workflow import add_profile_args, load_profile, plan_from_arg
 from ranapass.evaluate import EVAL_NUM_WINDOWS, EVAL_SOURCE, EVAL_WINDOW, adapted_perplexity, perplexity, protocol
 from ranapass.models import DEFAULT_MODEL, ModelLoadError, load_model
 from ranapass.plan import Plan
+from ranapass.plan_check import check_plan_fits
 
 __all__ = ["register", "add_model_text_args", "load_inputs", "evaluate_dense", "evaluate_adapted", "report",
            "format_report", "format_adapted", "fail"]
@@ -167,6 +168,8 @@ def fail(args: argparse.Namespace, error: Exception) -> int:
 def run(args: argparse.Namespace) -> int:
     try:
         model, tokenizer, windows = load_inputs(args)
+        if args.plan:
+            check_plan_fits(model, Plan.load(args.plan))
         rep = report(args, model, windows)
         text = format_report(rep)
         if args.budget is not None or args.plan:
