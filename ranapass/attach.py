@@ -17,6 +17,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ranapass.adapters import BoundAdapter
+from ranapass.attach_guard import renew
 from ranapass.fingerprint import weights_fingerprint
 from ranapass.plan import Plan, PlanMismatchError, UnitPlan
 
@@ -78,6 +79,7 @@ class Attachment:
         self.refs = {}
         if model is not None and getattr(model, "_ranapass_attachment", None) is self:
             del model._ranapass_attachment
+            renew(model)
 
     @contextlib.contextmanager
     def eager(self) -> Iterator[Attachment]:
@@ -144,6 +146,7 @@ def attach(model: torch.nn.Module, plan: Plan, *, check_fingerprint: bool = True
         _REGISTRY[model.get_submodule(path).weight] = ref
     attachment = Attachment(model, plan, refs)
     model._ranapass_attachment = attachment
+    renew(model)
     return attachment
 
 
