@@ -16,9 +16,10 @@ from collections.abc import Iterator
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ranapass.attach_guard import renew
 from ranapass.bound import BoundAdapter, bind
-from ranapass.fingerprint import weights_fingerprint
 from ranapass.plan import Plan, PlanMismatchError, UnitPlan
+from ranapass.plan_check import check_plan_fits
 
 __all__ = ["attach", "detach", "attachment_of", "lookup", "temporarily_attached", "AdapterRef", "Attachment",
            "FlopMeter"]
@@ -78,6 +79,7 @@ class Attachment:
         self.refs = {}
         if model is not None and getattr(model, "_ranapass_attachment", None) is self:
             del model._ranapass_attachment
+            renew(model)
 
     @contextlib.contextmanager
     def eager(self) -> Iterator[Attachment]:
@@ -121,10 +123,7 @@ def attach(model: torch.nn.Module, plan: Plan, *, check_fingerprint: bool = True
         fast = torch.compile(model, backend=ranapass.rana_backend)
     """
     if check_fingerprint:
-        fp = weights_fingerprint(model)
-        if fp != plan.fingerprint:
-            raise PlanMismatchError(f"plan was made for weights {plan.fingerprint}, this model has {fp}: "
-                                    "profile this model and plan again")
+        check_plan_fits(model, plan)
     refs: dict[str, AdapterRef] = {}
     for unit in plan.adapted:
         modules = []
@@ -144,6 +143,7 @@ def attach(model: torch.nn.Module, plan: Plan, *, check_fingerprint: bool = True
         _REGISTRY[model.get_submodule(path).weight] = ref
     attachment = Attachment(model, plan, refs)
     model._ranapass_attachment = attachment
+    renew(model)
     return attachment
 
 

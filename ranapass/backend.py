@@ -7,6 +7,10 @@ Options for ranapass itself live on a ``RanaBackend`` instance, or in ``options`
 prefixed ``ranapass.`` (e.g. ``options={"ranapass.strict": True}``), which never reach Inductor.
 (torch.compile accepts ``mode`` or ``options``, not both: with a mode, configure an instance.)
 
+Every graph is guarded on the attachment state of the weights it reads (``ranapass.attach_guard``): after
+``attach``, ``detach`` or for another model, Dynamo recompiles instead of reusing adapters baked for another
+state, so one backend object serves any number of models and plans.
+
 Each compiled graph's ``RewriteReport`` is kept in ``backend.reports``; ``backend.check(model)``
 raises unless every adapted unit of the model's plan was rewritten in some compiled graph.
 """
@@ -20,8 +24,9 @@ from typing import Any
 import torch
 from torch import fx
 
-from ranapass.attach import attachment_of
-from ranapass.fx_pass import RewriteError, RewriteReport, rewrite_linears
+from ranapass.attach import attachment_of, lookup
+from ranapass.attach_guard import guard_graph
+from ranapass.fx_pass import RewriteError, RewriteReport, find_linears, rewrite_linears
 
 __all__ = ["RanaBackend", "rana_backend", "unrewritten_units"]
 
@@ -70,6 +75,9 @@ class RanaBackend:
         own = {k[len(OPTION_PREFIX):]: inductor_options.pop(k) for k in list(inductor_options)
                if k.startswith(OPTION_PREFIX)}
         config = dataclasses.replace(self, **own) if own else self
+        read = [site.weight for site in find_linears(gm, example_inputs)]
+        read += [t for t in example_inputs if isinstance(t, torch.Tensor) and lookup(t) is not None]
+        guard_graph(gm, example_inputs, read)
         report = rewrite_linears(gm, example_inputs, fuse_gated_mlp=config.fuse_gated_mlp,
                                  pair_rank_adapters=config.pair_rank_adapters, strict=config.strict)
         self.reports.append(report)

@@ -36,10 +36,11 @@ from ranapass.adapters import AdapterSpec, GatedMaskAdapterSpec, NeuronAdapterSp
 from ranapass.adapters.gated_mask import ACTIVATIONS, gate_magnitudes
 from ranapass.attach import FlopMeter, temporarily_attached
 from ranapass.calibrate import candidate_linears, collect, run_model
+from ranapass.candidates import stack_name
 from ranapass.fingerprint import weights_fingerprint
 from ranapass.hooks import forward_hooks
 from ranapass.plan import Plan, UnitPlan
-from ranapass.candidates import stack_name
+from ranapass.plan_check import check_plan_fits
 
 __all__ = [
     "GatedMaskAdapterSpec",
@@ -152,6 +153,7 @@ class _SparseUnit:
 
 def measured_ratio(model: torch.nn.Module, plan: Plan, windows: torch.Tensor, batch_size: int = 4) -> float:
     """FLOP ratio (block linears, adapted / dense) measured with real masks while ``plan`` runs eagerly."""
+    check_plan_fits(model, plan)
     with temporarily_attached(model, plan), FlopMeter() as meter, torch.no_grad():
         for batch in windows.split(batch_size):
             run_model(model, batch.to(next(model.parameters()).device))

@@ -18,6 +18,7 @@ from ranapass.backend import RanaBackend
 from ranapass.diff import diff
 from ranapass.evaluate import adapted_perplexity, perplexity
 from ranapass.plan import Plan
+from ranapass.plan_check import check_plan_fits
 
 __all__ = ["CompiledComparison", "compare_compiled"]
 
@@ -59,6 +60,8 @@ def compare_compiled(model: torch.nn.Module, plan: Plan, windows: torch.Tensor, 
                      backend: RanaBackend | None = None, progress: bool = True) -> CompiledComparison:
     """Evaluate ``plan`` on ``model`` dense, eager adapted and compiled; attaches the plan (left attached).
 
+    Raises ``PlanMismatchError`` first if ``plan`` was made for other weights.
+
     Args:
         model: a causal LM the plan was made for.
         plan: e.g. ``profile.plan(budget=0.56)``.
@@ -73,6 +76,7 @@ def compare_compiled(model: torch.nn.Module, plan: Plan, windows: torch.Tensor, 
         plan = ranapass.profile(model, ranapass.data.calibration_windows(tok)).plan(budget=0.56)
         print(compare_compiled(model, plan, ranapass.data.evaluation_windows(tok)).format())
     """
+    check_plan_fits(model, plan)
     backend = backend or RanaBackend(strict=True)
     dense = perplexity(model, windows, batch_size, progress=progress)
     eager = adapted_perplexity(model, plan, windows, batch_size, progress=progress)

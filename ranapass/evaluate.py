@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ranapass.attach import FlopMeter, temporarily_attached
 from ranapass.plan import Plan
+from ranapass.plan_check import check_plan_fits
 
 __all__ = ["EVAL_WINDOW", "EVAL_NUM_WINDOWS", "EVAL_SOURCE", "PerplexityResult", "AdaptedResult", "perplexity",
            "adapted_perplexity", "protocol"]
@@ -137,6 +138,7 @@ def adapted_perplexity(model: torch.nn.Module, plan: Plan, windows: torch.Tensor
     """Perplexity of ``model`` running ``plan`` eagerly, with FLOPs measured from the masks it applies.
 
     The plan is attached for the call and detached afterwards (a previous attachment is restored).
+    Raises ``PlanMismatchError``, before any forward pass, if ``plan`` was made for other weights.
 
     Example::
 
@@ -144,6 +146,7 @@ def adapted_perplexity(model: torch.nn.Module, plan: Plan, windows: torch.Tensor
         >>> r = adapted_perplexity(model, plan, evaluation_windows(tokenizer))  # doctest: +SKIP
         >>> r.perplexity.ppl, r.flop_ratio  # doctest: +SKIP
     """
+    check_plan_fits(model, plan)
     with temporarily_attached(model, plan), FlopMeter() as meter:
         result = perplexity(model, windows, batch_size, progress=progress)
     return AdaptedResult(result, meter.ratio(plan), meter.flops(plan), plan.expected_ratio())

@@ -98,9 +98,9 @@ def test_prompts_of_several_lengths_compile_at_most_twice():
     plan = build_plan(model, tiny_inputs("LlamaForCausalLM"))
     backend = RanaBackend()
     fast = torch.compile(model, backend=backend)
-    for length in (5, 9, 17, 30):
-        inputs = tiny_inputs("LlamaForCausalLM", batch=1, length=length, seed=length)
-        ref = eager_adapted(model, plan, inputs)
+    cases = [tiny_inputs("LlamaForCausalLM", batch=1, length=length, seed=length) for length in (5, 9, 17, 30)]
+    refs = [eager_adapted(model, plan, inputs) for inputs in cases]  # then one attachment for every call
+    for inputs, ref in zip(cases, refs, strict=True):
         with torch.no_grad():
             torch.testing.assert_close(logits(fast, inputs), ref, **FP32)
     assert len(backend.reports) == 2  # static first, then one graph dynamic in the length

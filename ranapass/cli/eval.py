@@ -18,6 +18,7 @@ from ranapass.cli._shared import add_json_flag, add_profile_args, emit, load_pro
 from ranapass.evaluate import EVAL_NUM_WINDOWS, EVAL_SOURCE, EVAL_WINDOW, adapted_perplexity, perplexity, protocol
 from ranapass.models import DEFAULT_MODEL, load_model
 from ranapass.plan import Plan
+from ranapass.plan_check import check_plan_fits
 
 __all__ = ["register", "add_model_text_args", "load_inputs", "evaluate_dense", "evaluate_adapted", "report",
            "format_report", "format_adapted"]
@@ -152,6 +153,8 @@ def format_adapted(rep: dict[str, Any], dense: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     model, tokenizer, windows = load_inputs(args)
+    if args.plan:
+        check_plan_fits(model, Plan.load(args.plan))
     rep = report(args, model, windows)
     text = format_report(rep)
     if args.budget is not None or args.plan:
