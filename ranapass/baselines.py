@@ -33,12 +33,13 @@ import numpy as np
 import torch
 
 from ranapass.adapters import AdapterSpec, GatedMaskAdapterSpec, NeuronAdapterSpec
-from ranapass.adapters.gated_mask import ACTIVATIONS, gate_magnitudes
+from ranapass.adapters.gated_mask import gate_magnitudes
 from ranapass.attach import FlopMeter, temporarily_attached
 from ranapass.calibrate import candidate_linears, collect, run_model
 from ranapass.candidates import stack_name
 from ranapass.fingerprint import weights_fingerprint
 from ranapass.hooks import forward_hooks
+from ranapass.kernels.activations import ACTIVATIONS
 from ranapass.plan import Plan, UnitPlan
 from ranapass.plan_check import check_plan_fits
 
@@ -109,9 +110,9 @@ def find_gated_mlps(model: torch.nn.Module, batch: Any, linears: dict[str, torch
 
 def _match_gated(ya: torch.Tensor, yb: torch.Tensor, h: torch.Tensor) -> tuple[bool, str] | None:
     scale = float(h.abs().max()) + 1e-12
-    for act, fn in ACTIVATIONS.items():
+    for act, entry in ACTIVATIONS.items():
         for gate_first, (g, u) in ((True, (ya, yb)), (False, (yb, ya))):
-            if float((fn(g.float()) * u.float() - h.float()).abs().max()) <= 1e-4 * scale:
+            if float((entry.fn(g.float()) * u.float() - h.float()).abs().max()) <= 1e-4 * scale:
                 return gate_first, act
     return None
 

@@ -42,7 +42,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 from torch._dynamo.source import ConstantSource
 from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
@@ -52,13 +51,13 @@ from ranapass.attach import AdapterRef
 from ranapass.bound import ranapass_op
 from ranapass.cost_model import flops
 from ranapass.fx_sites import VALUE_KEYS, LinearSite, find_linears, unfound, value
+from ranapass.kernels.activations import call_name
 from ranapass.rewrite_report import LeftDense, OpRewrite, RewriteError, RewriteReport
 
 __all__ = ["rewrite_linears", "RewriteReport", "OpRewrite", "LeftDense", "RewriteError"]
 
 log = logging.getLogger(__name__)
 
-SILU_TARGETS = (F.silu, torch._C._nn.silu)  # F.gelu is torch._C._nn.gelu; its approximate kwarg names the kind
 MUL_TARGETS = (operator.mul, torch.mul)
 META_KEYS = ("nn_module_stack", "stack_trace", "source_fn_stack")
 NOT_REGISTERED = "not_registered"
@@ -121,14 +120,10 @@ def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _activation(node: Any) -> str | None:
-    """The gated-activation name of an ``F.silu``/``F.gelu`` call node (no in-place), else None."""
+    """The gated-activation name of an ``F.silu``/``F.gelu`` call node (see ``kernels/activations.py``), else None."""
     if not isinstance(node, fx.Node) or node.op != "call_function" or len(node.args) != 1:
         return None
-    if node.target in SILU_TARGETS and not node.kwargs.get("inplace", False):
-        return "silu"
-    if node.target is torch._C._nn.gelu and set(node.kwargs) <= {"approximate"}:
-        return {"tanh": "gelu_tanh", "none": "gelu"}.get(node.kwargs.get("approximate", "none"))
-    return None
+    return call_name(node.target, node.kwargs)
 
 
 # ---------------------------------------------------------------------------------------- rewrite

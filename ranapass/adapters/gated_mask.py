@@ -7,23 +7,17 @@ Inductor compiles it (the dropped up rows are computed and zeroed there, which i
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from ranapass.adapters.registry import AdapterSpec, register_adapter, stack_bias
 from ranapass.cost_model import flops
+from ranapass.kernels.activations import lookup
 
-__all__ = ["ACTIVATIONS", "GatedMaskAdapterSpec", "gate_magnitudes", "gated_mask_reference"]
+__all__ = ["GatedMaskAdapterSpec", "gate_magnitudes", "gated_mask_reference"]
 
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "silu": F.silu,
-    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-    "gelu": F.gelu,
-}
-"""Gate activations a gated MLP may use (the names of ``ranapass.kernels.reference.gated_activation``)."""
 
 
 def gate_magnitudes(x: torch.Tensor, Wg: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
@@ -31,7 +25,7 @@ def gate_magnitudes(x: torch.Tensor, Wg: torch.Tensor, bias: torch.Tensor | None
     g = torch.matmul(x.float(), Wg.float().t())
     if bias is not None:
         g = g + bias.float()
-    return ACTIVATIONS[activation](g).abs()
+    return lookup(activation).fn(g).abs()
 
 
 def gated_mask_reference(x: torch.Tensor, Wg: torch.Tensor, Wu: torch.Tensor, thresholds: torch.Tensor,
@@ -48,7 +42,7 @@ def gated_mask_reference(x: torch.Tensor, Wg: torch.Tensor, Wu: torch.Tensor, th
         d = g.shape[-1]
         g = g + bias[:d].float()
         u = u + bias[d:].float()
-    keep = ACTIVATIONS[activation](g).abs() >= thresholds.float()
+    keep = lookup(activation).fn(g).abs() >= thresholds.float()
     return torch.cat([g, torch.where(keep, u, 0.0)], dim=-1).to(x.dtype)
 
 
@@ -61,7 +55,7 @@ class GatedMaskAdapterSpec(AdapterSpec):
     kept (then ``act(g) * u`` is zero exactly at the dropped units, so the down projection can skip them).
 
     Args:
-        activation: the gate activation, a key of ``ACTIVATIONS``.
+        activation: the gate activation, a key of ``ranapass.kernels.activations.ACTIVATIONS``.
         thresholds: ``[d]`` float32 cutoffs on ``|act(gate x)|`` (CATS: one value per layer).
     """
 
@@ -75,8 +69,7 @@ class GatedMaskAdapterSpec(AdapterSpec):
         if len(self.members) != 2 or self.out_features[0] != self.out_features[1]:
             raise ValueError(f"gated mask adapter needs (gate, up) members of equal width, got {self.members} "
                              f"with widths {self.out_features}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown gate activation {self.activation!r}; expected one of {sorted(ACTIVATIONS)}")
+        lookup(self.activation)  # an unknown name is a ValueError naming the known ones
         if self.thresholds is None or self.thresholds.shape != (self.width,):
             shape = None if self.thresholds is None else tuple(self.thresholds.shape)
             raise ValueError(f"gated mask adapter {self.members}: thresholds of shape {shape}, expected ({self.width},)")
