@@ -23,6 +23,11 @@ VOCAB = 128
 BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
 """Common config of the decoder families: GQA (4 query heads of 16, 2 KV heads), a gated MLP of 128."""
+GPT = dict(vocab_size=VOCAB, n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=128, bos_token_id=1,
+           eos_token_id=2)
+"""The same sizes in GPT-2's config names (GPT-J, GPT-BigCode, BLOOM use them too)."""
+FALCON = {**BASE, "intermediate_size": None, "num_key_value_heads": None, "max_position_embeddings": None,
+          "ffn_hidden_size": 128, "bias": False}
 IMAGE = dict(image_size=16, patch_size=4, num_channels=3, num_labels=10)
 
 
@@ -51,8 +56,9 @@ class Family:
         return {"masked_lm": _reconstruction_loss, "image": _classification_loss}.get(self.kind)
 
 
-def _decoder(name: str, arch: str, moe: bool = False, **overrides: Any) -> Family:
-    config = {k: v for k, v in {**BASE, **overrides}.items() if v is not None}
+def _decoder(name: str, arch: str, base: dict[str, Any] = BASE, moe: bool = False, **overrides: Any) -> Family:
+    """A decoder family: ``base`` config with ``overrides`` (None drops a key)."""
+    config = {k: v for k, v in {**base, **overrides}.items() if v is not None}
     return Family(name, arch, config, moe=moe)
 
 
@@ -64,25 +70,17 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     _decoder("gemma", "GemmaForCausalLM", head_dim=16),
     _decoder("gemma2", "Gemma2ForCausalLM", head_dim=16, sliding_window=64),
     _decoder("gemma3", "Gemma3ForCausalLM", head_dim=16, sliding_window=64),
-    _decoder("phi3", "Phi3ForCausalLM", pad_token_id=0, bos_token_id=1, eos_token_id=2),
-    _decoder("gpt2", "GPT2LMHeadModel", hidden_size=None, intermediate_size=None, num_hidden_layers=None,
-             num_attention_heads=None, num_key_value_heads=None, max_position_embeddings=None,
-             n_embd=64, n_layer=2, n_head=4, n_positions=128),
-    _decoder("gptj", "GPTJForCausalLM", hidden_size=None, intermediate_size=None, num_hidden_layers=None,
-             num_attention_heads=None, num_key_value_heads=None, max_position_embeddings=None,
-             n_embd=64, n_layer=2, n_head=4, n_positions=128, rotary_dim=8),
+    _decoder("phi3", "Phi3ForCausalLM", pad_token_id=0),  # fused qkv_proj and gate_up_proj
+    _decoder("gpt2", "GPT2LMHeadModel", GPT),  # Conv1D
+    _decoder("gptj", "GPTJForCausalLM", GPT, rotary_dim=8),
     _decoder("gpt_neox", "GPTNeoXForCausalLM", num_key_value_heads=None, rotary_pct=0.5,
              use_parallel_residual=True),
-    _decoder("gpt_bigcode", "GPTBigCodeForCausalLM", hidden_size=None, intermediate_size=None,
-             num_hidden_layers=None, num_attention_heads=None, num_key_value_heads=None,
-             max_position_embeddings=None, n_embd=64, n_layer=2, n_head=4, n_positions=128, multi_query=True),
-    _decoder("falcon", "FalconForCausalLM", intermediate_size=None, num_key_value_heads=None,
-             max_position_embeddings=None, new_decoder_architecture=False, multi_query=True, parallel_attn=True,
-             bias=False),
-    _decoder("falcon_new", "FalconForCausalLM", intermediate_size=None, num_key_value_heads=None,
-             max_position_embeddings=None, new_decoder_architecture=True, num_kv_heads=2, bias=False),
-    _decoder("bloom", "BloomForCausalLM", intermediate_size=None, num_key_value_heads=None,
-             max_position_embeddings=None, num_hidden_layers=None, num_attention_heads=None, n_layer=2, n_head=4),
+    _decoder("gpt_bigcode", "GPTBigCodeForCausalLM", GPT, multi_query=True),
+    _decoder("falcon", "FalconForCausalLM", FALCON, new_decoder_architecture=False, multi_query=True,
+             parallel_attn=True),
+    _decoder("falcon_new", "FalconForCausalLM", FALCON, new_decoder_architecture=True, num_kv_heads=2),
+    _decoder("bloom", "BloomForCausalLM", GPT, hidden_size=32, n_embd=None, n_inner=None,
+             n_positions=None),  # the MLP is 4 x hidden
     _decoder("opt", "OPTForCausalLM", intermediate_size=None, num_key_value_heads=None, ffn_dim=128,
              word_embed_proj_dim=64),
     _decoder("olmo2", "Olmo2ForCausalLM"),
