@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from architectures import tiny_llama
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -39,14 +40,8 @@ def tiny_tokenizer():
 
 
 def make_tiny_llama(vocab_size: int, *, tie: bool = False, seed: int = 0):
-    """A random 2-layer Llama with GQA (4 heads, 2 KV heads), float32, eval mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    """A random 2-layer Llama with GQA (4 heads, 2 KV heads), hidden 32, MLP 48, float32, eval mode."""
+    return tiny_llama(seed, hidden=32, intermediate=48, vocab=vocab_size, tie=tie)
 
 
 @pytest.fixture(scope="session")
