@@ -18,6 +18,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ranapass.bound import BoundAdapter, bind
 from ranapass.fingerprint import weights_fingerprint
+from ranapass.offload import refuse_offloaded
 from ranapass.plan import Plan, PlanMismatchError, UnitPlan
 
 __all__ = ["attach", "detach", "attachment_of", "lookup", "temporarily_attached", "AdapterRef", "Attachment",
@@ -136,6 +137,7 @@ def attach(model: torch.nn.Module, plan: Plan, *, check_fingerprint: bool = True
             if not isinstance(getattr(module, "weight", None), torch.Tensor):
                 raise PlanMismatchError(f"{path!r} has no weight tensor; the plan was made for another model")
             modules.append(module)
+        refuse_offloaded(dict(zip(unit.members, modules)), "attaching a plan")
         bound = bind(unit.adapter, [m.weight for m in modules], [getattr(m, "bias", None) for m in modules])
         for i, path in enumerate(unit.members):
             refs[path] = AdapterRef(bound, i, unit)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ranapass import distributed, storage
+from ranapass import distributed, offload, storage
 from ranapass.attach import temporarily_attached
 from ranapass.cache import cache_dir
 from ranapass.calibrate import RANK_MIN_ASPECT, candidate_linears, collect
@@ -234,8 +234,15 @@ def _profile_with_data(model, data, linears, options: ProfileOptions, loss_fn):
                     gradient_data=grad_data, loss_fn=loss_fn, seed=options.seed)
     # Each process builds the candidates of its share of the sites; every process gets them all.
     mine = distributed.shard(stats.sites)
-    built = calibrated_sites(dataclasses.replace(stats, sites=[s for _, s in mine]), linears, options.error_weighting,
-                             options.rank_min_aspect)
+    if any(offload.is_offloaded(m) for m in linears.values()):
+        built = []
+        for _, s in mine:   # one site's weights loaded at a time
+            with offload.onloaded(linears[m] for m in s.members):
+                built += calibrated_sites(dataclasses.replace(stats, sites=[s]), linears, options.error_weighting,
+                                          options.rank_min_aspect)
+    else:
+        built = calibrated_sites(dataclasses.replace(stats, sites=[s for _, s in mine]), linears,
+                                 options.error_weighting, options.rank_min_aspect)
     sites = distributed.gather_ordered([(i, site) for (i, _), site in zip(mine, built)], "candidates")
     meta = {"data": f"{stats.windows} windows, {stats.tokens} tokens",
             "error_weighting": "fisher" if stats.grad_sq else "relative"}
