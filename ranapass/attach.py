@@ -18,6 +18,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ranapass.attach_guard import renew
 from ranapass.bound import BoundAdapter, bind
+from ranapass.offload import refuse_offloaded
 from ranapass.plan import Plan, PlanMismatchError, UnitPlan
 from ranapass.plan_check import check_plan_fits
 
@@ -135,6 +136,7 @@ def attach(model: torch.nn.Module, plan: Plan, *, check_fingerprint: bool = True
             if not isinstance(getattr(module, "weight", None), torch.Tensor):
                 raise PlanMismatchError(f"{path!r} has no weight tensor; the plan was made for another model")
             modules.append(module)
+        refuse_offloaded(dict(zip(unit.members, modules)), "attaching a plan")
         bound = bind(unit.adapter, [m.weight for m in modules], [getattr(m, "bias", None) for m in modules])
         for i, path in enumerate(unit.members):
             refs[path] = AdapterRef(bound, i, unit)

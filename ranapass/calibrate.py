@@ -10,6 +10,10 @@ tensor object* in a forward (q/k/v, gate/up) share an input *site*; each site ac
 An optional second pass runs backward through the language-model loss and accumulates the squared
 gradient of every linear's output per channel (Fisher weights that make errors comparable across
 layers). Nothing is stored per token beyond the sample, so memory stays bounded.
+
+Under a ``torch.distributed`` process group each process runs its shard of the batches and the
+statistics are combined at the end (``ranapass.distributed``). The rows sampled from a batch depend
+only on the seed and the batch's global index, so any number of processes gives the same statistics.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ranapass import distributed
 from ranapass.errors import RanapassError
 from ranapass.hooks import forward_hooks
 
@@ -190,9 +195,11 @@ def collect(model: torch.nn.Module, data: Any, *, linears: dict[str, torch.nn.Li
         raise RanapassError(f"calibration data has {tokens} tokens, fewer than the widest layer input "
                          f"({min_tokens}): statistics would be rank-deficient; give more or longer texts")
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator()
     per_batch = math.ceil(sample_tokens / len(batches))
     first_of = {s.members[0]: s for s in sites}
+    sample_batch: dict[int, list[int]] = {id(s): [] for s in sites}   # global batch index of each sample
+    current = [0]
 
     def hook(name):
         site = first_of.get(name)
@@ -211,15 +218,35 @@ def collect(model: torch.nn.Module, data: Any, *, linears: dict[str, torch.nn.Li
             k = min(per_batch, flat.shape[0])
             idx = torch.randperm(flat.shape[0], generator=gen)[:k]
             site.samples.append(flat[idx.to(flat.device)].cpu())
+            sample_batch[id(site)].append(current[0])
         return pre
 
     with forward_hooks([(linears[m], hook(m)) for s in sites for m in s.members], pre=True), torch.no_grad():
-        for batch in tqdm(batches, desc="calibration", unit="batch"):
+        for index, batch in tqdm(distributed.shard(batches), desc="calibration", unit="batch"):
+            current[0] = index
+            gen.manual_seed(_batch_seed(seed, index))
             run_model(model, batch)
+    _combine_processes(sites, sample_batch)
 
     grad_sq = {} if gradient_data is None else _gradient_weights(model, linears, sites, gradient_data,
                                                                  loss_fn, device)
     return CalibrationStats(sites, grad_sq, examples, tokens)
+
+
+def _batch_seed(seed: int, index: int) -> int:
+    """The seed of the row sampling of global batch ``index``: independent of which process runs it."""
+    return seed * 2**32 + index
+
+
+def _combine_processes(sites: list[SiteStats], sample_batch: dict[int, list[int]]) -> None:
+    """Sum the sites' Gram matrices and token counts over all processes; gather the samples in batch order."""
+    if distributed.world_size() == 1:
+        return
+    tokens = torch.tensor([s.tokens for s in sites], dtype=torch.int64)
+    distributed.all_reduce_sum([s.gram for s in sites if s.gram is not None] + [tokens], "input statistics")
+    for site, count in zip(sites, tokens.tolist()):
+        site.tokens = count
+        site.samples = distributed.gather_ordered(list(zip(sample_batch[id(site)], site.samples)), "sampled rows")
 
 
 def _lm_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
@@ -249,7 +276,8 @@ def _gradient_weights(model, linears, sites, data, loss_fn, device) -> dict[str,
     try:
         with forward_hooks([(linears[m], hook(m)) for m in members]):
             # One window per backward: the autograd graph of a batch is the memory peak of calibration.
-            for batch in tqdm(list(_batches(data, 1, device)), desc="output gradients", unit="window"):
+            for _, batch in tqdm(distributed.shard(list(_batches(data, 1, device))), desc="output gradients",
+                                 unit="window"):
                 captured.clear()
                 with torch.enable_grad():
                     loss = loss_fn(model, batch)
@@ -262,4 +290,7 @@ def _gradient_weights(model, linears, sites, data, loss_fn, device) -> dict[str,
                     counts[name] += g.shape[0]
     finally:
         captured.clear()
+    totals = torch.tensor([counts[m] for m in members], dtype=torch.int64)
+    distributed.all_reduce_sum([sums[m] for m in members] + [totals], "output-gradient statistics")
+    counts = dict(zip(members, totals.tolist()))
     return {m: sums[m] / counts[m] for m in members if counts[m]}

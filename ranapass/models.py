@@ -7,15 +7,22 @@ is saved as safetensors under the cache dir (:mod:`ranapass.cache`), so later lo
 a second. A local ``.gguf`` file is handled the same way. A Hugging Face model id or a local
 ``save_pretrained`` folder loads with ``AutoModelForCausalLM`` / ``AutoTokenizer``; a hub id is looked
 up in the local Hugging Face cache first and downloaded only when it is not there.
+
+A model larger than one device loads through accelerate's big-model loading: ``device_map="auto"``
+(with ``max_memory`` per device) spreads its layers over the GPUs, then the CPU, then disk.
 """
 
 from __future__ import annotations
 
 import hashlib
+import atexit
 import importlib.util
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,14 +45,20 @@ class ModelLoadError(RanapassError, OSError):
 
 
 def load_model(name: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu"):
+               device: str | torch.device = "cpu", device_map: str | dict[str, Any] | None = None,
+               max_memory: dict[int | str, int | str] | None = None, offload_folder: str | os.PathLike | None = None):
     """Load a causal LM and its tokenizer, in eval mode.
 
     Args:
         name: ``None`` or ``"smollm2"`` for the default model, a path to a ``.gguf`` file, a local
             folder written by ``save_pretrained``, or a Hugging Face model id.
         dtype: dtype of the returned weights (GGUF models are dequantized to float32 first).
-        device: where the model is placed.
+        device: where the model is placed (without ``device_map``).
+        device_map: ``"auto"`` (or any accelerate device map) to spread the layers over the visible
+            devices, then the CPU, then disk; the model then stays where accelerate placed it.
+        max_memory: with ``device_map``, the memory each device may hold, e.g. ``{0: "70GiB", "cpu": "200GiB"}``.
+        offload_folder: where layers offloaded to disk are written (default: a temporary folder,
+            removed at exit).
 
     Returns:
         ``(model, tokenizer)``.
@@ -60,22 +73,43 @@ def load_model(name: str | os.PathLike | None = None, *, dtype: torch.dtype = to
         >>> type(model).__name__
         'LlamaForCausalLM'
     """
+    placement = _placement(device, device_map, max_memory, offload_folder)
     if name is None or str(name) == DEFAULT_MODEL:
-        model, tokenizer = _load_gguf(_smollm2_file(), dtype)
+        model, tokenizer = _load_gguf(_smollm2_file(), dtype, placement)
     elif str(name).endswith(".gguf"):
         path = Path(name).expanduser()
         if not path.is_file():
             raise ModelLoadError(f"GGUF file {str(path)!r} does not exist")
-        model, tokenizer = _load_gguf(path.resolve(), dtype)
+        model, tokenizer = _load_gguf(path.resolve(), dtype, placement)
     elif Path(name).expanduser().is_dir():
         try:
-            model, tokenizer = _load_pretrained(str(Path(name).expanduser()), dtype, local_only=True)
+            model, tokenizer = _load_pretrained(str(Path(name).expanduser()), dtype, local_only=True,
+                                                placement=placement)
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"could not load a causal LM and its tokenizer from the folder {str(name)!r}: "
                                  f"{e}. It must hold what save_pretrained writes for both.") from e
     else:
-        model, tokenizer = _load_hub(str(name), dtype)
-    return model.to(device).eval(), tokenizer
+        model, tokenizer = _load_hub(str(name), dtype, placement)
+    if device_map is None:
+        model = model.to(device)
+    return model.eval(), tokenizer
+
+
+def _placement(device, device_map, max_memory, offload_folder) -> dict[str, Any]:
+    """The big-model keyword arguments of ``from_pretrained`` (none without ``device_map``)."""
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise RanapassError("max_memory and offload_folder need device_map (e.g. device_map='auto')")
+        return {}
+    if str(device) != "cpu":
+        raise RanapassError(f"give either device ({device}) or device_map ({device_map!r}), not both: "
+                            "with device_map accelerate decides where each layer lives")
+    if importlib.util.find_spec("accelerate") is None:
+        raise ModelLoadError("device_map needs the 'accelerate' package: run `pip install accelerate`")
+    if offload_folder is None:
+        offload_folder = tempfile.mkdtemp(prefix="offload-", dir=cache_dir("offload"))
+        atexit.register(shutil.rmtree, offload_folder, ignore_errors=True)
+    return {"device_map": device_map, "max_memory": max_memory, "offload_folder": str(offload_folder)}
 
 
 def _smollm2_file() -> Path:
@@ -104,11 +138,11 @@ def _gguf_cache_path(path: Path) -> Path:
     return cache_dir("models") / f"{path.stem}-{key.hexdigest()[:12]}"
 
 
-def _load_gguf(path: Path, dtype: torch.dtype):
+def _load_gguf(path: Path, dtype: torch.dtype, placement: dict[str, Any]):
     cached = _gguf_cache_path(path)
     if cached.is_dir():
         log.debug("loading %s from the cache %s", path.name, cached)
-        return _load_pretrained(str(cached), dtype, local_only=True)
+        return _load_pretrained(str(cached), dtype, local_only=True, placement=placement)
     for module, pip_name in (("gguf", "gguf"), ("accelerate", "accelerate")):
         if importlib.util.find_spec(module) is None:
             raise ModelLoadError(f"reading GGUF files needs the '{pip_name}' package: "
@@ -125,14 +159,14 @@ def _load_gguf(path: Path, dtype: torch.dtype):
         tokenizer.save_pretrained(tmp)
     del model
     # Reload the cached copy so the first run and every later run see the very same model.
-    return _load_pretrained(str(cached), dtype, local_only=True)
+    return _load_pretrained(str(cached), dtype, local_only=True, placement=placement)
 
 
-def _load_pretrained(source: str, dtype: torch.dtype, *, local_only: bool):
+def _load_pretrained(source: str, dtype: torch.dtype, *, local_only: bool, placement: dict[str, Any]):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local_only, **placement)
     return model, tokenizer
 
 
@@ -143,7 +177,7 @@ def _hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or flag.upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def _load_hub(name: str, dtype: torch.dtype):
+def _load_hub(name: str, dtype: torch.dtype, placement: dict[str, Any]):
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
     from huggingface_hub.utils import validate_repo_id
@@ -160,7 +194,7 @@ def _load_hub(name: str, dtype: torch.dtype):
     except LocalEntryNotFoundError:
         log.debug("%s is not in the local Hugging Face cache", name)
     else:
-        return _load_pretrained(snapshot, dtype, local_only=True)
+        return _load_pretrained(snapshot, dtype, local_only=True, placement=placement)
     how_to_fix = (f"Download it where the Hub is reachable (`hf download {name}`) and copy the "
                   "Hugging Face cache here, pass a local folder written by save_pretrained, or use "
                   f"the offline default model ({DEFAULT_MODEL!r}).")
@@ -169,7 +203,7 @@ def _load_hub(name: str, dtype: torch.dtype):
                              f"cache, and HF_HUB_OFFLINE is set. {how_to_fix}")
     log.info("%s is not in the local Hugging Face cache: downloading it from the Hub", name)
     try:
-        return _load_pretrained(name, dtype, local_only=False)
+        return _load_pretrained(name, dtype, local_only=False, placement=placement)
     except OSError as e:
         raise ModelLoadError(f"could not load model {name!r}: it is not a local folder, not in the "
                              f"local Hugging Face cache, and the Hub did not provide it ({e}). "

@@ -20,6 +20,7 @@ from ranapass.candidates import KINDS, Site, UnitCandidates
 from ranapass.cost_model.allocate import Allocator, Choice, InfeasibleBudgetError
 from ranapass.cost_model.uniform import allocate_reference
 from ranapass.errors import RanapassError
+from ranapass.offload import onloaded
 from ranapass.plan import Plan, UnitPlan
 from ranapass.thresholds import fit_thresholds
 
@@ -134,7 +135,9 @@ class Planner:
         return self._allocators[key]
 
     def _weights(self, unit: UnitCandidates) -> torch.Tensor:
-        return torch.cat([self.model.get_submodule(m).weight.detach().float().cpu() for m in unit.members])
+        modules = [self.model.get_submodule(m) for m in unit.members]
+        with onloaded(modules):
+            return torch.cat([module.weight.detach().float().cpu() for module in modules])
 
     def _build(self, chosen: list[tuple[UnitCandidates, tuple[str, int]]], budget: float, allocation: str) -> Plan:
         """The plan of the chosen options: each adapted unit's kind builds its adapter from its candidate."""

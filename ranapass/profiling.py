@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ranapass import storage
+from ranapass import distributed, offload, storage
 from ranapass.attach import temporarily_attached
 from ranapass.cache import cache_dir
 from ranapass.calibrate import RANK_MIN_ASPECT, candidate_linears, collect
@@ -179,13 +179,16 @@ def profile(model: torch.nn.Module, data: Any = None, *, options: ProfileOptions
     options = options or ProfileOptions()
     model.eval()
     fingerprint = weights_fingerprint(model)
+    if distributed.world_size() > 1:
+        distributed.check_agreement({"model weights' fingerprint": fingerprint, "calibration data": _data_key(data),
+                                     "profile options": json.dumps(dataclasses.asdict(options))})
     linears = candidate_linears(model, options.exclude)
     key = None
     if cache and under is None and (data is None or isinstance(data, torch.Tensor)):
         key = hashlib.blake2b((fingerprint + _data_key(data) + json.dumps(dataclasses.asdict(options)) +
                                f"v{PROFILE_FORMAT.version}").encode(), digest_size=12).hexdigest()
         folder = Path(cache) / key if not isinstance(cache, bool) else cache_dir("profiles", key)
-        if storage.exists(folder, PROFILE_FORMAT):
+        if distributed.everyone(storage.exists(folder, PROFILE_FORMAT)):
             log.info("loading cached profile %s", folder)
             return Profile.load(folder, model, check_fingerprint=False)
 
@@ -205,7 +208,7 @@ def profile(model: torch.nn.Module, data: Any = None, *, options: ProfileOptions
                  "options": dataclasses.asdict(options)})
     result = Profile(model, sites, holdout=holdout, fingerprint=fingerprint, meta=meta)
     log.info("profiled %d units over %d sites in %.1fs", len(result.units), len(sites), meta["profile_seconds"])
-    if key is not None:
+    if key is not None and distributed.is_main():
         result.save(folder)
     return result
 
@@ -229,7 +232,20 @@ def _profile_with_data(model, data, linears, options: ProfileOptions, loss_fn):
     stats = collect(model, data, linears=linears, batch_size=options.batch_size,
                     sample_tokens=options.sample_tokens, rank_min_aspect=options.rank_min_aspect,
                     gradient_data=grad_data, loss_fn=loss_fn, seed=options.seed)
-    sites = calibrated_sites(stats, linears, options.error_weighting, options.rank_min_aspect)
+    # Each process builds the candidates of its share of the sites; every process gets them all.
+    mine = distributed.shard(stats.sites)
+    if any(offload.is_offloaded(m) for m in linears.values()):
+        built = []
+        for _, s in mine:   # one site's weights loaded at a time
+            with offload.onloaded(linears[m] for m in s.members):
+                built += calibrated_sites(dataclasses.replace(stats, sites=[s]), linears, options.error_weighting,
+                                          options.rank_min_aspect)
+    else:
+        built = calibrated_sites(dataclasses.replace(stats, sites=[s for _, s in mine]), linears,
+                                 options.error_weighting, options.rank_min_aspect)
+    sites = distributed.gather_ordered([(i, site) for (i, _), site in zip(mine, built)], "candidates")
     meta = {"data": f"{stats.windows} windows, {stats.tokens} tokens",
             "error_weighting": "fisher" if stats.grad_sq else "relative"}
+    if distributed.world_size() > 1:
+        meta["processes"] = distributed.world_size()
     return sites, holdout, meta

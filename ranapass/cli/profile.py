@@ -1,10 +1,16 @@
-"""``ranapass profile``: calibrate a model once (cached) and show what budgets would cost in error."""
+"""``ranapass profile``: calibrate a model once (cached) and show what budgets would cost in error.
+
+Launched by ``torchrun`` (``WORLD_SIZE`` > 1), the processes calibrate shards of the windows together
+(``ranapass.distributed``); rank 0 alone writes the profile and prints the report.
+"""
 
 from __future__ import annotations
 
 import argparse
 
+from ranapass import distributed
 from ranapass.cli._shared import add_json_flag, add_model_calibration_args, emit, load_profile
+from ranapass.errors import RanapassError
 from ranapass.models import load_model
 
 BUDGETS = (0.4, 0.5, 0.56, 0.6, 0.7, 0.8, 0.9)
@@ -15,13 +21,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                    description=__doc__)
     add_model_calibration_args(parser)
     parser.add_argument("--out", help="also save the profile into this directory")
+    parser.add_argument("--device-map", default=None, metavar="auto",
+                        help="spread the model over the visible devices, then CPU, then disk (accelerate)")
+    parser.add_argument("--max-memory", default=None, type=parse_max_memory, metavar="0=70GiB,cpu=200GiB",
+                        help="with --device-map: the memory each device may hold")
     add_json_flag(parser)
     parser.set_defaults(func=run)
 
 
+def parse_max_memory(text: str) -> dict[int | str, str]:
+    """``"0=70GiB,1=70GiB,cpu=200GiB"`` -> ``{0: "70GiB", 1: "70GiB", "cpu": "200GiB"}``."""
+    out: dict[int | str, str] = {}
+    for part in filter(None, text.split(",")):
+        device, sep, amount = part.partition("=")
+        if not sep or not device.strip() or not amount.strip():
+            raise argparse.ArgumentTypeError(f"expected DEVICE=AMOUNT pairs such as 0=70GiB,cpu=200GiB, got {part!r}")
+        device = device.strip()
+        out[int(device) if device.isdigit() else device] = amount.strip()
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
-    model, tokenizer = load_model(args.model)
+    if args.max_memory is not None and args.device_map is None:
+        raise RanapassError("--max-memory needs --device-map auto")
+    distributed.init_from_env()
+    try:
+        return _profile(args)
+    finally:
+        distributed.shutdown()
+
+
+def _profile(args: argparse.Namespace) -> int:
+    model, tokenizer = load_model(args.model, device_map=args.device_map, max_memory=args.max_memory)
     prof, seconds = load_profile(args, model, tokenizer)
+    if not distributed.is_main():
+        return 0
     if args.out:
         prof.save(args.out)
     curve = prof.curve(BUDGETS)
