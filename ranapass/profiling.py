@@ -30,6 +30,7 @@ from ranapass.errors import RanapassError
 from ranapass.fingerprint import weights_fingerprint
 from ranapass.plan import Plan, PlanMismatchError
 from ranapass.planning import Planner, PlanOptions
+from ranapass.timing import Stopwatch, model_devices, peak_gpu_memory, reset_peak_gpu_memory
 
 __all__ = ["ProfileOptions", "Profile", "profile"]
 
@@ -190,19 +191,27 @@ def profile(model: torch.nn.Module, data: Any = None, *, options: ProfileOptions
             return Profile.load(folder, model, check_fingerprint=False)
 
     t0 = time.perf_counter()
+    devices = model_devices(model)
+    reset_peak_gpu_memory(devices)
+    stopwatch = Stopwatch(devices)
     if data is None:
         if under is not None:
             raise RanapassError("sequential calibration (under=plan) needs calibration data")
-        sites = data_free_sites(linears)
+        with stopwatch.stage("candidates"):
+            sites = data_free_sites(linears)
         holdout, meta = None, {"data": "none (weights' spectra)"}
     elif under is not None:
         with temporarily_attached(model, under):
-            sites, holdout, meta = _profile_with_data(model, data, linears, options, loss_fn)
+            sites, holdout, meta = _profile_with_data(model, data, linears, options, loss_fn, stopwatch)
         meta["calibrated_under"] = f"plan at budget {under.budget} ({under.allocation})"
     else:
-        sites, holdout, meta = _profile_with_data(model, data, linears, options, loss_fn)
+        sites, holdout, meta = _profile_with_data(model, data, linears, options, loss_fn, stopwatch)
     meta.update({"model": type(model).__name__, "profile_seconds": round(time.perf_counter() - t0, 1),
+                 "timings": stopwatch.rounded(), "devices": [str(d) for d in devices],
                  "options": dataclasses.asdict(options)})
+    peak = peak_gpu_memory(devices)
+    if peak is not None:
+        meta["peak_gpu_memory_bytes"] = peak
     result = Profile(model, sites, holdout=holdout, fingerprint=fingerprint, meta=meta)
     log.info("profiled %d units over %d sites in %.1fs", len(result.units), len(sites), meta["profile_seconds"])
     if key is not None:
@@ -210,7 +219,7 @@ def profile(model: torch.nn.Module, data: Any = None, *, options: ProfileOptions
     return result
 
 
-def _profile_with_data(model, data, linears, options: ProfileOptions, loss_fn):
+def _profile_with_data(model, data, linears, options: ProfileOptions, loss_fn, stopwatch: Stopwatch):
     """Calibrate on ``data`` (less the held-out windows): the sites with candidates, the holdout, facts."""
     holdout = None
     if isinstance(data, torch.Tensor):
@@ -228,8 +237,9 @@ def _profile_with_data(model, data, linears, options: ProfileOptions, loss_fn):
         grad_data = None
     stats = collect(model, data, linears=linears, batch_size=options.batch_size,
                     sample_tokens=options.sample_tokens, rank_min_aspect=options.rank_min_aspect,
-                    gradient_data=grad_data, loss_fn=loss_fn, seed=options.seed)
-    sites = calibrated_sites(stats, linears, options.error_weighting, options.rank_min_aspect)
+                    gradient_data=grad_data, loss_fn=loss_fn, seed=options.seed, stopwatch=stopwatch)
+    with stopwatch.stage("candidates"):
+        sites = calibrated_sites(stats, linears, options.error_weighting, options.rank_min_aspect, stopwatch)
     meta = {"data": f"{stats.windows} windows, {stats.tokens} tokens",
             "error_weighting": "fisher" if stats.grad_sq else "relative"}
     return sites, holdout, meta
