@@ -226,7 +226,8 @@ def collect(model: torch.nn.Module, data: Any, *, linears: dict[str, torch.nn.Li
                 raise FloatingPointError(f"non-finite activation at the input of {name!r} during calibration: "
                                          "check the model's dtype (fp16 overflow?) and the calibration data")
             if site.gram is not None:
-                flat = rows.float()
+                # float32 products (float64 for a float64 model), summed over batches in float64.
+                flat = rows.to(torch.promote_types(rows.dtype, torch.float32))
                 site.gram += (flat.t() @ flat).double()
             site.tokens += rows.shape[0]
             k = min(per_batch, rows.shape[0])

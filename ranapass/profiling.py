@@ -207,11 +207,8 @@ def profile(model: torch.nn.Module, data: Any = None, *, options: ProfileOptions
     else:
         sites, holdout, meta = _profile_with_data(model, data, linears, options, loss_fn, stopwatch)
     meta.update({"model": type(model).__name__, "profile_seconds": round(time.perf_counter() - t0, 1),
-                 "timings": stopwatch.rounded(), "devices": [str(d) for d in devices],
-                 "options": dataclasses.asdict(options)})
-    peak = peak_gpu_memory(devices)
-    if peak is not None:
-        meta["peak_gpu_memory_bytes"] = peak
+                 "timings": stopwatch.rounded(), "peak_gpu_memory_bytes": peak_gpu_memory(devices),
+                 "devices": [str(d) for d in devices], "options": dataclasses.asdict(options)})
     result = Profile(model, sites, holdout=holdout, fingerprint=fingerprint, meta=meta)
     log.info("profiled %d units over %d sites in %.1fs", len(result.units), len(sites), meta["profile_seconds"])
     if key is not None:

@@ -61,6 +61,6 @@ def reset_peak_gpu_memory(devices: Iterable[torch.device]) -> None:
 
 def peak_gpu_memory(devices: Iterable[torch.device]) -> int | None:
     """The largest ``torch.cuda.max_memory_allocated`` over the CUDA devices among ``devices`` (the figure
-    that must fit on each of them), or None when none is a CUDA device."""
+    that must fit on each of them) since the last reset, or None when none is a CUDA device."""
     peaks = [torch.cuda.max_memory_allocated(d) for d in devices if d.type == "cuda"]
     return max(peaks) if peaks else None
