@@ -11,6 +11,9 @@ adapter. Both come from a sample of calibration inputs:
 
 Errors are weighted per output channel (``out_weight``) so that units are comparable: relative
 (``1 / E||y||^2``) or output-gradient (Fisher) weights; see ``ranapass.profile``.
+
+The sorts and sums run on the device of the inputs; the values a curve needs are gathered and read
+back once per static rank (rank adapter) or once per curve (neuron adapter), not one by one.
 """
 
 from __future__ import annotations
@@ -100,17 +103,20 @@ def rank_curve(z: torch.Tensor, rank_weight: torch.Tensor, m: int, n: int, *, ra
         inside = r_sorted < nb
         position = torch.cumsum(inside, 0)
         kept_energy = torch.cumsum(torch.where(inside, e_sorted, 0.0), 0)
-        count = int(position[-1])
-        for f in fractions:
-            k = int(round(f * count))
+        count = N * nb  # every token has one entry per rank
+        ks = [int(round(f * count)) for f in fractions]
+        # The k-th kept entry of each fraction (k = 0: the first, which its threshold will drop).
+        wanted = torch.tensor([max(k, 1) for k in ks], device=position.device)
+        at = torch.searchsorted(position, wanted)
+        tau_at, energy_at = torch.stack([s_sorted[at].double(), kept_energy[at]]).tolist()
+        all_energy = float(kept_energy[-1])
+        for f, k, s_i, e_i in zip(fractions, ks, tau_at, energy_at):
             if f >= 1.0 or k >= count:
-                tau, kept_e, k = 0.0, float(kept_energy[-1]), count
+                tau, kept_e, k = 0.0, all_energy, count
             elif k == 0:
-                first = int(torch.searchsorted(position, 1))
-                tau, kept_e = float(s_sorted[first]) * 1.0001 + 1e-30, 0.0
+                tau, kept_e = s_i * 1.0001 + 1e-30, 0.0
             else:
-                i = int(torch.searchsorted(position, k))  # the k-th kept entry
-                tau, kept_e = float(s_sorted[i]), float(kept_energy[i])
+                tau, kept_e = s_i, e_i
             out["rank"].append(nb)
             out["tau"].append(tau)
             out["kept"].append(k / N)
@@ -130,10 +136,10 @@ def static_rank_curve(energy: torch.Tensor, rank_weight: torch.Tensor, m: int, n
     ranks = ranks or rank_grid(r)
     weighted = (energy.double() * rank_weight.double())
     total = float(weighted.sum())
-    cum = torch.cumsum(weighted, 0)
+    cum = torch.cumsum(weighted, 0)[torch.tensor(ranks, device=weighted.device) - 1].tolist()
     rank = np.array(ranks)
     kept = rank.astype(np.float64)
-    error = np.array([max(total - float(cum[b - 1]), 0.0) for b in ranks])
+    error = np.array([max(total - c, 0.0) for c in cum])
     return Curve("rank", rank, np.zeros(len(ranks)), kept, _rank_flops(m, n, rank, kept), error)
 
 
@@ -159,17 +165,20 @@ def neuron_curve(x: torch.Tensor, weight: torch.Tensor, out_weight: torch.Tensor
     sorted_scores = torch.sort(flat, descending=True).values
     xe, se = x[:exact_tokens], scores[:exact_tokens]
     wo = out_weight.float().sqrt()
+    ks = [int(round(f * flat.numel())) for f in fractions]
+    # The k-th largest score of each fraction (k = 0: the largest, which its threshold will drop).
+    picked = sorted_scores[torch.tensor([max(k - 1, 0) for k in ks], device=flat.device)].tolist()
     taus, kept, errors = [], [], []
-    for f in fractions:
-        k = int(round(f * flat.numel()))
-        tau = 0.0 if (f >= 1.0 or k >= flat.numel()) else float(sorted_scores[max(k - 1, 0)])
+    for f, k, s_k in zip(fractions, ks, picked):
+        tau = 0.0 if (f >= 1.0 or k >= flat.numel()) else s_k
         if f < 1.0 and k == 0:
-            tau = float(sorted_scores[0]) * 1.0001 + 1e-30
+            tau = s_k * 1.0001 + 1e-30
         dropped = torch.where(se >= tau, 0.0, xe)
-        err = ((dropped @ w.t()) * wo).square().sum(1).mean() if tau > 0 else torch.tensor(0.0)
+        err = ((dropped @ w.t()) * wo).square().sum(1).mean() if tau > 0 else torch.zeros((), device=x.device)
         taus.append(tau)
         kept.append(k / N if tau > 0 else float(n))
-        errors.append(float(err))
+        errors.append(err)
+    errors = torch.stack(errors).tolist()
     kept_a = np.array(kept)
     cost = np.asarray(flops.neuron_adapter_per_token(m, n, kept_a), dtype=np.float64)
     return Curve("neuron", np.full(len(kept_a), n), np.array(taus), kept_a, cost, np.array(errors))

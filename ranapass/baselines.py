@@ -128,7 +128,7 @@ class _Quantiles:
     def of(cls, scores: torch.Tensor) -> _Quantiles:
         flat = torch.sort(scores.reshape(-1).float()).values
         idx = torch.linspace(0, flat.numel() - 1, QUANTILE_POINTS).round().long()
-        return cls(flat[idx].double().numpy())
+        return cls(flat[idx.to(flat.device)].double().cpu().numpy())
 
     def threshold(self, sparsity: float) -> float:
         """Cutoff dropping a fraction ``sparsity`` of the calibration scores (0 keeps everything)."""
@@ -317,7 +317,7 @@ def cats(model: torch.nn.Module, windows: torch.Tensor, *, holdout_windows: int 
     for mlp in mlps:
         g_lin, d_lin = linears[mlp.gate], linears[mlp.down]
         bias = None if g_lin.bias is None else g_lin.bias.detach().cpu()
-        scores = gate_magnitudes(site_of[mlp.gate].sample, g_lin.weight.detach().cpu(), bias, mlp.activation)
+        scores = gate_magnitudes(site_of[mlp.gate].sample.cpu(), g_lin.weight.detach().cpu(), bias, mlp.activation)
         d, n = g_lin.out_features, g_lin.in_features
 
         def make_gate(tau, mlp=mlp, d=d, n=n):

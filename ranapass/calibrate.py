@@ -11,8 +11,10 @@ An optional second pass runs backward through the language-model loss and accumu
 gradient of every linear's output per channel (Fisher weights that make errors comparable across
 layers). Nothing is stored per token beyond the sample, so memory stays bounded.
 
-Under a ``torch.distributed`` process group each process runs its shard of the batches and the
-statistics are combined at the end (``ranapass.distributed``). The rows sampled from a batch depend
+Every statistic stays on the device of the linear it describes (no copy to the host per batch). Only
+the sampled row indices come from a CPU generator, so the sample depends on the seed alone, whatever
+the device. Under a ``torch.distributed`` process group each process runs its shard of the batches and
+the statistics are combined at the end (``ranapass.distributed``). The rows sampled from a batch depend
 only on the seed and the batch's global index, so any number of processes gives the same statistics.
 """
 
@@ -31,6 +33,8 @@ from tqdm.auto import tqdm
 from ranapass import distributed
 from ranapass.errors import RanapassError
 from ranapass.hooks import forward_hooks
+from ranapass.offload import execution_device
+from ranapass.timing import Stopwatch
 
 __all__ = ["SiteStats", "CalibrationStats", "candidate_linears", "collect", "run_model"]
 
@@ -45,7 +49,11 @@ leaves little room under the dense cost (down projections), and skipping the sit
 
 @dataclasses.dataclass
 class SiteStats:
-    """Statistics of one input read by one or more linears (members, in call order)."""
+    """Statistics of one input read by one or more linears (members, in call order).
+
+    ``gram`` is float64 on the members' device; ``samples`` are rows of the input in its own dtype
+    (a bfloat16 model's rows are kept exactly, at half the memory of float32).
+    """
 
     members: list[str]
     in_features: int
@@ -56,7 +64,13 @@ class SiteStats:
 
     @property
     def sample(self) -> torch.Tensor:
-        return torch.cat(self.samples) if self.samples else torch.empty(0, self.in_features)
+        """The sampled input rows, ``[rows, in_features]`` float32 on the statistics' device."""
+        return torch.cat(self.samples).float() if self.samples else torch.empty(0, self.in_features)
+
+    def release(self) -> None:
+        """Free the Gram matrix and the sample (once the site's candidates are built)."""
+        self.gram = None
+        self.samples = []
 
     @property
     def needs_gram(self) -> bool:
@@ -68,7 +82,7 @@ class CalibrationStats:
     """Everything one calibration pass produced."""
 
     sites: list[SiteStats]
-    grad_sq: dict[str, torch.Tensor]   # member path -> mean squared output gradient per channel
+    grad_sq: dict[str, torch.Tensor]   # member path -> mean squared output gradient per channel (float64)
     windows: int
     tokens: int
 
@@ -161,7 +175,8 @@ def _discover_sites(model: torch.nn.Module, linears: dict[str, torch.nn.Linear],
 
 def collect(model: torch.nn.Module, data: Any, *, linears: dict[str, torch.nn.Linear], batch_size: int = 4,
             sample_tokens: int = 2048, rank_min_aspect: float = RANK_MIN_ASPECT, gradient_data: Any = None,
-            loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None, seed: int = 0) -> CalibrationStats:
+            loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None, seed: int = 0,
+            stopwatch: Stopwatch | None = None) -> CalibrationStats:
     """Run calibration: site discovery, then statistics, then (optionally) output-gradient weights.
 
     Args:
@@ -174,7 +189,9 @@ def collect(model: torch.nn.Module, data: Any, *, linears: dict[str, torch.nn.Li
         gradient_data: data for the backward pass (None: no gradient weights).
         loss_fn: ``loss_fn(model, batch) -> summed loss``; default: causal-LM loss for HF models.
         seed: seed of the row sampling.
+        stopwatch: records the seconds of the "statistics" and "gradients" passes.
     """
+    stopwatch = stopwatch or Stopwatch()
     device = next(model.parameters()).device
     if not isinstance(data, torch.Tensor):
         data = list(data)
@@ -188,7 +205,8 @@ def collect(model: torch.nn.Module, data: Any, *, linears: dict[str, torch.nn.Li
         n = linears[members[0]].in_features
         outs = [linears[m].out_features for m in members]
         wants_gram = max(max(outs), sum(outs)) >= rank_min_aspect * n
-        gram = torch.zeros(n, n, dtype=torch.float64) if wants_gram else None
+        on = execution_device(linears[members[0]])
+        gram = torch.zeros(n, n, dtype=torch.float64, device=on) if wants_gram else None
         sites.append(SiteStats(list(members), n, outs, gram))
     min_tokens = max(s.in_features for s in sites)
     if tokens < min_tokens:
@@ -203,33 +221,39 @@ def collect(model: torch.nn.Module, data: Any, *, linears: dict[str, torch.nn.Li
 
     def hook(name):
         site = first_of.get(name)
+        on = execution_device(linears[name])
 
         def pre(module, args):
-            x = args[0]
             if site is None:
                 return
-            flat = x.detach().reshape(-1, x.shape[-1]).float()
-            if not torch.isfinite(flat).all():
+            rows = args[0].detach().to(on)
+            rows = rows.reshape(-1, rows.shape[-1])
+            if not torch.isfinite(rows).all():
                 raise FloatingPointError(f"non-finite activation at the input of {name!r} during calibration: "
                                          "check the model's dtype (fp16 overflow?) and the calibration data")
             if site.gram is not None:
-                site.gram += (flat.t() @ flat).double().cpu()
-            site.tokens += flat.shape[0]
-            k = min(per_batch, flat.shape[0])
-            idx = torch.randperm(flat.shape[0], generator=gen)[:k]
-            site.samples.append(flat[idx.to(flat.device)].cpu())
+                # float32 products (float64 for a float64 model), summed over batches in float64.
+                flat = rows.to(torch.promote_types(rows.dtype, torch.float32))
+                site.gram += (flat.t() @ flat).double()
+            site.tokens += rows.shape[0]
+            k = min(per_batch, rows.shape[0])
+            idx = torch.randperm(rows.shape[0], generator=gen)[:k]
+            site.samples.append(rows[idx.to(rows.device)])
             sample_batch[id(site)].append(current[0])
         return pre
 
-    with forward_hooks([(linears[m], hook(m)) for s in sites for m in s.members], pre=True), torch.no_grad():
+    with stopwatch.stage("statistics"), torch.no_grad(), \
+            forward_hooks([(linears[m], hook(m)) for s in sites for m in s.members], pre=True):
         for index, batch in tqdm(distributed.shard(batches), desc="calibration", unit="batch"):
             current[0] = index
             gen.manual_seed(_batch_seed(seed, index))
             run_model(model, batch)
     _combine_processes(sites, sample_batch)
 
-    grad_sq = {} if gradient_data is None else _gradient_weights(model, linears, sites, gradient_data,
-                                                                 loss_fn, device)
+    grad_sq = {}
+    if gradient_data is not None:
+        with stopwatch.stage("gradients"):
+            grad_sq = _gradient_weights(model, linears, sites, gradient_data, loss_fn, device)
     return CalibrationStats(sites, grad_sq, examples, tokens)
 
 
@@ -262,7 +286,8 @@ def _gradient_weights(model, linears, sites, data, loss_fn, device) -> dict[str,
     """Mean squared gradient of the summed loss w.r.t. each member's output, per output channel."""
     loss_fn = loss_fn or _lm_loss
     members = [m for s in sites for m in s.members]
-    sums = {m: torch.zeros(linears[m].out_features, dtype=torch.float64) for m in members}
+    sums = {m: torch.zeros(linears[m].out_features, dtype=torch.float64, device=execution_device(linears[m]))
+            for m in members}
     counts = dict.fromkeys(members, 0)
     captured: list[tuple[str, torch.Tensor]] = []
 
@@ -286,7 +311,7 @@ def _gradient_weights(model, linears, sites, data, loss_fn, device) -> dict[str,
                     if g is None:
                         continue
                     g = g.detach().reshape(-1, g.shape[-1]).float()
-                    sums[name] += g.square().sum(0).double().cpu()
+                    sums[name] += g.square().sum(0).double().to(sums[name].device)
                     counts[name] += g.shape[0]
     finally:
         captured.clear()

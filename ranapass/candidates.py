@@ -8,11 +8,16 @@ The candidates of a unit come from its calibration statistics (``ranapass.calibr
 adapter's basis (``ranapass.decompose``), then the candidate curves (cost_model/curves.py) on the
 sampled inputs, with errors weighted per output channel (``_output_weights``). Without data, every
 linear is its own site with static low-rank candidates from its weights' spectrum.
+
+The linear algebra runs where the statistics are (the layer's device), one site at a time: a site's
+Gram matrix and sample are released as soon as its candidates are built, and what a unit keeps (its
+curves, its basis as float32) moves to the host, so device memory does not grow with the model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -26,6 +31,8 @@ from ranapass.cost_model import flops
 from ranapass.cost_model.allocate import Candidate
 from ranapass.cost_model.curves import Curve, neuron_curve, rank_curve, static_rank_curve
 from ranapass.decompose import gram_factor, output_pca, weight_svd
+from ranapass.offload import onloaded
+from ranapass.timing import Stopwatch
 
 __all__ = ["KINDS", "UnitCandidates", "Site", "stack_name", "calibrated_sites", "data_free_sites"]
 
@@ -44,7 +51,7 @@ class UnitCandidates:
     out_features: tuple[int, ...]
     in_features: int
     curves: dict[str, Curve]
-    basis: torch.Tensor | None = None  # [m, r] output principal axes, for rank adapters
+    basis: torch.Tensor | None = None  # [m, r] output principal axes, float32 on the CPU, for rank adapters
 
     @property
     def dense_flops(self) -> float:
@@ -133,52 +140,69 @@ def stack_name(members: Sequence[str]) -> str:
     return prefix + "{" + ",".join(m[len(prefix):] for m in members) + "}"
 
 
-def _output_weights(stats: CalibrationStats, site: SiteStats, linears: dict[str, torch.nn.Linear], weighting: str,
-                   factor: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def _output_weights(stats: CalibrationStats, site: SiteStats, sample: torch.Tensor,
+                    linears: dict[str, torch.nn.Linear], weighting: str,
+                    factor: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """Per member, the error weight of each output channel (see ProfileOptions.error_weighting)."""
     out = {}
-    sample = site.sample
     for m in site.members:
-        w = linears[m].weight.detach().float().cpu()
+        w = linears[m].weight.detach().float()
         if weighting == "fisher" and m in stats.grad_sq:
-            out[m] = stats.grad_sq[m].float()
+            out[m] = stats.grad_sq[m].float().to(w.device)
         else:
             energy = float((w.double() @ factor).square().sum()) if factor is not None else \
                 float((sample @ w.t()).square().sum(1).mean())
-            out[m] = torch.full((w.shape[0],), 1.0 / max(energy, 1e-30))
+            out[m] = torch.full((w.shape[0],), 1.0 / max(energy, 1e-30), device=w.device)
     return out
 
 
-def _unit_candidates(name, members, linears, site: SiteStats, factor, out_w: dict[str, torch.Tensor],
-                     with_neuron: bool, rank_min_aspect: float) -> UnitCandidates:
-    weight = torch.cat([linears[m].weight.detach().float().cpu() for m in members])
+def _unit_candidates(name, members, linears, sample: torch.Tensor, factor, out_w: dict[str, torch.Tensor],
+                     with_neuron: bool, rank_min_aspect: float, stopwatch: Stopwatch) -> UnitCandidates:
+    weight = torch.cat([linears[m].weight.detach().float() for m in members])
     m, n = weight.shape
     g2 = torch.cat([out_w[x] for x in members])
     curves: dict[str, Curve] = {}
     basis = None
     if factor is not None and m >= rank_min_aspect * n:
-        basis, _ = output_pca(weight, factor)
-        z = site.sample @ (basis.t() @ weight).t()
-        rank_weight = (basis.square() * g2[:, None]).sum(0)
-        curves["rank"] = rank_curve(z, rank_weight, m, n)
+        with stopwatch.stage("output_pca"):
+            basis, _ = output_pca(weight, factor.to(weight.device))
+        with stopwatch.stage("rank_curves"):
+            z = sample @ (basis.t() @ weight).t()
+            rank_weight = (basis.square() * g2[:, None]).sum(0)
+            curves["rank"] = rank_curve(z, rank_weight, m, n)
+        basis = basis.cpu()
     if with_neuron:
-        curves["neuron"] = neuron_curve(site.sample, weight, g2)
+        with stopwatch.stage("neuron_curves"):
+            curves["neuron"] = neuron_curve(sample, weight, g2)
     return UnitCandidates(name, tuple(members), tuple(linears[x].out_features for x in members), n, curves, basis)
 
 
 def calibrated_sites(stats: CalibrationStats, linears: dict[str, torch.nn.Linear], error_weighting: str,
-                     rank_min_aspect: float) -> list[Site]:
-    """Every site of ``stats`` with its candidates: per member, and stacked where a site has several."""
+                     rank_min_aspect: float, stopwatch: Stopwatch | None = None) -> list[Site]:
+    """Every site of ``stats`` with its candidates: per member, and stacked where a site has several.
+
+    Consumes the statistics: each site's Gram matrix and sample are released once its candidates are
+    built. ``stopwatch`` records the seconds of each step (gram_factor, output_pca, rank_curves,
+    neuron_curves).
+    """
+    stopwatch = stopwatch or Stopwatch()
     sites = []
     for s in tqdm(stats.sites, desc="candidate curves", unit="site"):
-        factor = gram_factor(s.gram, s.tokens) if s.gram is not None else None
-        out_w = _output_weights(stats, s, linears, error_weighting, factor)
-        aspect = rank_min_aspect
-        separate = [_unit_candidates(m, [m], linears, s, factor, out_w, True, aspect) for m in s.members]
-        stacked = None
-        if len(s.members) > 1 and factor is not None:
-            stacked = _unit_candidates(stack_name(s.members), s.members, linears, s, factor, out_w, False, aspect)
+        sample = s.sample
+        factor = None
+        if s.gram is not None:
+            with stopwatch.stage("gram_factor"):
+                factor = gram_factor(s.gram, s.tokens)
+        with onloaded(linears[m] for m in s.members):  # offloaded weights, one site at a time
+            out_w = _output_weights(stats, s, sample, linears, error_weighting, factor)
+            unit = functools.partial(_unit_candidates, linears=linears, sample=sample, factor=factor, out_w=out_w,
+                                     rank_min_aspect=rank_min_aspect, stopwatch=stopwatch)
+            separate = [unit(m, [m], with_neuron=True) for m in s.members]
+            stacked = None
+            if len(s.members) > 1 and factor is not None:
+                stacked = unit(stack_name(s.members), s.members, with_neuron=False)
         sites.append(Site(tuple(s.members), stacked, separate))
+        s.release()
     return sites
 
 
@@ -189,10 +213,10 @@ def data_free_sites(linears: dict[str, torch.nn.Linear]) -> list[Site]:
     """
     sites = []
     for path, linear in linears.items():
-        w = linear.weight.detach().float().cpu()
+        w = linear.weight.detach().float()
         m, n = w.shape
         basis, energy = weight_svd(w)
-        rank_weight = torch.full((basis.shape[1],), 1.0 / float(energy.sum().clamp_min(1e-30)))
+        rank_weight = torch.full((basis.shape[1],), 1.0 / float(energy.sum().clamp_min(1e-30)), device=w.device)
         curves = {"rank": static_rank_curve(energy, rank_weight, m, n)}
-        sites.append(Site((path,), None, [UnitCandidates(path, (path,), (m,), n, curves, basis)]))
+        sites.append(Site((path,), None, [UnitCandidates(path, (path,), (m,), n, curves, basis.cpu())]))
     return sites

@@ -16,7 +16,7 @@ import torch
 
 from ranapass.errors import RanapassError
 
-__all__ = ["is_offloaded", "onloaded", "refuse_offloaded"]
+__all__ = ["is_offloaded", "execution_device", "onloaded", "refuse_offloaded"]
 
 
 def is_offloaded(module: torch.nn.Module) -> bool:
@@ -26,6 +26,13 @@ def is_offloaded(module: torch.nn.Module) -> bool:
     from accelerate.utils import has_offloaded_params
 
     return has_offloaded_params(module)
+
+
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """Where ``module`` computes: its weight's device, or accelerate's execution device when it is offloaded."""
+    if is_offloaded(module):
+        return torch.device(module._hf_hook.execution_device)
+    return module.weight.device
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ from ranapass.errors import RanapassError
 from ranapass.fingerprint import weights_fingerprint
 from ranapass.plan import Plan, PlanMismatchError
 from ranapass.planning import Planner, PlanOptions
+from ranapass.timing import Stopwatch, model_devices, peak_gpu_memory, reset_peak_gpu_memory
 
 __all__ = ["ProfileOptions", "Profile", "profile"]
 
@@ -193,19 +194,24 @@ def profile(model: torch.nn.Module, data: Any = None, *, options: ProfileOptions
             return Profile.load(folder, model, check_fingerprint=False)
 
     t0 = time.perf_counter()
+    devices = model_devices(model)
+    reset_peak_gpu_memory(devices)
+    stopwatch = Stopwatch(devices)
     if data is None:
         if under is not None:
             raise RanapassError("sequential calibration (under=plan) needs calibration data")
-        sites = data_free_sites(linears)
+        with stopwatch.stage("candidates"):
+            sites = data_free_sites(linears)
         holdout, meta = None, {"data": "none (weights' spectra)"}
     elif under is not None:
         with temporarily_attached(model, under):
-            sites, holdout, meta = _profile_with_data(model, data, linears, options, loss_fn)
+            sites, holdout, meta = _profile_with_data(model, data, linears, options, loss_fn, stopwatch)
         meta["calibrated_under"] = f"plan at budget {under.budget} ({under.allocation})"
     else:
-        sites, holdout, meta = _profile_with_data(model, data, linears, options, loss_fn)
+        sites, holdout, meta = _profile_with_data(model, data, linears, options, loss_fn, stopwatch)
     meta.update({"model": type(model).__name__, "profile_seconds": round(time.perf_counter() - t0, 1),
-                 "options": dataclasses.asdict(options)})
+                 "timings": stopwatch.rounded(), "peak_gpu_memory_bytes": peak_gpu_memory(devices),
+                 "devices": [str(d) for d in devices], "options": dataclasses.asdict(options)})
     result = Profile(model, sites, holdout=holdout, fingerprint=fingerprint, meta=meta)
     log.info("profiled %d units over %d sites in %.1fs", len(result.units), len(sites), meta["profile_seconds"])
     if key is not None and distributed.is_main():
@@ -213,7 +219,7 @@ def profile(model: torch.nn.Module, data: Any = None, *, options: ProfileOptions
     return result
 
 
-def _profile_with_data(model, data, linears, options: ProfileOptions, loss_fn):
+def _profile_with_data(model, data, linears, options: ProfileOptions, loss_fn, stopwatch: Stopwatch):
     """Calibrate on ``data`` (less the held-out windows): the sites with candidates, the holdout, facts."""
     holdout = None
     if isinstance(data, torch.Tensor):
@@ -231,18 +237,12 @@ def _profile_with_data(model, data, linears, options: ProfileOptions, loss_fn):
         grad_data = None
     stats = collect(model, data, linears=linears, batch_size=options.batch_size,
                     sample_tokens=options.sample_tokens, rank_min_aspect=options.rank_min_aspect,
-                    gradient_data=grad_data, loss_fn=loss_fn, seed=options.seed)
+                    gradient_data=grad_data, loss_fn=loss_fn, seed=options.seed, stopwatch=stopwatch)
     # Each process builds the candidates of its share of the sites; every process gets them all.
     mine = distributed.shard(stats.sites)
-    if any(offload.is_offloaded(m) for m in linears.values()):
-        built = []
-        for _, s in mine:   # one site's weights loaded at a time
-            with offload.onloaded(linears[m] for m in s.members):
-                built += calibrated_sites(dataclasses.replace(stats, sites=[s]), linears, options.error_weighting,
-                                          options.rank_min_aspect)
-    else:
+    with stopwatch.stage("candidates"):
         built = calibrated_sites(dataclasses.replace(stats, sites=[s for _, s in mine]), linears,
-                                 options.error_weighting, options.rank_min_aspect)
+                                 options.error_weighting, options.rank_min_aspect, stopwatch)
     sites = distributed.gather_ordered([(i, site) for (i, _), site in zip(mine, built)], "candidates")
     meta = {"data": f"{stats.windows} windows, {stats.tokens} tokens",
             "error_weighting": "fisher" if stats.grad_sq else "relative"}

@@ -1,4 +1,5 @@
-"""What the commands share: ``--json`` output, the error report, calibration and plan arguments, the profile.
+"""What the commands share: ``--json`` output, the error report, the model and where it runs, calibration
+and plan arguments, the profile.
 
 Commands raise ``RanapassError`` for what the user can fix; ``main`` reports it through ``report_error``.
 """
@@ -15,10 +16,15 @@ from typing import Any
 import torch
 
 from ranapass.data import calibration_windows
-from ranapass.models import DEFAULT_MODEL
+from ranapass.errors import RanapassError
+from ranapass.models import DEFAULT_MODEL, load_model
 from ranapass.profiling import Profile, ProfileOptions, profile
 
 DEFAULT_CALIBRATION_WINDOWS = 128
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+"""Names ``--dtype`` accepts."""
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
@@ -44,9 +50,46 @@ def report_error(args: argparse.Namespace, error: Exception) -> int:
     return 2
 
 
+def add_model_args(parser: argparse.ArgumentParser, model_help: str = "model name, folder, .gguf or HF id") -> None:
+    """``--model``, and ``--device`` and ``--dtype``: where the model runs and in which precision."""
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    parser.add_argument("--device", default=None,
+                        help="where the model runs: cpu, cuda, cuda:N (default: CUDA when available, else cpu)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
+                        help="the weights' dtype (default: bfloat16 on a GPU, float32 on the CPU)")
+
+
+def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype ``--device`` and ``--dtype`` name, or their defaults."""
+    if args.device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as e:
+            raise RanapassError(f"--device {args.device!r} is not a device: use cpu, cuda or cuda:N") from e
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RanapassError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise RanapassError(f"--device {args.device}: there are only {torch.cuda.device_count()} CUDA devices")
+    if args.dtype is not None:
+        return device, DTYPES[args.dtype]
+    return device, torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def model_from_args(args: argparse.Namespace):
+    """``(model, tokenizer)`` of ``--model``, on ``--device`` in ``--dtype`` (or spread by ``--device-map``)."""
+    device, dtype = device_and_dtype(args)
+    device_map = getattr(args, "device_map", None)
+    if device_map is not None:
+        return load_model(args.model, dtype=dtype, device_map=device_map, max_memory=getattr(args, "max_memory", None))
+    return load_model(args.model, device=device, dtype=dtype)
+
+
 def add_model_calibration_args(parser: argparse.ArgumentParser) -> None:
-    """``--model`` and ``--text`` (whose calibration split is used), then the profile arguments."""
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="model name, folder, .gguf or HF id")
+    """``--model``, ``--device``, ``--dtype``, ``--text`` (whose calibration split is used), then the profile
+    arguments."""
+    add_model_args(parser)
     parser.add_argument("--text", default="python-docs", help="text source; its calibration split is used")
     add_profile_args(parser)
 

@@ -7,8 +7,16 @@ from pathlib import Path
 
 import torch
 
-from ranapass.cli._shared import add_json_flag, add_plan_args, add_profile_args, emit, load_profile, plan_from_args
-from ranapass.models import DEFAULT_MODEL, load_model
+from ranapass.cli._shared import (
+    add_json_flag,
+    add_model_args,
+    add_plan_args,
+    add_profile_args,
+    emit,
+    load_profile,
+    model_from_args,
+    plan_from_args,
+)
 from ranapass.plan import Plan
 
 
@@ -18,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Trace the model with Dynamo on an example prompt, run the ranapass pass with a plan "
                     "attached (--plan, or --budget from the cached profile), and print the per-node table "
                     "and the unified diff of the graph code before and after the pass.")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="model name, folder, .gguf or HF id")
+    add_model_args(parser)
     parser.add_argument("--plan", default=None, help="a saved plan (directory) instead of --budget")
     parser.add_argument("--text", default="python-docs", help="text source whose calibration split profiles")
     add_profile_args(parser)
@@ -36,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     import ranapass
     from ranapass.diff import diff
 
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = model_from_args(args)
     plan = Plan.load(args.plan) if args.plan else plan_from_args(args, load_profile(args, model, tokenizer)[0])
     ranapass.attach(model, plan)
     ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0))

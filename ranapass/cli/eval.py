@@ -14,9 +14,17 @@ import torch
 
 from ranapass.cost_model import dense_flops, per_token_at
 from ranapass.data import load_texts, token_windows
-from ranapass.cli._shared import add_json_flag, add_profile_args, emit, load_profile, plan_from_args
+from ranapass.cli._shared import (
+    add_json_flag,
+    add_model_args,
+    add_profile_args,
+    emit,
+    load_profile,
+    model_from_args,
+    plan_from_args,
+)
 from ranapass.evaluate import EVAL_NUM_WINDOWS, EVAL_SOURCE, EVAL_WINDOW, adapted_perplexity, perplexity, protocol
-from ranapass.models import DEFAULT_MODEL, load_model
+from ranapass.models import DEFAULT_MODEL
 from ranapass.plan import Plan
 from ranapass.plan_check import check_plan_fits
 
@@ -46,9 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_model_text_args(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--text``, ``--windows``, ``--window-len`` with the protocol's defaults."""
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"{DEFAULT_MODEL!r} (default), a Hugging Face id, a local folder or a .gguf file")
+    """``--model``, ``--device``, ``--dtype``, ``--text``, ``--windows``, ``--window-len`` with the protocol's
+    defaults."""
+    add_model_args(parser, f"{DEFAULT_MODEL!r} (default), a Hugging Face id, a local folder or a .gguf file")
     parser.add_argument("--text", default=EVAL_SOURCE,
                         help="python-docs (default), debian-handbook, a text file or folder, a datasets "
                              "save_to_disk folder, or hf:NAME[:CONFIG]; its evaluation split is used")
@@ -58,7 +66,7 @@ def add_model_text_args(parser: argparse.ArgumentParser) -> None:
 
 def load_inputs(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, torch.Tensor]:
     """The model, its tokenizer and the evaluation windows the arguments name."""
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = model_from_args(args)
     windows = token_windows(tokenizer, load_texts(args.text, "evaluation"), args.window_len, args.windows)
     return model, tokenizer, windows
 
@@ -82,6 +90,8 @@ def report(args: argparse.Namespace, model: torch.nn.Module, windows: torch.Tens
         "model": args.model,
         "architecture": type(model).__name__,
         "parameters": sum(p.numel() for p in model.parameters()),
+        "device": str(next(model.parameters()).device),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "text": args.text,
         "windows": windows.shape[0],
         "window_len": windows.shape[1],
@@ -126,7 +136,8 @@ def format_report(rep: dict[str, Any]) -> str:
     dense = rep["dense"]
     flops = dense["flops_per_token"]
     return "\n".join([
-        f"model      {rep['model']} ({rep['architecture']}, {rep['parameters'] / 1e6:.1f}M parameters)",
+        f"model      {rep['model']} ({rep['architecture']}, {rep['parameters'] / 1e6:.1f}M parameters, "
+        f"{rep['dtype']} on {rep['device']})",
         f"protocol   {rep['protocol']}",
         f"perplexity {dense['ppl']:.4f} (dense; mean NLL {dense['nll']:.5f} nats over {dense['tokens']} "
         f"tokens, {dense['seconds']:.1f} s)",

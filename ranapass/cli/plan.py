@@ -10,9 +10,9 @@ from ranapass.cli._shared import (
     add_plan_args,
     emit,
     load_profile,
+    model_from_args,
     plan_from_args,
 )
-from ranapass.models import load_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = model_from_args(args)
     prof, _ = load_profile(args, model, tokenizer)
     plan = plan_from_args(args, prof)
     if args.out:

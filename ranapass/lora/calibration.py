@@ -96,13 +96,13 @@ def calibrate_lora(adapter: LoraAdapter | str | os.PathLike | PeftModel, model: 
                         gradient_data=gradient_data)
     whiten, output_energy = {}, {}
     for site in stats.sites:
-        gram = site.gram / site.tokens
+        gram = site.gram.cpu() / site.tokens
         ridge = CHOLESKY_RIDGE * float(gram.diagonal().mean()) + 1e-12
         L = torch.linalg.cholesky(gram + ridge * torch.eye(len(gram), dtype=gram.dtype))
         for name in site.members:
             whiten[name] = L
             output_energy[name] = float((linears[name].weight.detach().double().cpu() @ L).square().sum())
-    return LoraCalibration(whiten, output_energy, stats.tokens, stats.grad_sq)
+    return LoraCalibration(whiten, output_energy, stats.tokens, {m: g.cpu() for m, g in stats.grad_sq.items()})
 
 
 def check_calibration(calibration: LoraCalibration, modules: Sequence[LoraFactors], error: str) -> None:
