@@ -21,6 +21,7 @@ only on the seed and the batch's global index, so any number of processes gives 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import logging
 import math
@@ -258,8 +259,11 @@ def collect(model: torch.nn.Module, data: Any, *, linears: dict[str, torch.nn.Li
 
 
 def _batch_seed(seed: int, index: int) -> int:
-    """The seed of the row sampling of global batch ``index``: independent of which process runs it."""
-    return seed * 2**32 + index
+    """The seed of the row sampling of global batch ``index``: independent of which process runs it.
+
+    32 bits, since the CPU generator keeps only the low 32 bits of a seed.
+    """
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=4).digest(), "little")
 
 
 def _combine_processes(sites: list[SiteStats], sample_batch: dict[int, list[int]]) -> None:

@@ -24,13 +24,13 @@ class Stopwatch:
     """Seconds per named stage; a stage opened inside another is recorded as ``outer.inner``."""
 
     def __init__(self, devices: Iterable[torch.device] = ()):
-        self.devices = [d for d in devices if d.type != "cpu"]
+        self.devices = [d for d in devices if d.type == "cuda"]  # not the CPU, nor meta (offloaded layers)
         self.seconds: dict[str, float] = {}
         self._open: list[str] = []
 
     def _synchronize(self) -> None:
         for device in self.devices:
-            torch.accelerator.synchronize(device)
+            torch.cuda.synchronize(device)
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
