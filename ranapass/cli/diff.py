@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from ranapass.cli._shared import add_json_flag, add_plan_args, add_profile_args, emit, load_profile, plan_from_args
+from ranapass.cli._shared import (add_json_flag, add_plan_args, add_profile_args, check_args, emit, load_profile,
+                                  plan_from_args)
 from ranapass.models import DEFAULT_MODEL, load_model
-from ranapass.plan import Plan
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,8 +36,9 @@ def run(args: argparse.Namespace) -> int:
     import ranapass
     from ranapass.diff import diff
 
+    loaded = check_args(args)
     model, tokenizer = load_model(args.model)
-    plan = Plan.load(args.plan) if args.plan else plan_from_args(args, load_profile(args, model, tokenizer)[0])
+    plan = loaded or plan_from_args(args, load_profile(args, model, tokenizer)[0])
     ranapass.attach(model, plan)
     ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0))
     result = diff(model, ids.to(next(model.parameters()).device))

@@ -14,7 +14,7 @@ import torch
 
 from ranapass.cost_model import dense_flops, per_token_at
 from ranapass.data import load_texts, token_windows
-from ranapass.cli._shared import add_json_flag, add_profile_args, emit, load_profile, plan_from_args
+from ranapass.cli._shared import add_json_flag, add_profile_args, check_args, emit, load_profile, plan_from_args
 from ranapass.evaluate import EVAL_NUM_WINDOWS, EVAL_SOURCE, EVAL_WINDOW, adapted_perplexity, perplexity, protocol
 from ranapass.models import DEFAULT_MODEL, load_model
 from ranapass.plan import Plan
@@ -151,6 +151,7 @@ def format_adapted(rep: dict[str, Any], dense: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_args(args)
     model, tokenizer, windows = load_inputs(args)
     rep = report(args, model, windows)
     text = format_report(rep)

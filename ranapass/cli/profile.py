@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ranapass.cli._shared import add_json_flag, add_model_calibration_args, emit, load_profile
+from ranapass.cli._shared import add_json_flag, add_model_calibration_args, check_args, emit, load_profile
 from ranapass.models import load_model
 
 BUDGETS = (0.4, 0.5, 0.56, 0.6, 0.7, 0.8, 0.9)
@@ -20,6 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_args(args)
     model, tokenizer = load_model(args.model)
     prof, seconds = load_profile(args, model, tokenizer)
     if args.out:

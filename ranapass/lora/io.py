@@ -25,7 +25,8 @@ from ranapass.storage import load_json, load_tensors
 if TYPE_CHECKING:
     from peft import PeftModel
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "AdapterFolderError", "LoraAdapter", "LoraFactors", "compressed_config", "load_lora"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "AdapterFolderError", "LoraAdapter", "LoraFactors", "compressed_config",
+           "load_lora"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
