@@ -110,7 +110,8 @@ def verify(folder: str | os.PathLike, *, required: bool = True) -> bool:
             raise DamagedFileError(f"{file} is missing (the manifest lists it)")
         found = file.stat().st_size
         if found != size:
-            raise DamagedFileError(f"{file} has {found} bytes, its manifest records {size} (truncated or changed)")
+            raise DamagedFileError(f"{file} has {found} bytes, its manifest records {size} "
+                                   "(truncated, changed, or from another save)")
         if digest(file) != want:
             raise DamagedFileError(f"{file} does not match its manifest's hash: it changed after it was saved, "
                                    "or it comes from another save than the files beside it")

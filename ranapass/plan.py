@@ -186,13 +186,13 @@ class Plan:
         return plan
 
     def check(self, where: str = "plan") -> None:
-        """Raise ``RanapassError`` unless the plan is consistent: budget in (0, 1], each linear in one
+        """Raise ``RanapassError`` unless the plan is consistent: a positive budget, each linear in one
         unit, adapters matching their unit's shape, finite tensors, thresholds never NaN or negative."""
         def bad(what: str) -> RanapassError:
             return RanapassError(f"{where}: {what}; {PLAN_FORMAT.remedy}")
 
-        if not (math.isfinite(self.budget) and 0.0 < self.budget <= 1.0):
-            raise bad(f"budget {self.budget} is not in (0, 1]")
+        if not (math.isfinite(self.budget) and self.budget > 0.0):
+            raise bad(f"budget {self.budget} is not a positive number")
         seen: set[str] = set()
         for u in self.units:
             if not u.members or len(u.members) != len(u.out_features) or min(u.out_features) < 1 or u.in_features < 1:
