@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from ranapass import manifest
 from ranapass.errors import RanapassError
 
-__all__ = ["Format", "exists", "write", "read", "parsing", "load_tensors", "load_json"]
+__all__ = ["Format", "write", "read", "parsing", "load_tensors", "load_json"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,11 +49,6 @@ class Format:
     @property
     def noun(self) -> str:
         return self.type.rsplit(".", 1)[-1]
-
-
-def exists(folder: str | os.PathLike, fmt: Format) -> bool:
-    """Whether ``folder`` holds a document of this format (whole or damaged: ``read`` tells)."""
-    return (Path(folder) / fmt.document).is_file()
 
 
 def write(folder: str | os.PathLike, fmt: Format, doc: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:

@@ -13,9 +13,8 @@ FMT = storage.Format("ranapass.Thing", 2, "thing.json", "thing.safetensors", "ma
 
 def test_roundtrip(tmp_path):
     tensors = {"a": torch.arange(6.0).reshape(2, 3), "b.c": torch.tensor([1, 2], dtype=torch.int64)}
-    assert not storage.exists(tmp_path / "t", FMT)
     storage.write(tmp_path / "t", FMT, {"x": [1, 2], "name": "n"}, tensors)
-    assert storage.exists(tmp_path / "t", FMT)
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["manifest.json", "thing.json", "thing.safetensors"]
     doc, back = storage.read(tmp_path / "t", FMT)
     assert doc == {"_type": "ranapass.Thing", "_version": 2, "x": [1, 2], "name": "n"}
     assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
