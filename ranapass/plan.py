@@ -231,8 +231,8 @@ def _saved_adapter(path: str | os.PathLike, index: int, entry: dict[str, Any],
     spec = ADAPTER_KINDS[kind]
     prefix = f"{index}."
     own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    common = {f.name for f in dataclasses.fields(AdapterSpec)}
-    want = {f.name for f in dataclasses.fields(spec)} - common
+    in_json = {f.name for f in dataclasses.fields(AdapterSpec)} | set(entry["adapter"])
+    want = {f.name for f in dataclasses.fields(spec)} - in_json
     if set(own) != want:
         raise RanapassError(f"{path}: unit {entry['name']!r} is a {kind!r} adapter, whose tensors are {sorted(want)}, "
                             f"but {PLAN_FORMAT.tensors} holds {sorted(own)} for it: the JSON and the tensors do not "
