@@ -1,26 +1,38 @@
-"""Where ranapass keeps what it derives once and reuses: dequantized models, extracted text.
+"""Where ranapass keeps what it derives once and reuses: dequantized models, extracted text, profiles.
 
-The root is ``$RANAPASS_CACHE`` when set, else ``~/.cache/ranapass``. Entries are written to a
-temporary name and renamed into place, so an interrupted or concurrent run never leaves a
-half-written entry behind that a later run would trust.
+The root is ``$RANAPASS_CACHE`` when set, else ``~/.cache/ranapass``. Each entry is a folder written
+through :func:`ranapass.manifest.write_folder` (temporary names, renamed into place, with a manifest
+of sizes and hashes), so an interrupted or concurrent run never leaves a half-written entry behind.
+:func:`usable_entry` checks an entry against its manifest before it is read; a damaged entry is
+reported in one log line, removed, and the caller rebuilds it.
 """
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["cache_dir", "atomic_path"]
+from ranapass.errors import RanapassError
+from ranapass.manifest import DamagedFileError, verify
+
+__all__ = ["ENV_VAR", "CacheError", "cache_dir", "usable_entry", "discard"]
+
+log = logging.getLogger(__name__)
 
 ENV_VAR = "RANAPASS_CACHE"
 
 
+class CacheError(RanapassError):
+    """The cache folder cannot be used (not a folder, not writable); the message names the fixes."""
+
+
 def cache_dir(*parts: str) -> Path:
     """Return (and create) ``<cache root>/<parts...>``.
+
+    Raises:
+        CacheError: the folder cannot be created or is not writable.
 
     Example::
 
@@ -29,27 +41,35 @@ def cache_dir(*parts: str) -> Path:
     """
     root = Path(os.environ.get(ENV_VAR) or "~/.cache/ranapass").expanduser()
     path = root.joinpath(*parts)
-    path.mkdir(parents=True, exist_ok=True)
+    fixes = (f"set {ENV_VAR} to a writable folder (--no-cache skips the profile cache; models and text are "
+             "always cached)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        what = "is not a folder" if isinstance(e, (FileExistsError, NotADirectoryError)) else f"({e.strerror or e})"
+        raise CacheError(f"the ranapass cache {path} cannot be created: it or a parent {what}; {fixes}") from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise CacheError(f"the ranapass cache {path} is read-only; {fixes}")
     return path
 
 
-@contextlib.contextmanager
-def atomic_path(final: Path, *, directory: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; rename it to ``final`` if the block succeeds.
+def discard(entry: Path, reason: object) -> None:
+    """Report a damaged cache entry in one line and remove it (the caller rebuilds it)."""
+    log.warning("ranapass cache entry %s is damaged (%s): discarding and rebuilding it", entry,
+                " ".join(str(reason).split()))
+    if entry.is_dir():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        entry.unlink(missing_ok=True)
 
-    With ``directory=True`` the temporary path is an empty folder to fill, else a file name to
-    write. If ``final`` appeared meanwhile (another process won the race) the new copy is dropped.
-    On error the temporary path is removed and ``final`` is left as it was.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    target = tmp if directory else tmp / final.name
+
+def usable_entry(entry: Path) -> bool:
+    """Whether cache entry ``entry`` exists and matches its manifest; a damaged one is discarded."""
+    if not entry.exists():
+        return False
     try:
-        yield target
-        try:
-            os.replace(target, final)
-        except OSError:
-            if not final.exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        verify(entry)
+    except DamagedFileError as e:
+        discard(entry, e)
+        return False
+    return True

@@ -7,7 +7,7 @@ Text sources (the ``source`` argument of :func:`load_texts`):
   paragraphs found in more than 20 files dropped (boilerplate such as "New in version 3.x.").
   It is split **by file**: the *evaluation* split is every page under ``tutorial/``, ``howto/`` and
   ``faq/``; the *calibration* split is every other page. No page is in both. The extraction runs
-  once and is cached as JSON lines in the cache dir (:mod:`ranapass.cache`). The docs are found
+  once and is cached as JSON lines (with a manifest) in the cache dir (:mod:`ranapass.cache`). The docs are found
   in ``/usr/share/doc/python3*/html``, or in ``$RANAPASS_PYTHON_DOCS`` when set.
 - ``"debian-handbook"``: the en-US prose of The Debian Administrator's Handbook (Debian
   ``debian-handbook``), extracted the same way (its paragraphs are ``<div class="para">``);
@@ -40,8 +40,9 @@ from typing import Literal
 
 import torch
 
-from ranapass.cache import atomic_path, cache_dir
+from ranapass.cache import cache_dir, usable_entry
 from ranapass.errors import RanapassError
+from ranapass.manifest import write_folder
 
 __all__ = [
     "Split",
@@ -56,6 +57,7 @@ __all__ = [
     "find_python_docs",
     "python_docs_split",
     "python_docs_pages",
+    "check_token_ids",
 ]
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,9 @@ MAX_FILES_PER_PARAGRAPH = 20
 """A paragraph found in more files than this is boilerplate and is dropped."""
 _EXTRACTION_VERSION = 1
 """Bump when the extraction rules change: it is part of the cache key."""
+
+_PROSE_FILE = "prose.jsonl"
+"""The file of a text cache entry (a folder with its manifest): one JSON object per page."""
 
 PYTHON_DOCS_ENV = "RANAPASS_PYTHON_DOCS"
 DEBIAN_HANDBOOK_DIR = Path("/usr/share/doc/debian-handbook/html/en-US")
@@ -164,16 +169,16 @@ def _cached_prose(name: str, root: Path) -> list[tuple[str, str]]:
     for path in _html_files(root):
         stat = path.stat()
         h.update(f"|{path.relative_to(root)}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-    cached = cache_dir("text") / f"{name}-{h.hexdigest()[:12]}.jsonl"
-    if not cached.is_file():
-        log.info("extracting the prose of %s (once; cached in %s)", root, cached)
-        docs = extract_prose(root)
-        with atomic_path(cached) as tmp:
-            tmp.write_text("".join(json.dumps({"path": p, "text": t}) + "\n" for p, t in docs),
-                           encoding="utf-8")
-        return docs
-    with cached.open(encoding="utf-8") as f:
-        return [(row["path"], row["text"]) for row in map(json.loads, f)]
+    cached = cache_dir("text") / f"{name}-{h.hexdigest()[:12]}"
+    if usable_entry(cached):
+        with (cached / _PROSE_FILE).open(encoding="utf-8") as f:
+            return [(row["path"], row["text"]) for row in map(json.loads, f)]
+    log.info("extracting the prose of %s (once; cached in %s)", root, cached)
+    docs = extract_prose(root)
+    with write_folder(cached) as tmp:
+        (tmp / _PROSE_FILE).write_text("".join(json.dumps({"path": p, "text": t}) + "\n" for p, t in docs),
+                                       encoding="utf-8")
+    return docs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,3 +394,35 @@ def evaluation_windows(tokenizer, source: str | os.PathLike = "python-docs", *, 
     """Evaluation windows: the evaluation split of ``source``, ``num_windows`` x ``window`` tokens
     (the defaults are the evaluation protocol of :mod:`ranapass.evaluate`)."""
     return token_windows(tokenizer, load_texts(source, "evaluation"), window, num_windows)
+
+
+def _vocabulary(model: torch.nn.Module) -> int | None:
+    """The number of token ids ``model`` embeds, or None for a model that takes no token ids."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    return embedding.num_embeddings if isinstance(embedding, torch.nn.Embedding) else None
+
+
+def check_token_ids(ids: torch.Tensor, model: torch.nn.Module, what: str = "token ids") -> None:
+    """Refuse token ids ``model`` cannot embed: not integers, negative, or beyond its vocabulary.
+
+    Checked up front by the entry points that take token ids (profiling, evaluation, generation), so a
+    mistake is one clear error before any expensive work. Models without a token embedding are skipped.
+
+    Raises:
+        RanapassError: naming ``what``, the offending value and the fix.
+    """
+    vocab = _vocabulary(model)
+    if vocab is None or not isinstance(ids, torch.Tensor):
+        return
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise RanapassError(f"{what} must be integer token ids, got dtype {ids.dtype}: pass the tokenizer's ids "
+                            "(e.g. ranapass.data.token_windows) as a LongTensor")
+    if ids.numel() == 0:
+        raise RanapassError(f"{what} are empty (shape {tuple(ids.shape)})")
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0:
+        raise RanapassError(f"{what} hold a negative token id ({low}): token ids start at 0")
+    if high >= vocab:
+        raise RanapassError(f"{what} hold token id {high}, beyond the model's vocabulary of {vocab} tokens: "
+                            "tokenize with this model's tokenizer")

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ranapass.attach import FlopMeter, temporarily_attached
+from ranapass.data import check_token_ids
 from ranapass.plan import Plan
 from ranapass.plan_check import check_plan_fits
 
@@ -98,6 +99,7 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
         raise ValueError(f"windows must be [num_windows, window >= 2], got shape {tuple(windows.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_token_ids(windows, model, "evaluation windows")
     device = next(model.parameters()).device
     total_nll = 0.0  # float64 on the host: the sum does not depend on the batch size
     total_tokens = 0

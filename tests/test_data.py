@@ -177,7 +177,7 @@ def test_python_docs_split_by_folder(fake_python_docs, isolated_cache):
     assert evaluation == ["faq/general.html", "howto/logging.html", "tutorial/index.html"]
     assert "index.html" in calibration and "library/os.html" in calibration
     assert not set(evaluation) & set(calibration)
-    assert len(list((isolated_cache / "text").glob("python-docs-*.jsonl"))) == 1
+    assert len(list((isolated_cache / "text").glob("python-docs-*/prose.jsonl"))) == 1
     assert load_texts("python-docs", "evaluation") == [t for _, t in data.python_docs_pages("evaluation")]
 
 

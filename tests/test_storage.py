@@ -13,9 +13,8 @@ FMT = storage.Format("ranapass.Thing", 2, "thing.json", "thing.safetensors", "ma
 
 def test_roundtrip(tmp_path):
     tensors = {"a": torch.arange(6.0).reshape(2, 3), "b.c": torch.tensor([1, 2], dtype=torch.int64)}
-    assert not storage.exists(tmp_path / "t", FMT)
     storage.write(tmp_path / "t", FMT, {"x": [1, 2], "name": "n"}, tensors)
-    assert storage.exists(tmp_path / "t", FMT)
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["manifest.json", "thing.json", "thing.safetensors"]
     doc, back = storage.read(tmp_path / "t", FMT)
     assert doc == {"_type": "ranapass.Thing", "_version": 2, "x": [1, 2], "name": "n"}
     assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
@@ -37,9 +36,24 @@ def test_other_type_version_and_broken_files_are_refused(tmp_path):
     (tmp_path / "thing.safetensors").unlink()
     with pytest.raises(RanapassError, match="no thing.safetensors"):
         storage.read(tmp_path, FMT)
+
+
+def test_damaged_files_are_found_by_the_manifest(tmp_path):
+    storage.write(tmp_path, FMT, {"x": 1}, {"a": torch.zeros(4)})
     (tmp_path / "thing.json").write_text("{not json")
-    with pytest.raises(RanapassError, match="not valid JSON"):
+    with pytest.raises(RanapassError, match="thing.json has 9 bytes, its manifest records .*: make it again"):
         storage.read(tmp_path, FMT)
-    (tmp_path / "thing.json").write_text(json.dumps([1, 2]))
-    with pytest.raises(RanapassError, match="not a ranapass.Thing"):
+    storage.write(tmp_path, FMT, {"x": 1}, {"a": torch.zeros(4)})
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(RanapassError, match="has no manifest.json"):
         storage.read(tmp_path, FMT)
+
+
+def test_unmanifested_broken_json_names_the_file(tmp_path):
+    storage.write(tmp_path, FMT, {}, {"a": torch.zeros(1)})
+    (tmp_path / "thing.json").write_text("{not json")
+    with pytest.raises(RanapassError, match="thing.json is not valid JSON"):
+        storage.load_json(tmp_path / "thing.json", "make it again")
+    (tmp_path / "thing.safetensors").write_bytes(b"\x10\x00")
+    with pytest.raises(RanapassError, match="thing.safetensors is not a readable safetensors file"):
+        storage.load_tensors(tmp_path / "thing.safetensors", "make it again")

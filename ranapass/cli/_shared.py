@@ -18,6 +18,8 @@ import torch
 from ranapass.data import calibration_windows
 from ranapass.errors import RanapassError
 from ranapass.models import DEFAULT_MODEL, load_model
+from ranapass.plan import Plan
+from ranapass.planning import PlanOptions, check_budget
 from ranapass.profiling import Profile, ProfileOptions, profile
 
 DEFAULT_CALIBRATION_WINDOWS = 128
@@ -102,7 +104,8 @@ def add_profile_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib-window-len", type=int, default=512, help="tokens per calibration window")
     parser.add_argument("--error-weighting", choices=("fisher", "relative"), default="fisher",
                         help="how errors are made comparable across layers (default: output-gradient weighted)")
-    parser.add_argument("--no-cache", action="store_true", help="recalibrate even if a cached profile exists")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="recalibrate even if a cached profile exists (and replace it, when the cache is usable)")
     parser.add_argument("--data-free", action="store_true",
                         help="no calibration text: static low rank from the weights' spectra, globally allocated")
 
@@ -121,12 +124,33 @@ def load_profile(args: argparse.Namespace, model: torch.nn.Module, tokenizer) ->
     """Profile ``model`` on the calibration split of ``args.text`` (cached); returns it and the seconds taken."""
     start = time.perf_counter()
     if args.data_free:
-        return profile(model, None, cache=not args.no_cache), time.perf_counter() - start
+        return profile(model, None, refresh=args.no_cache), time.perf_counter() - start
     windows = calibration_windows(tokenizer, args.text, num_windows=args.calib_windows, window=args.calib_window_len)
     prof = profile(model, windows, options=ProfileOptions(error_weighting=args.error_weighting),
-                   cache=not args.no_cache)
+                   refresh=args.no_cache)
     return prof, time.perf_counter() - start
 
 
 def plan_from_args(args: argparse.Namespace, prof: Profile):
     return prof.plan(args.budget, allocation=args.allocation, kinds=tuple(k for k in args.kinds.split(",") if k))
+
+
+_POSITIVE = {"windows": 1, "window_len": 2, "calib_windows": 1, "calib_window_len": 2, "batch_size": 1, "tokens": 1}
+"""Integer arguments and their least value."""
+
+
+def check_args(args: argparse.Namespace) -> Plan | None:
+    """Validate the arguments a command has before any expensive work (model loading, calibration,
+    a dense pass): sizes, ``--budget``, ``--kinds``; returns the ``--plan``, loaded and checked, or None."""
+    for name, least in _POSITIVE.items():
+        value = getattr(args, name, None)
+        if value is not None and value < least:
+            raise RanapassError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+    if getattr(args, "budget", None) is not None:
+        try:
+            check_budget(args.budget)
+        except RanapassError as e:
+            raise RanapassError(f"--budget {e}") from e
+    if getattr(args, "kinds", None) is not None:
+        PlanOptions(kinds=tuple(k for k in args.kinds.split(",") if k))
+    return Plan.load(args.plan) if getattr(args, "plan", None) else None

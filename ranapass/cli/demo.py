@@ -11,7 +11,8 @@ import argparse
 import time
 
 from ranapass.cli import eval as eval_cli
-from ranapass.cli._shared import add_json_flag, add_plan_args, add_profile_args, emit, load_profile, plan_from_args
+from ranapass.cli._shared import (add_json_flag, add_plan_args, add_profile_args, check_args, emit, load_profile,
+                                  plan_from_args)
 from ranapass.compiled_eval import compare_compiled
 from ranapass.cost_model import dense_flops, per_token_at
 from ranapass.evaluate import protocol
@@ -32,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_args(args)
     model, tokenizer, windows = eval_cli.load_inputs(args)
     prof, profile_seconds = load_profile(args, model, tokenizer)
     start = time.perf_counter()

@@ -12,12 +12,12 @@ from ranapass.cli._shared import (
     add_model_args,
     add_plan_args,
     add_profile_args,
+    check_args,
     emit,
     load_profile,
     model_from_args,
     plan_from_args,
 )
-from ranapass.plan import Plan
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,8 +44,9 @@ def run(args: argparse.Namespace) -> int:
     import ranapass
     from ranapass.diff import diff
 
+    loaded = check_args(args)
     model, tokenizer = model_from_args(args)
-    plan = Plan.load(args.plan) if args.plan else plan_from_args(args, load_profile(args, model, tokenizer)[0])
+    plan = loaded or plan_from_args(args, load_profile(args, model, tokenizer)[0])
     ranapass.attach(model, plan)
     ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0))
     result = diff(model, ids.to(next(model.parameters()).device))

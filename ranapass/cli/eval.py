@@ -18,6 +18,7 @@ from ranapass.cli._shared import (
     add_json_flag,
     add_model_args,
     add_profile_args,
+    check_args,
     emit,
     load_profile,
     model_from_args,
@@ -163,9 +164,10 @@ def format_adapted(rep: dict[str, Any], dense: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    plan = check_args(args)
     model, tokenizer, windows = load_inputs(args)
-    if args.plan:
-        check_plan_fits(model, Plan.load(args.plan))
+    if plan is not None:
+        check_plan_fits(model, plan)
     rep = report(args, model, windows)
     text = format_report(rep)
     if args.budget is not None or args.plan:

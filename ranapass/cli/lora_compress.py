@@ -51,6 +51,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.out is not None and args.out.resolve() == args.adapter.resolve():
         raise RanapassError("--out must differ from the input adapter folder (it would overwrite it)")
+    if not 0.0 < args.keep <= 1.0:
+        raise RanapassError(f"--keep must be in (0, 1], got {args.keep}")
+    for name in ("calib_windows", "calib_window_len"):
+        if getattr(args, name) < 1:
+            raise RanapassError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     adapter = load_lora(args.adapter)
     calibration = None
     if args.error in CALIBRATED_ERRORS:

@@ -8,6 +8,7 @@ from ranapass.cli._shared import (
     add_json_flag,
     add_model_calibration_args,
     add_plan_args,
+    check_args,
     emit,
     load_profile,
     model_from_args,
@@ -29,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_args(args)
     model, tokenizer = model_from_args(args)
     prof, _ = load_profile(args, model, tokenizer)
     plan = plan_from_args(args, prof)

@@ -10,7 +10,8 @@ import argparse
 from typing import Any
 
 from ranapass import distributed
-from ranapass.cli._shared import add_json_flag, add_model_calibration_args, emit, load_profile, model_from_args
+from ranapass.cli._shared import (add_json_flag, add_model_calibration_args, check_args, emit, load_profile,
+                                  model_from_args)
 from ranapass.errors import RanapassError
 
 BUDGETS = (0.4, 0.5, 0.56, 0.6, 0.7, 0.8, 0.9)
@@ -42,6 +43,7 @@ def parse_max_memory(text: str) -> dict[int | str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_args(args)
     if args.max_memory is not None and args.device_map is None:
         raise RanapassError("--max-memory needs --device-map auto")
     distributed.init_from_env()

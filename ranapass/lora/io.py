@@ -16,14 +16,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ranapass.errors import RanapassError
+from ranapass.manifest import MANIFEST, DamagedFileError, verify, write_folder
+from ranapass.storage import load_json, load_tensors
 
 if TYPE_CHECKING:
     from peft import PeftModel
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "LoraAdapter", "LoraFactors", "compressed_config", "load_lora"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "AdapterFolderError", "LoraAdapter", "LoraFactors", "compressed_config",
+           "load_lora"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -33,6 +36,10 @@ _PEFT_PREFIX = "base_model.model."
 _DEFAULT_ALPHA = 8  # PEFT's default lora_alpha
 
 Target = Literal["params", "flops"]
+
+
+class AdapterFolderError(RanapassError, FileNotFoundError):
+    """A PEFT adapter folder lacks one of its files."""
 
 
 @dataclasses.dataclass
@@ -107,12 +114,14 @@ class LoraAdapter:
         return out
 
     def save(self, out_dir: str | os.PathLike) -> Path:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors``, the folder PEFT loads."""
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors``, the folder PEFT loads, atomically
+        and with a manifest of their sizes and hashes (``load_lora`` checks it)."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, out / WEIGHTS_NAME, metadata={"format": "pt"})
-        (out / CONFIG_NAME).write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
+        config = json.dumps(self.config, indent=2, sort_keys=True) + "\n"
+        with write_folder(out) as staging:
+            save_file(tensors, staging / WEIGHTS_NAME, metadata={"format": "pt"})
+            (staging / CONFIG_NAME).write_text(config)
         return out
 
 
@@ -129,15 +138,7 @@ def load_lora(source: str | os.PathLike | PeftModel, adapter_name: str = "defaul
         print(adapter.num_parameters)
     """
     if isinstance(source, (str, os.PathLike)):
-        folder = Path(source)
-        if not (folder / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"{folder} is not a PEFT adapter folder: {CONFIG_NAME} is missing")
-        if not (folder / WEIGHTS_NAME).is_file():
-            hint = " (only safetensors is read: re-save it with save_pretrained(safe_serialization=True))" \
-                if (folder / "adapter_model.bin").is_file() else ""
-            raise FileNotFoundError(f"{folder / WEIGHTS_NAME} is missing{hint}")
-        config = json.loads((folder / CONFIG_NAME).read_text())
-        return _from_state_dict(config, load_file(folder / WEIGHTS_NAME))
+        return _read_folder(Path(source))
     if not hasattr(source, "peft_config"):
         raise TypeError(f"expected an adapter folder or a peft.PeftModel, got {type(source).__name__}")
     from peft import get_peft_model_state_dict
@@ -147,6 +148,25 @@ def load_lora(source: str | os.PathLike | PeftModel, adapter_name: str = "defaul
     config = _jsonable(source.peft_config[adapter_name].to_dict())
     tensors = get_peft_model_state_dict(source, adapter_name=adapter_name)
     return _from_state_dict(config, {k: v.detach().clone() for k, v in tensors.items()})
+
+
+def _read_folder(folder: Path) -> LoraAdapter:
+    """The adapter in a PEFT folder; its manifest, when it has one (ranapass wrote it), is checked first."""
+    if not (folder / CONFIG_NAME).is_file():
+        raise AdapterFolderError(f"{folder} is not a PEFT adapter folder: {CONFIG_NAME} is missing")
+    if not (folder / WEIGHTS_NAME).is_file():
+        hint = " (only safetensors is read: re-save it with save_pretrained(safe_serialization=True))" \
+            if (folder / "adapter_model.bin").is_file() else ""
+        raise AdapterFolderError(f"{folder / WEIGHTS_NAME} is missing{hint}")
+    remedy = "save the adapter again"
+    try:
+        verify(folder, required=False)
+    except DamagedFileError as e:
+        raise DamagedFileError(f"{e}: {remedy} (if its files were replaced on purpose, delete {MANIFEST})") from e
+    config = load_json(folder / CONFIG_NAME, remedy)
+    if not isinstance(config, dict):
+        raise RanapassError(f"{folder / CONFIG_NAME} holds {type(config).__name__}, not a PEFT config object: {remedy}")
+    return _from_state_dict(config, load_tensors(folder / WEIGHTS_NAME, remedy))
 
 
 def compressed_config(config: dict[str, Any], kept: dict[str, int], dropped: bool) -> dict[str, Any]:
