@@ -1,6 +1,6 @@
 """Calibration: one pass over calibration data collecting, per linear input, what allocation needs.
 
-Forward pre-hooks on every candidate ``nn.Linear`` see its input. Linears that receive the *same
+Forward pre-hooks on every candidate linear (``nn.Linear``, ``Conv1D``) see its input. Linears that receive the *same
 tensor object* in a forward (q/k/v, gate/up) share an input *site*; each site accumulates:
 
 - the input Gram matrix ``sum x x^T`` (float64), for the data-aware decomposition;
@@ -26,8 +26,9 @@ from tqdm.auto import tqdm
 
 from ranapass.errors import RanapassError
 from ranapass.hooks import forward_hooks
+from ranapass.linear_match import LinearModule, linear_modules
 
-__all__ = ["SiteStats", "CalibrationStats", "candidate_linears", "collect", "run_model"]
+__all__ = ["SiteStats", "CalibrationStats", "candidate_linears", "shared_linears", "collect", "run_model"]
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +69,26 @@ class CalibrationStats:
     tokens: int
 
 
-def candidate_linears(model: torch.nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, torch.nn.Linear]:
-    """The linears ranapass may adapt: every ``nn.Linear`` except the output embedding and ``exclude``."""
-    skip = set(exclude)
+def candidate_linears(model: torch.nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, LinearModule]:
+    """The linears ranapass may adapt: every module whose forward is a linear of its weight (``nn.Linear`` and
+    subclasses, ``Conv1D``; ``linear_modules``) except the output embedding, ``exclude`` and the linears whose
+    weight is shared with another module (tied): an adapter would replace one use of it only
+    (``shared_linears`` names them)."""
+    skip = set(exclude) | set(shared_linears(model))
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    found = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name not in skip and module is not out_emb:
-            found[name] = module
+    found = {name: lm for name, lm in linear_modules(model).items() if name not in skip and lm.module is not out_emb}
     if not found:
-        raise RanapassError(f"{type(model).__name__} has no nn.Linear to adapt (excluded: {sorted(skip)})")
+        raise RanapassError(f"{type(model).__name__} has no linear to adapt (nn.Linear or Conv1D; excluded: "
+                            f"{sorted(skip)})")
     return found
+
+
+def shared_linears(model: torch.nn.Module) -> list[str]:
+    """Linear modules whose weight is also a parameter of another module (tied embeddings), by path."""
+    owners: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        owners[id(p)] = owners.get(id(p), 0) + 1
+    return [name for name, lm in linear_modules(model).items() if owners.get(id(lm.module.weight), 0) > 1]
 
 
 def run_model(model: torch.nn.Module, batch: Any) -> Any:
@@ -118,7 +128,7 @@ def _count(data: Any) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def _discover_sites(model: torch.nn.Module, linears: dict[str, torch.nn.Linear], first_batch: Any) -> list[list[str]]:
+def _discover_sites(model: torch.nn.Module, linears: dict[str, LinearModule], first_batch: Any) -> list[list[str]]:
     """Group linears by the input tensor object they receive in one forward, in call order."""
     groups: dict[int, list[str]] = {}
     keep_alive = []
@@ -134,7 +144,7 @@ def _discover_sites(model: torch.nn.Module, linears: dict[str, torch.nn.Linear],
                 groups[id(x)].append(name)
         return pre
 
-    with forward_hooks([(m, hook(n)) for n, m in linears.items()], pre=True):
+    with forward_hooks([(lm.module, hook(n)) for n, lm in linears.items()], pre=True):
         run_model(model, first_batch)
     sites, placed = [], set()
     for members in groups.values():
@@ -154,7 +164,7 @@ def _discover_sites(model: torch.nn.Module, linears: dict[str, torch.nn.Linear],
     return sites
 
 
-def collect(model: torch.nn.Module, data: Any, *, linears: dict[str, torch.nn.Linear], batch_size: int = 4,
+def collect(model: torch.nn.Module, data: Any, *, linears: dict[str, LinearModule], batch_size: int = 4,
             sample_tokens: int = 2048, rank_min_aspect: float = RANK_MIN_ASPECT, gradient_data: Any = None,
             loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None, seed: int = 0) -> CalibrationStats:
     """Run calibration: site discovery, then statistics, then (optionally) output-gradient weights.
@@ -213,7 +223,7 @@ def collect(model: torch.nn.Module, data: Any, *, linears: dict[str, torch.nn.Li
             site.samples.append(flat[idx.to(flat.device)].cpu())
         return pre
 
-    with forward_hooks([(linears[m], hook(m)) for s in sites for m in s.members], pre=True), torch.no_grad():
+    with forward_hooks([(linears[m].module, hook(m)) for s in sites for m in s.members], pre=True), torch.no_grad():
         for batch in tqdm(batches, desc="calibration", unit="batch"):
             run_model(model, batch)
 
@@ -247,7 +257,7 @@ def _gradient_weights(model, linears, sites, data, loss_fn, device) -> dict[str,
         return fwd
 
     try:
-        with forward_hooks([(linears[m], hook(m)) for m in members]):
+        with forward_hooks([(linears[m].module, hook(m)) for m in members]):
             # One window per backward: the autograd graph of a batch is the memory peak of calibration.
             for batch in tqdm(list(_batches(data, 1, device)), desc="output gradients", unit="window"):
                 captured.clear()

@@ -7,7 +7,8 @@ whichever is better for each site. Every unit may also stay dense or become a ne
 The candidates of a unit come from its calibration statistics (``ranapass.calibrate``): the rank
 adapter's basis (``ranapass.decompose``), then the candidate curves (cost_model/curves.py) on the
 sampled inputs, with errors weighted per output channel (``_output_weights``). Without data, every
-linear is its own site with static low-rank candidates from its weights' spectrum.
+linear is its own site with static low-rank candidates from its weights' spectrum. Weights are read in
+(out, in) layout whatever their storage (``LinearModule.weight``: Conv1D stores (in, out)).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ranapass.cost_model import flops
 from ranapass.cost_model.allocate import Candidate
 from ranapass.cost_model.curves import Curve, neuron_curve, rank_curve, static_rank_curve
 from ranapass.decompose import gram_factor, output_pca, weight_svd
+from ranapass.linear_match import LinearModule
 
 __all__ = ["KINDS", "UnitCandidates", "Site", "stack_name", "calibrated_sites", "data_free_sites"]
 
@@ -133,7 +135,7 @@ def stack_name(members: Sequence[str]) -> str:
     return prefix + "{" + ",".join(m[len(prefix):] for m in members) + "}"
 
 
-def _output_weights(stats: CalibrationStats, site: SiteStats, linears: dict[str, torch.nn.Linear], weighting: str,
+def _output_weights(stats: CalibrationStats, site: SiteStats, linears: dict[str, LinearModule], weighting: str,
                    factor: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """Per member, the error weight of each output channel (see ProfileOptions.error_weighting)."""
     out = {}
@@ -166,7 +168,7 @@ def _unit_candidates(name, members, linears, site: SiteStats, factor, out_w: dic
     return UnitCandidates(name, tuple(members), tuple(linears[x].out_features for x in members), n, curves, basis)
 
 
-def calibrated_sites(stats: CalibrationStats, linears: dict[str, torch.nn.Linear], error_weighting: str,
+def calibrated_sites(stats: CalibrationStats, linears: dict[str, LinearModule], error_weighting: str,
                      rank_min_aspect: float) -> list[Site]:
     """Every site of ``stats`` with its candidates: per member, and stacked where a site has several."""
     sites = []
@@ -182,7 +184,7 @@ def calibrated_sites(stats: CalibrationStats, linears: dict[str, torch.nn.Linear
     return sites
 
 
-def data_free_sites(linears: dict[str, torch.nn.Linear]) -> list[Site]:
+def data_free_sites(linears: dict[str, LinearModule]) -> list[Site]:
     """Static low-rank candidates from the weights' spectra alone (no calibration data).
 
     Every linear is a site of its own: sharing an input cannot be seen without running the model.

@@ -20,6 +20,7 @@ from ranapass.candidates import KINDS, Site, UnitCandidates
 from ranapass.cost_model.allocate import Allocator, Choice, InfeasibleBudgetError
 from ranapass.cost_model.uniform import allocate_reference
 from ranapass.errors import RanapassError
+from ranapass.linear_match import linear_module
 from ranapass.plan import Plan, UnitPlan
 from ranapass.thresholds import fit_thresholds
 
@@ -134,7 +135,9 @@ class Planner:
         return self._allocators[key]
 
     def _weights(self, unit: UnitCandidates) -> torch.Tensor:
-        return torch.cat([self.model.get_submodule(m).weight.detach().float().cpu() for m in unit.members])
+        """The unit's stacked weight, (out, in) float32 whatever each member's layout."""
+        return torch.cat([linear_module(self.model.get_submodule(m)).weight.detach().float().cpu()
+                          for m in unit.members])
 
     def _build(self, chosen: list[tuple[UnitCandidates, tuple[str, int]]], budget: float, allocation: str) -> Plan:
         """The plan of the chosen options: each adapted unit's kind builds its adapter from its candidate."""

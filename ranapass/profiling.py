@@ -24,11 +24,15 @@ import torch
 from ranapass import storage
 from ranapass.attach import temporarily_attached
 from ranapass.cache import cache_dir
-from ranapass.calibrate import RANK_MIN_ASPECT, candidate_linears, collect
+from ranapass.calibrate import RANK_MIN_ASPECT, candidate_linears, collect, shared_linears
 from ranapass.candidates import Site, UnitCandidates, calibrated_sites, data_free_sites
+from ranapass.cost_model import flops
 from ranapass.errors import RanapassError
+from ranapass.experts import model_experts
 from ranapass.fingerprint import weights_fingerprint
+from ranapass.linear_match import linear_modules
 from ranapass.plan import Plan, PlanMismatchError
+from ranapass.rewrite_report import EXPERTS_WHY
 from ranapass.planning import Planner, PlanOptions
 
 __all__ = ["ProfileOptions", "Profile", "profile"]
@@ -158,7 +162,7 @@ def profile(model: torch.nn.Module, data: Any = None, *, options: ProfileOptions
     """Calibrate ``model`` once: statistics, decompositions and candidate curves of every linear.
 
     Args:
-        model: an HF causal LM or any ``nn.Module`` with ``nn.Linear`` layers (not modified).
+        model: an HF causal LM or any ``nn.Module`` with linears (``nn.Linear``, ``Conv1D``; not modified).
         data: calibration token windows ``[N, L]`` (see ``ranapass.data``), an iterable of model
             inputs, or None for data-free profiling (static low rank from the weights' spectra).
         options: ``ProfileOptions``.
@@ -202,12 +206,33 @@ def profile(model: torch.nn.Module, data: Any = None, *, options: ProfileOptions
     else:
         sites, holdout, meta = _profile_with_data(model, data, linears, options, loss_fn)
     meta.update({"model": type(model).__name__, "profile_seconds": round(time.perf_counter() - t0, 1),
-                 "options": dataclasses.asdict(options)})
+                 "options": dataclasses.asdict(options), "left_dense": left_dense(model)})
+    for note in meta["left_dense"]:
+        log.warning("left dense: %s: %s (%s)", note["what"], note["reason"], ", ".join(note["paths"][:4]))
     result = Profile(model, sites, holdout=holdout, fingerprint=fingerprint, meta=meta)
     log.info("profiled %d units over %d sites in %.1fs", len(result.units), len(sites), meta["profile_seconds"])
     if key is not None:
         result.save(folder)
     return result
+
+
+def left_dense(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """What a plan leaves dense besides the output embedding and ``exclude``, with dense FLOPs per token:
+    linears whose weight is tied to another module's, and 3D expert weights (``Plan.summary`` prints them)."""
+    notes = []
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linears = linear_modules(model)
+    tied = [p for p in shared_linears(model) if linears[p].module is not out_emb]
+    if tied:
+        cost = sum(flops.per_token(flops.dense_linear(linears[p].out_features, linears[p].in_features)) for p in tied)
+        notes.append({"what": f"{len(tied)} linear(s) with a tied weight", "paths": tied, "flops": cost,
+                      "reason": "the weight is also a parameter of another module; an adapter would replace one "
+                                "use of it only"})
+    experts = model_experts(model)
+    if experts:
+        notes.append({"what": f"{len(experts)} expert parameter(s)", "paths": list(experts),
+                      "flops": sum(experts.values()), "reason": EXPERTS_WHY})
+    return notes
 
 
 def _profile_with_data(model, data, linears, options: ProfileOptions, loss_fn):
