@@ -71,7 +71,7 @@ class GraphDiff:
         return rows
 
     def totals(self) -> dict[str, float]:
-        """FLOPs per token summed over the rows: rewritten linears, and all linears (and expert weights) of the graphs."""
+        """FLOPs per token summed over the rows: rewritten linears, and all linears and expert weights of the graphs."""
         rows = self.rows()
         rewritten = [r for r in rows if not r["new_op"].startswith("dense")]
         return {"rewritten_before": sum(r["flops_before"] for r in rewritten),

@@ -101,7 +101,8 @@ def shared_uses(sites: list[LinearSite]) -> dict[int, str]:
 
     A read is covered when it is one of the linears matched on the weight, computed inside the module the plan
     adapts (in a graph that records modules, ``nn_module_stack``; a graph without that metadata is taken at
-    its word; a linear compiled on its own, whose calls are top-level nodes, counts as another module's). Transposes of the weight are followed to their users.
+    its word; a linear compiled on its own, whose calls are top-level nodes, counts as another module's).
+    Transposes of the weight are followed to their users.
     """
     by_weight: dict[int, list[LinearSite]] = {}
     for s in sites:

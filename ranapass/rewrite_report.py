@@ -125,7 +125,8 @@ class RewriteReport:
         if self.dense:
             lines.append(f"  dense, no adapter registered: {', '.join(d.path for d in self.dense)}")
         if self.experts:
-            lines.append("  " + _experts_line(len(self.experts), sum(d.flops for d in self.experts), self.linear_flops()))
+            expert_flops = sum(d.flops for d in self.experts)
+            lines.append("  " + _experts_line(len(self.experts), expert_flops, self.linear_flops()))
         return "\n".join(lines)
 
     def linear_flops(self) -> float:
