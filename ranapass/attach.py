@@ -2,8 +2,8 @@
 
 ``attach`` changes no module: it binds each adapter to the model's weights and records, for every
 member weight tensor, which adapter replaces it. The FX pass (``rana_backend``) looks weights up
-here by identity. ``Attachment.eager()`` swaps the forward of the adapted linears for the adapter
-while the context is open, for evaluation without compiling; ``FlopMeter`` counts the kept ranks.
+here by identity. ``Attachment.eager()`` swaps the forward of the adapted linears (``nn.Linear``, ``Conv1D``)
+for the adapter while the context is open, for evaluation without compiling; ``FlopMeter`` counts the kept ranks.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ranapass.attach_guard import renew
 from ranapass.bound import BoundAdapter, bind
+from ranapass.linear_match import linear_module
 from ranapass.offload import refuse_offloaded
 from ranapass.plan import Plan, PlanMismatchError, UnitPlan
 from ranapass.plan_check import check_plan_fits
@@ -133,11 +134,14 @@ def attach(model: torch.nn.Module, plan: Plan, *, check_fingerprint: bool = True
                 module = model.get_submodule(path)
             except AttributeError as e:
                 raise PlanMismatchError(f"plan unit {unit.name!r} names {path!r}, which this model lacks") from e
-            if not isinstance(getattr(module, "weight", None), torch.Tensor):
-                raise PlanMismatchError(f"{path!r} has no weight tensor; the plan was made for another model")
-            modules.append(module)
-        refuse_offloaded(dict(zip(unit.members, modules)), "attaching a plan")
-        bound = bind(unit.adapter, [m.weight for m in modules], [getattr(m, "bias", None) for m in modules])
+            linear = linear_module(module)
+            if linear is None:
+                raise PlanMismatchError(f"{path!r} is a {type(module).__name__}, not a linear (nn.Linear or Conv1D); "
+                                        "the plan was made for another model")
+            modules.append(linear)
+        refuse_offloaded({path: m.module for path, m in zip(unit.members, modules)}, "attaching a plan")
+        # The adapters' math works on (out, in) weights; the registry keys the weights as stored.
+        bound = bind(unit.adapter, [m.weight for m in modules], [getattr(m.module, "bias", None) for m in modules])
         for i, path in enumerate(unit.members):
             refs[path] = AdapterRef(bound, i, unit)
     detach(model)

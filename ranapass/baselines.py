@@ -40,6 +40,7 @@ from ranapass.candidates import stack_name
 from ranapass.fingerprint import weights_fingerprint
 from ranapass.hooks import forward_hooks
 from ranapass.kernels.activations import ACTIVATIONS
+from ranapass.linear_match import LinearModule
 from ranapass.plan import Plan, UnitPlan
 from ranapass.plan_check import check_plan_fits
 
@@ -71,7 +72,7 @@ class GatedMLP:
 
 
 @torch.no_grad()
-def find_gated_mlps(model: torch.nn.Module, batch: Any, linears: dict[str, torch.nn.Linear] | None = None,
+def find_gated_mlps(model: torch.nn.Module, batch: Any, linears: dict[str, LinearModule] | None = None,
                     ) -> list[GatedMLP]:
     """Find gated MLPs by what the linears compute on one batch, not by their names.
 
@@ -87,7 +88,7 @@ def find_gated_mlps(model: torch.nn.Module, batch: Any, linears: dict[str, torch
             calls.append((name, args[0], out))  # the input object itself: identity marks shared inputs
         return fwd
 
-    with forward_hooks([(m, hook(n)) for n, m in linears.items()]):
+    with forward_hooks([(lm.module, hook(n)) for n, lm in linears.items()]):
         run_model(model, batch)
     found, used = [], set()
     for i, (a, xa, ya) in enumerate(calls):
@@ -258,7 +259,7 @@ def _split(windows: torch.Tensor, holdout_windows: int) -> tuple[torch.Tensor, t
     return windows, None
 
 
-def _dense_unit(path: str, linear: torch.nn.Linear) -> UnitPlan:
+def _dense_unit(path: str, linear: LinearModule) -> UnitPlan:
     return UnitPlan(path, (path,), (linear.out_features,), linear.in_features)
 
 
@@ -316,7 +317,7 @@ def cats(model: torch.nn.Module, windows: torch.Tensor, *, holdout_windows: int 
     units = []
     for mlp in mlps:
         g_lin, d_lin = linears[mlp.gate], linears[mlp.down]
-        bias = None if g_lin.bias is None else g_lin.bias.detach().cpu()
+        bias = None if g_lin.module.bias is None else g_lin.module.bias.detach().cpu()
         scores = gate_magnitudes(site_of[mlp.gate].sample.cpu(), g_lin.weight.detach().cpu(), bias, mlp.activation)
         d, n = g_lin.out_features, g_lin.in_features
 

@@ -1,6 +1,6 @@
 """Calibration: one pass over calibration data collecting, per linear input, what allocation needs.
 
-Forward pre-hooks on every candidate ``nn.Linear`` see its input. Linears that receive the *same
+Forward pre-hooks on every candidate linear (``nn.Linear``, ``Conv1D``) see its input. Linears that receive the *same
 tensor object* in a forward (q/k/v, gate/up) share an input *site*; each site accumulates:
 
 - the input Gram matrix ``sum x x^T`` (float64), for the data-aware decomposition;
@@ -34,10 +34,11 @@ from tqdm.auto import tqdm
 from ranapass import distributed
 from ranapass.errors import RanapassError
 from ranapass.hooks import forward_hooks
+from ranapass.linear_match import LinearModule, linear_modules
 from ranapass.offload import execution_device
 from ranapass.timing import Stopwatch
 
-__all__ = ["SiteStats", "CalibrationStats", "candidate_linears", "collect", "run_model"]
+__all__ = ["SiteStats", "CalibrationStats", "candidate_linears", "shared_linears", "collect", "run_model"]
 
 log = logging.getLogger(__name__)
 
@@ -88,17 +89,26 @@ class CalibrationStats:
     tokens: int
 
 
-def candidate_linears(model: torch.nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, torch.nn.Linear]:
-    """The linears ranapass may adapt: every ``nn.Linear`` except the output embedding and ``exclude``."""
-    skip = set(exclude)
+def candidate_linears(model: torch.nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, LinearModule]:
+    """The linears ranapass may adapt: every module whose forward is a linear of its weight (``nn.Linear`` and
+    subclasses, ``Conv1D``; ``linear_modules``) except the output embedding, ``exclude`` and the linears whose
+    weight is shared with another module (tied): an adapter would replace one use of it only
+    (``shared_linears`` names them)."""
+    skip = set(exclude) | set(shared_linears(model))
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    found = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name not in skip and module is not out_emb:
-            found[name] = module
+    found = {name: lm for name, lm in linear_modules(model).items() if name not in skip and lm.module is not out_emb}
     if not found:
-        raise RanapassError(f"{type(model).__name__} has no nn.Linear to adapt (excluded: {sorted(skip)})")
+        raise RanapassError(f"{type(model).__name__} has no linear to adapt (nn.Linear or Conv1D; excluded: "
+                            f"{sorted(skip)})")
     return found
+
+
+def shared_linears(model: torch.nn.Module) -> list[str]:
+    """Linear modules whose weight is also a parameter of another module (tied embeddings), by path."""
+    owners: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        owners[id(p)] = owners.get(id(p), 0) + 1
+    return [name for name, lm in linear_modules(model).items() if owners.get(id(lm.module.weight), 0) > 1]
 
 
 def run_model(model: torch.nn.Module, batch: Any) -> Any:
@@ -138,7 +148,7 @@ def _count(data: Any) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def _discover_sites(model: torch.nn.Module, linears: dict[str, torch.nn.Linear], first_batch: Any) -> list[list[str]]:
+def _discover_sites(model: torch.nn.Module, linears: dict[str, LinearModule], first_batch: Any) -> list[list[str]]:
     """Group linears by the input tensor object they receive in one forward, in call order."""
     groups: dict[int, list[str]] = {}
     keep_alive = []
@@ -154,7 +164,7 @@ def _discover_sites(model: torch.nn.Module, linears: dict[str, torch.nn.Linear],
                 groups[id(x)].append(name)
         return pre
 
-    with forward_hooks([(m, hook(n)) for n, m in linears.items()], pre=True):
+    with forward_hooks([(lm.module, hook(n)) for n, lm in linears.items()], pre=True):
         run_model(model, first_batch)
     sites, placed = [], set()
     for members in groups.values():
@@ -174,7 +184,7 @@ def _discover_sites(model: torch.nn.Module, linears: dict[str, torch.nn.Linear],
     return sites
 
 
-def collect(model: torch.nn.Module, data: Any, *, linears: dict[str, torch.nn.Linear], batch_size: int = 4,
+def collect(model: torch.nn.Module, data: Any, *, linears: dict[str, LinearModule], batch_size: int = 4,
             sample_tokens: int = 2048, rank_min_aspect: float = RANK_MIN_ASPECT, gradient_data: Any = None,
             loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None, seed: int = 0,
             stopwatch: Stopwatch | None = None) -> CalibrationStats:
@@ -206,7 +216,7 @@ def collect(model: torch.nn.Module, data: Any, *, linears: dict[str, torch.nn.Li
         n = linears[members[0]].in_features
         outs = [linears[m].out_features for m in members]
         wants_gram = max(max(outs), sum(outs)) >= rank_min_aspect * n
-        on = execution_device(linears[members[0]])
+        on = execution_device(linears[members[0]].module)
         gram = torch.zeros(n, n, dtype=torch.float64, device=on) if wants_gram else None
         sites.append(SiteStats(list(members), n, outs, gram))
     min_tokens = max(s.in_features for s in sites)
@@ -222,7 +232,7 @@ def collect(model: torch.nn.Module, data: Any, *, linears: dict[str, torch.nn.Li
 
     def hook(name):
         site = first_of.get(name)
-        on = execution_device(linears[name])
+        on = execution_device(linears[name].module)
 
         def pre(module, args):
             if site is None:
@@ -244,7 +254,7 @@ def collect(model: torch.nn.Module, data: Any, *, linears: dict[str, torch.nn.Li
         return pre
 
     with stopwatch.stage("statistics"), torch.no_grad(), \
-            forward_hooks([(linears[m], hook(m)) for s in sites for m in s.members], pre=True):
+            forward_hooks([(linears[m].module, hook(m)) for s in sites for m in s.members], pre=True):
         for index, batch in tqdm(distributed.shard(batches), desc="calibration", unit="batch"):
             current[0] = index
             gen.manual_seed(_batch_seed(seed, index))
@@ -290,7 +300,8 @@ def _gradient_weights(model, linears, sites, data, loss_fn, device) -> dict[str,
     """Mean squared gradient of the summed loss w.r.t. each member's output, per output channel."""
     loss_fn = loss_fn or _lm_loss
     members = [m for s in sites for m in s.members]
-    sums = {m: torch.zeros(linears[m].out_features, dtype=torch.float64, device=execution_device(linears[m]))
+    sums = {m: torch.zeros(linears[m].out_features, dtype=torch.float64,
+                           device=execution_device(linears[m].module))
             for m in members}
     counts = dict.fromkeys(members, 0)
     captured: list[tuple[str, torch.Tensor]] = []
@@ -303,7 +314,7 @@ def _gradient_weights(model, linears, sites, data, loss_fn, device) -> dict[str,
         return fwd
 
     try:
-        with forward_hooks([(linears[m], hook(m)) for m in members]):
+        with forward_hooks([(linears[m].module, hook(m)) for m in members]):
             # One window per backward: the autograd graph of a batch is the memory peak of calibration.
             for _, batch in tqdm(distributed.shard(list(_batches(data, 1, device))), desc="output gradients",
                                  unit="window"):

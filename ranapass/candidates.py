@@ -7,7 +7,8 @@ whichever is better for each site. Every unit may also stay dense or become a ne
 The candidates of a unit come from its calibration statistics (``ranapass.calibrate``): the rank
 adapter's basis (``ranapass.decompose``), then the candidate curves (cost_model/curves.py) on the
 sampled inputs, with errors weighted per output channel (``_output_weights``). Without data, every
-linear is its own site with static low-rank candidates from its weights' spectrum.
+linear is its own site with static low-rank candidates from its weights' spectrum. Weights are read in
+(out, in) layout whatever their storage (``LinearModule.weight``: Conv1D stores (in, out)).
 
 The linear algebra runs where the statistics are (the layer's device), one site at a time: a site's
 Gram matrix and sample are released as soon as its candidates are built, and what a unit keeps (its
@@ -31,6 +32,7 @@ from ranapass.cost_model import flops
 from ranapass.cost_model.allocate import Candidate
 from ranapass.cost_model.curves import Curve, neuron_curve, rank_curve, static_rank_curve
 from ranapass.decompose import gram_factor, output_pca, weight_svd
+from ranapass.linear_match import LinearModule
 from ranapass.offload import onloaded
 from ranapass.timing import Stopwatch
 
@@ -141,7 +143,7 @@ def stack_name(members: Sequence[str]) -> str:
 
 
 def _output_weights(stats: CalibrationStats, site: SiteStats, sample: torch.Tensor,
-                    linears: dict[str, torch.nn.Linear], weighting: str,
+                    linears: dict[str, LinearModule], weighting: str,
                     factor: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """Per member, the error weight of each output channel (see ProfileOptions.error_weighting)."""
     out = {}
@@ -177,7 +179,7 @@ def _unit_candidates(name, members, linears, sample: torch.Tensor, factor, out_w
     return UnitCandidates(name, tuple(members), tuple(linears[x].out_features for x in members), n, curves, basis)
 
 
-def calibrated_sites(stats: CalibrationStats, linears: dict[str, torch.nn.Linear], error_weighting: str,
+def calibrated_sites(stats: CalibrationStats, linears: dict[str, LinearModule], error_weighting: str,
                      rank_min_aspect: float, stopwatch: Stopwatch | None = None) -> list[Site]:
     """Every site of ``stats`` with its candidates: per member, and stacked where a site has several.
 
@@ -193,7 +195,7 @@ def calibrated_sites(stats: CalibrationStats, linears: dict[str, torch.nn.Linear
         if s.gram is not None:
             with stopwatch.stage("gram_factor"):
                 factor = gram_factor(s.gram, s.tokens)
-        with onloaded(linears[m] for m in s.members):  # offloaded weights, one site at a time
+        with onloaded(linears[m].module for m in s.members):  # offloaded weights, one site at a time
             out_w = _output_weights(stats, s, sample, linears, error_weighting, factor)
             unit = functools.partial(_unit_candidates, linears=linears, sample=sample, factor=factor, out_w=out_w,
                                      rank_min_aspect=rank_min_aspect, stopwatch=stopwatch)
@@ -206,7 +208,7 @@ def calibrated_sites(stats: CalibrationStats, linears: dict[str, torch.nn.Linear
     return sites
 
 
-def data_free_sites(linears: dict[str, torch.nn.Linear]) -> list[Site]:
+def data_free_sites(linears: dict[str, LinearModule]) -> list[Site]:
     """Static low-rank candidates from the weights' spectra alone (no calibration data).
 
     Every linear is a site of its own: sharing an input cannot be seen without running the model.

@@ -53,7 +53,7 @@ class GraphDiff:
 
     # ------------------------------------------------------------------ data
     def rows(self) -> list[dict[str, Any]]:
-        """One dict per rewritten op, then per linear left dense (registered first)."""
+        """One dict per rewritten op, then per linear left dense (registered first), then per expert weight."""
         rows = []
         for g, capture in enumerate(self.graphs):
             report = capture.report
@@ -63,13 +63,15 @@ class GraphDiff:
                              "new_op": r.op + (" (partial)" if r.partial else ""), "nB": r.width,
                              "expected_kept": r.expected_kept, "flops_before": r.flops_before,
                              "flops_after": r.flops_after})
-            for d, why in [*((d, d.reason) for d in report.skipped), *((d, "no adapter") for d in report.dense)]:
-                rows.append({"graph": g, "module": d.path, "old_op": "linear", "new_op": f"dense ({why.split(':')[0]})",
+            for d, what, why in [*((d, "linear", d.reason) for d in report.skipped),
+                                 *((d, "linear", "no adapter") for d in report.dense),
+                                 *((d, "3D expert weight", d.reason) for d in report.experts)]:
+                rows.append({"graph": g, "module": d.path, "old_op": what, "new_op": f"dense ({why.split(':')[0]})",
                              "nB": None, "expected_kept": None, "flops_before": d.flops, "flops_after": d.flops})
         return rows
 
     def totals(self) -> dict[str, float]:
-        """FLOPs per token summed over the rows: rewritten linears, and all linears of the graphs."""
+        """FLOPs per token summed over the rows: rewritten linears, and all linears and expert weights of the graphs."""
         rows = self.rows()
         rewritten = [r for r in rows if not r["new_op"].startswith("dense")]
         return {"rewritten_before": sum(r["flops_before"] for r in rewritten),
@@ -85,6 +87,7 @@ class GraphDiff:
                 "ops": sum(r.counters["ops"] for r in reports),
                 "left_dense": [{"module": d.path, "reason": d.reason} for r in reports for d in r.skipped],
                 "unfound": [p for r in reports for p in r.unfound],
+                "experts": [{"module": d.path, "flops": d.flops} for r in reports for d in r.experts],
                 "unrewritten_units": self.unrewritten,
                 "totals": self.totals(), "rows": self.rows(), "unified": self.unified()}
 

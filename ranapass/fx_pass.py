@@ -3,12 +3,15 @@
 It runs on the torch-IR graph Dynamo hands to the backend, before AOTAutograd (reference/compile.md
 §1.3), in two phases like Inductor's passes:
 
-1. *Decide.* Every linear node becomes a ``LinearSite`` (fx_sites.py: its input node, its real weight
-   and bias, and the adapter registered for the weight, looked up by identity, never by name).
-   ``_should_rewrite(site)`` accepts it or names the reason it must stay dense.
+1. *Decide.* Every linear the graph computes becomes a ``LinearSite`` (fx_sites.py, on
+   ``ranapass.linear_match``: ``F.linear``, ``nn.Linear``, ``Conv1D``'s ``addmm``, a matmul by a weight or
+   its transpose; its input node, its real weight, layout and bias, and the adapter registered for the
+   weight, looked up by identity, never by name). ``_should_rewrite(site)`` accepts it or names the reason
+   it must stay dense; a weight the graph also reads elsewhere stays dense at every use (``shared_use``).
 2. *Rewrite.* Accepted sites are grouped by (adapter, input node). A group becomes one op node that
    computes the unit's stacked output (q, k and v from one B product and one mask) and one slice per
-   member linear, which takes the linear's place::
+   member linear, which takes the place of the linear's output node (the nodes of the pattern left
+   unused, a flattening view or a transpose of the weight, are erased)::
 
        q = linear(x, Wq); k = linear(x, Wk); v = linear(x, Wv)
        --->  qkv = ranapass.rank_adapter(x, B, At, thresholds, bias)
@@ -28,7 +31,8 @@ It runs on the torch-IR graph Dynamo hands to the backend, before AOTAutograd (r
        --->  gu = ranapass.rank_adapter_pair(x, Bg, Atg, tg, None, Bu, Atu, tu, None); g = gu[0]; u = gu[1]
 
 Nothing is silent: the ``RewriteReport`` lists the units rewritten, every registered weight left
-dense with its reason, and the unregistered linears; it is logged at INFO (WARNING when a
+dense with its reason, the unregistered linears and the 3D expert weights of mixture-of-experts blocks
+(``ranapass.experts``), with their FLOPs; it is logged at INFO (WARNING when a
 registered weight was left dense), and ``strict=True`` raises instead.
 """
 
@@ -50,7 +54,8 @@ from ranapass.adapters import ADAPTER_KINDS
 from ranapass.attach import AdapterRef
 from ranapass.bound import ranapass_op
 from ranapass.cost_model import flops
-from ranapass.fx_sites import VALUE_KEYS, LinearSite, find_linears, unfound, value
+from ranapass.experts import graph_experts
+from ranapass.fx_sites import VALUE_KEYS, LinearSite, find_linears, shared_uses, unfound, value
 from ranapass.kernels.activations import call_name
 from ranapass.rewrite_report import LeftDense, OpRewrite, RewriteError, RewriteReport
 
@@ -64,11 +69,15 @@ NOT_REGISTERED = "not_registered"
 
 
 # ---------------------------------------------------------------------------------------- decide
-def _should_rewrite(site: LinearSite) -> tuple[bool, str]:
-    """Whether a linear can become its adapter's op, reading only resolved tensors and fake values."""
+def _should_rewrite(site: LinearSite, shared: dict[int, str]) -> tuple[bool, str]:
+    """Whether a linear can become its adapter's op, reading only resolved tensors and fake values
+    (``shared``: registered weights read elsewhere too, from ``shared_uses``)."""
     ref = site.ref
     if ref is None:
         return False, NOT_REGISTERED
+    if id(site.weight) in shared:
+        return False, (f"shared_use: the weight is also read by {shared[id(site.weight)]}, which the plan does not "
+                       f"adapt; an adapter would cover one use only (untie the weight, or leave it dense)")
     adapter = ref.adapter
     like = next(t for t in adapter.buffers.values() if t is not None)
     if site.weight.dtype != like.dtype or site.weight.device != like.device:
@@ -226,8 +235,9 @@ def _rewrite_group(rw: _Rewriter, sites: list[LinearSite], order: dict[fx.Node, 
                 stands_for[s.node] = rw.call(operator.getitem, (op_node, (Ellipsis, sl)), s.node,
                                              lambda sl=sl: value(op_node)[..., sl])
     outputs = {old.name: new.name for old, new in stands_for.items()}
-    for old, new in stands_for.items():
-        rw.replace(old, new)
+    for s in sites:
+        s.node.replace_all_uses_with(stands_for[s.node])
+        s.match.erase_unused(rw.graph)
     if gated is not None:
         for dead in gated[3]:  # the mul and the activation, now computed inside the fused op
             if not dead.users:
@@ -328,10 +338,11 @@ def rewrite_linears(gm: fx.GraphModule, example_inputs: Sequence[Any], *, fuse_g
         assert report.rewritten == len(plan.adapted)
     """
     sites = find_linears(gm, example_inputs)
+    shared = shared_uses(sites)
     report = RewriteReport()
     groups: dict[tuple[int, fx.Node], list[LinearSite]] = {}
     for site in sites:
-        ok, reason = _should_rewrite(site)
+        ok, reason = _should_rewrite(site, shared)
         if ok:
             groups.setdefault((id(site.ref.adapter), site.input), []).append(site)
         elif reason == NOT_REGISTERED:
@@ -341,6 +352,7 @@ def rewrite_linears(gm: fx.GraphModule, example_inputs: Sequence[Any], *, fuse_g
             report.skipped.append(site.left_dense(reason))
             report.counters[f"skipped_{_reason_key(reason)}"] += 1
     report.unfound = unfound(gm, example_inputs, sites)
+    report.experts = graph_experts(gm, example_inputs)
     report.counters["skipped_unfound"] += len(report.unfound)
     if strict and not report.complete:
         raise RewriteError("ranapass (strict): registered weights would stay dense; the graph is unchanged.\n"

@@ -1,15 +1,20 @@
-"""The linear nodes of a Dynamo graph, with their operands resolved to the real tensors (the FX pass's input).
+"""The linears of a Dynamo graph, with their operands resolved to the real tensors (the FX pass's input).
 
-Every linear node (``F.linear`` / ``torch._C._nn.linear`` calls, ``call_module`` on an ``nn.Linear``)
-becomes a ``LinearSite``: its input node, and its weight and bias as the *real* tensors (placeholder
-``i`` is ``example_inputs[i]``; ``get_attr`` and module attributes are read off the GraphModule). The
-weight is looked up in the attach registry by identity, never by name.
+Every linear the graph computes (``ranapass.linear_match``: ``F.linear``, ``call_module`` on an
+``nn.Linear``, ``Conv1D``'s ``addmm`` with its views, a matmul by a weight or its transpose, with or without
+a bias) becomes a ``LinearSite``: the match (the node whose value is the linear's result, the nodes a
+replacement makes dead, the input node, the real weight, its layout and the bias) and the adapter registered
+for the weight, looked up by identity, never by name.
+
+A registered weight is rewritten only where the plan covers every use of it in the graph: every read of
+its node is a linear of the module the plan adapts (its own calls, which is what the eager path adapts).
+A weight also read by another op (an embedding tied to it) or by another module's linear stays dense at
+every use, with the reason (``shared_use``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import operator
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -19,25 +24,48 @@ from torch import fx
 
 from ranapass.attach import AdapterRef, lookup
 from ranapass.cost_model import flops
+from ranapass.linear_match import VALUE_KEYS, LinearMatch, as_out_in, match_linears, transposed, value
 from ranapass.rewrite_report import LeftDense
 
-__all__ = ["LINEAR_TARGETS", "VALUE_KEYS", "LinearSite", "find_linears", "module_path", "unfound", "value"]
+__all__ = ["VALUE_KEYS", "LinearSite", "find_linears", "module_path", "shared_uses", "unfound", "value"]
 
-LINEAR_TARGETS = (torch._C._nn.linear,)  # F.linear is torch._C._nn.linear
-VALUE_KEYS = ("example_value", "val")  # Dynamo graphs carry example_value, AOT graphs val
+OLD_OPS = {"linear": "torch._C._nn.linear", "addmm": "torch.addmm", "matmul": "torch.matmul"}
+"""How a report names what the replaced nodes computed, by ``LinearMatch.op``."""
 
 
 @dataclasses.dataclass
 class LinearSite:
-    """A linear node with its operands resolved to real tensors."""
+    """A linear of the graph with its operands resolved to real tensors, and the adapter of its weight."""
 
-    node: fx.Node
-    input: fx.Node
-    weight: torch.Tensor | None
-    bias: torch.Tensor | None
-    bias_resolved: bool  # False when the bias is computed in the graph, not a parameter
-    old_op: str
+    match: LinearMatch
     ref: AdapterRef | None
+
+    @property
+    def node(self) -> fx.Node:
+        """The node whose value is the linear's result (the one a replacement takes the place of)."""
+        return self.match.output
+
+    @property
+    def input(self) -> fx.Node:
+        return self.match.input
+
+    @property
+    def weight(self) -> torch.Tensor | None:
+        """The weight as stored (its layout is ``match.layout``)."""
+        return self.match.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.match.bias
+
+    @property
+    def bias_resolved(self) -> bool:
+        """False when the bias is computed in the graph, not a parameter."""
+        return self.match.bias_resolved
+
+    @property
+    def old_op(self) -> str:
+        return OLD_OPS.get(self.match.op, self.match.op)
 
     @property
     def path(self) -> str:
@@ -45,8 +73,9 @@ class LinearSite:
 
     def left_dense(self, reason: str) -> LeftDense:
         cost = 0.0
-        if isinstance(self.weight, torch.Tensor) and self.weight.dim() == 2:
-            cost = flops.per_token(flops.dense_linear(*self.weight.shape))
+        if self.weight is not None:
+            out, n = as_out_in(self.weight, self.match.layout).shape
+            cost = flops.per_token(flops.dense_linear(out, n))
         return LeftDense(self.node.name, self.path, reason, cost)
 
 
@@ -60,55 +89,62 @@ def module_path(node: fx.Node) -> str:
     return re.sub(r"\[(\d+)\]", r".\1", path) or node.name
 
 
-def value(node: Any) -> Any:
-    """The fake value Dynamo (``example_value``) or AOT (``val``) recorded for a node."""
-    if not isinstance(node, fx.Node):
-        return None
-    for key in VALUE_KEYS:
-        if key in node.meta:
-            return node.meta[key]
-    return None
-
-
-def _real_tensor(gm: fx.GraphModule, node: Any, real_of: dict[fx.Node, Any]) -> tuple[bool, torch.Tensor | None]:
-    """Resolve a weight/bias argument to the real tensor: ``(resolved, tensor)``; None resolves to None."""
-    if node is None:
-        return True, None
-    if not isinstance(node, fx.Node):
-        return False, None
-    if node.op == "placeholder":
-        t = real_of.get(node)
-        return isinstance(t, torch.Tensor), t if isinstance(t, torch.Tensor) else None
-    if node.op == "get_attr":
-        t = operator.attrgetter(node.target)(gm)
-        return isinstance(t, torch.Tensor), t if isinstance(t, torch.Tensor) else None
-    return False, None
-
-
 def find_linears(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[LinearSite]:
-    """Every linear node of ``gm`` with its real weight and bias, and the adapter registered for the weight."""
-    real_of = dict(zip(gm.graph.find_nodes(op="placeholder"), example_inputs))
-    sites = []
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in LINEAR_TARGETS:
-            x = node.args[0] if node.args else node.kwargs.get("input")
-            w_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-            b_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-            _, weight = _real_tensor(gm, w_arg, real_of)
-            bias_resolved, bias = _real_tensor(gm, b_arg, real_of)
-            old_op = "torch._C._nn.linear"
-        elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), torch.nn.Linear):
-            module = gm.get_submodule(node.target)  # torch 2.11 with inline_inbuilt_nn_modules=False
-            x = node.args[0] if node.args else node.kwargs.get("input")
-            weight, bias, bias_resolved = module.weight, module.bias, True
-            old_op = "call_module:nn.Linear"
-        else:
+    """Every linear of ``gm`` with its real weight and bias, and the adapter registered for the weight."""
+    registered = lambda t: lookup(t) is not None  # noqa: E731
+    return [LinearSite(m, lookup(m.weight) if m.weight is not None else None)
+            for m in match_linears(gm, example_inputs, is_weight=registered)]
+
+
+def shared_uses(sites: list[LinearSite]) -> dict[int, str]:
+    """Registered weights (by ``id``) read by something the plan does not cover, each with the first such read.
+
+    A read is covered when it is one of the linears matched on the weight, computed inside the module the plan
+    adapts (in a graph that records modules, ``nn_module_stack``; a graph without that metadata is taken at
+    its word; a linear compiled on its own, whose calls are top-level nodes, counts as another module's).
+    Transposes of the weight are followed to their users.
+    """
+    by_weight: dict[int, list[LinearSite]] = {}
+    for s in sites:
+        if s.ref is not None:
+            by_weight.setdefault(id(s.weight), []).append(s)
+    out = {}
+    for key, group in by_weight.items():
+        graph = group[0].node.graph
+        records_modules = any(n.meta.get("nn_module_stack") for n in graph.nodes)
+        path = group[0].ref.path
+        foreign = next((s for s in group if records_modules and not _inside(_owner(s.node), path)), None)
+        if foreign is not None:
+            out[key] = f"a linear of {_owner(foreign.node) or 'the top-level module'} ({foreign.node.name})"
             continue
-        if not isinstance(x, fx.Node):
-            continue
-        ref = lookup(weight) if isinstance(weight, torch.Tensor) else None
-        sites.append(LinearSite(node, x, weight, bias, bias_resolved, old_op, ref))
-    return sites
+        covered = {n for s in group for n in s.match.nodes}
+        user = _uncovered_read([s.match.weight_node for s in group if s.match.weight_node is not None], covered)
+        if user is not None:
+            out[key] = f"{user.name} ({user.op} {getattr(user.target, '__name__', user.target)})"
+    return out
+
+
+def _inside(owner: str, path: str) -> bool:
+    """Whether a node computed in module ``owner`` (relative to the compiled root) is in module ``path`` (relative
+    to the model): the paths end alike (the compiled root may be a submodule of the model)."""
+    return bool(owner) and (path == owner or path.endswith("." + owner))
+
+
+def _owner(node: fx.Node) -> str:
+    """The path of the module computing ``node`` ("" at the top level)."""
+    return module_path(node) if node.meta.get("nn_module_stack") else ""
+
+
+def _uncovered_read(nodes: list[fx.Node], covered: set[fx.Node]) -> fx.Node | None:
+    """The first user of ``nodes`` (or of a transpose of them) that is not in ``covered``, else None."""
+    while nodes:
+        node = nodes.pop()
+        for user in node.users:
+            if user not in covered:
+                return user
+            if transposed(user) is node:
+                nodes.append(user)
+    return None
 
 
 def unfound(gm: fx.GraphModule, example_inputs: Sequence[Any], sites: list[LinearSite]) -> list[str]:

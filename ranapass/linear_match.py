@@ -30,7 +30,8 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
 
-__all__ = ["LinearMatch", "LinearModule", "match_linears", "linear_modules", "as_out_in", "OUT_IN", "IN_OUT"]
+__all__ = ["LinearMatch", "LinearModule", "match_linears", "linear_module", "linear_modules", "as_out_in", "transposed",
+           "value", "OUT_IN", "IN_OUT", "VALUE_KEYS"]
 
 OUT_IN = "out_in"
 """Weight stored (out, in), as ``nn.Linear`` stores it: ``y = x @ w.T``."""
@@ -100,7 +101,7 @@ class LinearMatch:
 
 
 # ---------------------------------------------------------------------------------------- resolving
-def _value(node: Any) -> Any:
+def value(node: Any) -> Any:
     """The fake value Dynamo (``example_value``) or AOT (``val``) recorded for a node."""
     if not isinstance(node, fx.Node):
         return None
@@ -152,7 +153,7 @@ def _arg(node: fx.Node, i: int, name: str) -> Any:
     return node.args[i] if len(node.args) > i else node.kwargs.get(name)
 
 
-def _transposed(node: Any) -> fx.Node | None:
+def transposed(node: Any) -> fx.Node | None:
     """If ``node`` swaps the two dims of a 2D tensor (``.t()``, ``.T``, ``.mT``, ``transpose(0, 1)``,
     ``permute(1, 0)``), the node it transposes, else None."""
     if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
@@ -160,8 +161,8 @@ def _transposed(node: Any) -> fx.Node | None:
     target, args = node.target, node.args
     if not args or not isinstance(args[0], fx.Node):
         return None
-    value = _value(args[0])
-    if isinstance(value, torch.Tensor) and value.dim() != 2:
+    inner = value(args[0])
+    if isinstance(inner, torch.Tensor) and inner.dim() != 2:
         return None
     if node.op == "call_function" and target is getattr and args[1:] in (("T",), ("mT",)):
         return args[0]
@@ -190,7 +191,7 @@ def _weight_operand(res: _Resolver, node: Any, stored_as: str) -> tuple[fx.Node,
         t = res.weight(node)
         if t is not None:
             return node, t, layout, chain
-        inner = _transposed(node)
+        inner = transposed(node)
         if inner is None:
             return None
         chain.append(node)
@@ -217,7 +218,7 @@ def _bias_add(res: _Resolver, node: fx.Node, out: int) -> tuple[fx.Node, fx.Node
         return None
     other = add.args[1] if add.args[0] is node else add.args[0]
     t = res.tensor(other)
-    if t is None or t.dim() != 1 or t.shape[0] != out or not _same_shape(_value(add), _value(node)):
+    if t is None or t.dim() != 1 or t.shape[0] != out or not _same_shape(value(add), value(node)):
         return None
     return add, other, t
 
@@ -250,7 +251,7 @@ def _flattened(node: Any) -> fx.Node | None:
     """If ``node`` views an activation ``x`` of shape (..., n) as (-1, n): ``x``, else None."""
     if not _is_call(node, VIEW_TARGETS, VIEW_METHODS) or not isinstance(node.args[0], fx.Node):
         return None
-    x, flat = _value(node.args[0]), _value(node)
+    x, flat = value(node.args[0]), value(node)
     if not isinstance(x, torch.Tensor) or not isinstance(flat, torch.Tensor) or flat.dim() != 2 or x.dim() < 2:
         return None
     return node.args[0] if _ends_in(x, flat.shape[-1]) else None
@@ -263,7 +264,7 @@ def _unflattened(node: fx.Node, x: fx.Node, out: int) -> fx.Node | None:
     view = next(iter(node.users))
     if not _is_call(view, VIEW_TARGETS, VIEW_METHODS) or view.args[0] is not node:
         return None
-    xv, yv = _value(x), _value(view)
+    xv, yv = value(x), value(view)
     if not isinstance(xv, torch.Tensor) or not isinstance(yv, torch.Tensor) or yv.dim() != xv.dim():
         return None
     same = all(statically_known_true(sym_eq(a, b)) for a, b in zip(xv.shape[:-1], yv.shape[:-1]))
@@ -302,7 +303,7 @@ def _match_matmul(res: _Resolver, node: fx.Node) -> LinearMatch | None:
         return None
     w_node, weight, layout, chain = found
     n, out = (weight.shape[1], weight.shape[0]) if layout == OUT_IN else weight.shape
-    if not _ends_in(_value(x), n):
+    if not _ends_in(value(x), n):
         return None
     nodes, bias, b_node = [*chain, node], None, None
     added = _bias_add(res, node, out)
@@ -359,6 +360,11 @@ class LinearModule:
     layout: str
     in_features: int
     out_features: int
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The module's weight as an (out, in) matrix, the layout the adapter math works in (a view)."""
+        return as_out_in(self.module.weight, self.layout)
 
 
 def _conv1d_class() -> type | None:

@@ -132,6 +132,11 @@ class Plan:
         lines.append("-" * len(head))
         lines.append(f"budget {self.budget:.3f}  expected FLOP ratio {self.expected_ratio():.4f}  "
                      f"({len(self.adapted)}/{len(self.units)} units adapted, allocation={self.allocation})")
+        notes = self.meta.get("left_dense", [])
+        block = self.dense_flops() + sum(n["flops"] for n in notes)
+        for n in notes:
+            lines.append(f"left dense: {n['what']} ({n['flops'] / block:.1%} of block FLOPs, {n['flops'] / 1e6:.3f} "
+                         f"MFLOP/token): {n['reason']}")
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ persistence

@@ -22,6 +22,7 @@ from ranapass.candidates import KINDS, Site, UnitCandidates
 from ranapass.cost_model.allocate import Allocator, Choice, InfeasibleBudgetError
 from ranapass.cost_model.uniform import allocate_reference
 from ranapass.errors import RanapassError
+from ranapass.linear_match import linear_module
 from ranapass.offload import onloaded
 from ranapass.plan import Plan, UnitPlan
 from ranapass.thresholds import fit_thresholds
@@ -149,9 +150,10 @@ class Planner:
         return self._allocators[key]
 
     def _weights(self, unit: UnitCandidates) -> torch.Tensor:
+        """The unit's stacked weight, (out, in) float32 whatever each member's layout."""
         modules = [self.model.get_submodule(m) for m in unit.members]
         with onloaded(modules):
-            return torch.cat([module.weight.detach().float().cpu() for module in modules])
+            return torch.cat([linear_module(module).weight.detach().float().cpu() for module in modules])
 
     def _build(self, chosen: list[tuple[UnitCandidates, tuple[str, int]]], budget: float, allocation: str) -> Plan:
         """The plan of the chosen options: each adapted unit's kind builds its adapter from its candidate."""

@@ -24,12 +24,16 @@ import torch
 from ranapass import distributed, storage
 from ranapass.attach import temporarily_attached
 from ranapass.cache import CacheError, cache_dir, discard, usable_entry
-from ranapass.calibrate import RANK_MIN_ASPECT, candidate_linears, collect
+from ranapass.calibrate import RANK_MIN_ASPECT, candidate_linears, collect, shared_linears
 from ranapass.candidates import Site, UnitCandidates, calibrated_sites, data_free_sites
+from ranapass.cost_model import flops
 from ranapass.data import check_token_ids
 from ranapass.errors import RanapassError
+from ranapass.experts import model_experts
 from ranapass.fingerprint import weights_fingerprint
+from ranapass.linear_match import linear_modules
 from ranapass.plan import Plan, PlanMismatchError
+from ranapass.rewrite_report import EXPERTS_WHY
 from ranapass.planning import Planner, PlanOptions
 from ranapass.timing import Stopwatch, model_devices, peak_gpu_memory, reset_peak_gpu_memory
 
@@ -162,7 +166,7 @@ def profile(model: torch.nn.Module, data: Any = None, *, options: ProfileOptions
     """Calibrate ``model`` once: statistics, decompositions and candidate curves of every linear.
 
     Args:
-        model: an HF causal LM or any ``nn.Module`` with ``nn.Linear`` layers (not modified).
+        model: an HF causal LM or any ``nn.Module`` with linears (``nn.Linear``, ``Conv1D``; not modified).
         data: calibration token windows ``[N, L]`` (see ``ranapass.data``), an iterable of model
             inputs, or None for data-free profiling (static low rank from the weights' spectra).
         options: ``ProfileOptions``.
@@ -230,12 +234,34 @@ def profile(model: torch.nn.Module, data: Any = None, *, options: ProfileOptions
         sites, holdout, meta = _profile_with_data(model, data, linears, options, loss_fn, stopwatch)
     meta.update({"model": type(model).__name__, "profile_seconds": round(time.perf_counter() - t0, 1),
                  "timings": stopwatch.rounded(), "peak_gpu_memory_bytes": peak_gpu_memory(devices),
-                 "devices": [str(d) for d in devices], "options": dataclasses.asdict(options)})
+                 "devices": [str(d) for d in devices], "options": dataclasses.asdict(options),
+                 "left_dense": left_dense(model)})
+    for note in meta["left_dense"]:
+        log.warning("left dense: %s: %s (%s)", note["what"], note["reason"], ", ".join(note["paths"][:4]))
     result = Profile(model, sites, holdout=holdout, fingerprint=fingerprint, meta=meta)
     log.info("profiled %d units over %d sites in %.1fs", len(result.units), len(sites), meta["profile_seconds"])
     if key is not None and distributed.is_main():
         result.save(folder)  # replaces a damaged or stale entry file by file, the manifest last
     return result
+
+
+def left_dense(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """What a plan leaves dense besides the output embedding and ``exclude``, with dense FLOPs per token:
+    linears whose weight is tied to another module's, and 3D expert weights (``Plan.summary`` prints them)."""
+    notes = []
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linears = linear_modules(model)
+    tied = [p for p in shared_linears(model) if linears[p].module is not out_emb]
+    if tied:
+        cost = sum(flops.per_token(flops.dense_linear(linears[p].out_features, linears[p].in_features)) for p in tied)
+        notes.append({"what": f"{len(tied)} linear(s) with a tied weight", "paths": tied, "flops": cost,
+                      "reason": "the weight is also a parameter of another module; an adapter would replace one "
+                                "use of it only"})
+    experts = model_experts(model)
+    if experts:
+        notes.append({"what": f"{len(experts)} expert parameter(s)", "paths": list(experts),
+                      "flops": sum(experts.values()), "reason": EXPERTS_WHY})
+    return notes
 
 
 def _profile_with_data(model, data, linears, options: ProfileOptions, loss_fn, stopwatch: Stopwatch):

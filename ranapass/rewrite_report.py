@@ -10,7 +10,10 @@ import collections
 import dataclasses
 from typing import Any
 
-__all__ = ["RewriteError", "OpRewrite", "LeftDense", "RewriteReport"]
+__all__ = ["RewriteError", "OpRewrite", "LeftDense", "RewriteReport", "EXPERTS_WHY"]
+
+EXPERTS_WHY = "3D expert weights are not adapted"
+"""Why mixture-of-experts weights stay dense (``ranapass.experts``), in every report that says so."""
 
 
 class RewriteError(RuntimeError):
@@ -75,7 +78,9 @@ class RewriteReport:
         skipped: linears with a registered weight that stayed dense, each with its reason.
         dense: linears without a registered weight (e.g. lm_head), left dense.
         unfound: member paths of registered weights that this graph reads but never through a linear
-            the pass recognises (e.g. ``x @ w.t()``): they stay dense.
+            the pass recognises: they stay dense.
+        experts: the 3D expert weights of mixture-of-experts blocks this graph reads, left dense (no adapter
+            kind covers them), with their FLOPs per token at the router's experts per token.
         counters: ``rewritten_units``, ``rewritten_linears``, ``ops``, ``dense_unregistered``,
             ``skipped_<reason>``.
     """
@@ -84,6 +89,7 @@ class RewriteReport:
     skipped: list[LeftDense] = dataclasses.field(default_factory=list)
     dense: list[LeftDense] = dataclasses.field(default_factory=list)
     unfound: list[str] = dataclasses.field(default_factory=list)
+    experts: list[LeftDense] = dataclasses.field(default_factory=list)
     counters: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
     @property
@@ -118,4 +124,19 @@ class RewriteReport:
             lines.append(f"  left dense (registered, read outside any linear): {', '.join(self.unfound)}")
         if self.dense:
             lines.append(f"  dense, no adapter registered: {', '.join(d.path for d in self.dense)}")
+        if self.experts:
+            expert_flops = sum(d.flops for d in self.experts)
+            lines.append("  " + _experts_line(len(self.experts), expert_flops, self.linear_flops()))
         return "\n".join(lines)
+
+    def linear_flops(self) -> float:
+        """Dense FLOPs per token of every linear and expert weight of this graph (rewritten or not)."""
+        return sum(r.flops_before for r in self.rewrites) + sum(d.flops for d in (*self.skipped, *self.dense,
+                                                                                   *self.experts))
+
+
+def _experts_line(count: int, expert_flops: float, total_flops: float) -> str:
+    """The report line on expert weights left dense (``total_flops``: the graph's, experts included)."""
+    share = expert_flops / total_flops if total_flops else 0.0
+    return (f"left dense: {count} expert parameter(s) ({share:.1%} of the graph's linear and expert FLOPs, "
+            f"{expert_flops / 1e6:.3f} MFLOP/token): {EXPERTS_WHY}")

@@ -2,7 +2,8 @@
 
 For each: the eager adapted output differs from the dense one (the plan does something), the backend rewrote
 every adapted unit of the plan (``backend.check``, one rewrite per unit), and the compiled output equals the
-eager adapted one. Families that fail today are strict xfails naming the root cause, so the fix flips them.
+eager adapted one. GPT-2's ``Conv1D`` (``addmm`` with the weight stored (in, out)) and Falcon's ``x @ w.T`` are
+linears like any other; mixture-of-experts models adapt attention and report their 3D experts left dense.
 
 Calibration: 8 random windows of 32 tokens (2 held out for the thresholds), Fisher weights from 2 of them.
 About a second per family after the first.
@@ -18,24 +19,13 @@ from architectures import FAMILIES, MOE, batches, build, output
 
 import ranapass
 from ranapass.attach import temporarily_attached
+from ranapass.diff import GraphCapture, GraphDiff
 
 pytestmark = pytest.mark.slow
 
 FP32 = dict(rtol=1e-4, atol=1e-5)
 MIN_EFFECT = 1e-4
 """Smallest relative difference between the eager adapted and the dense outputs that shows the plan acts."""
-
-CONV1D = ("GPT-2's Conv1D is not an nn.Linear: the profile finds no linear to adapt; in the graph it is "
-          "addmm(bias, x.view(-1, n), weight) with the weight stored (in, out)")
-MATMUL_BY_WEIGHT_T = ("Falcon's linear computes input @ self.weight.T: profile, plan and the eager path adapt it, "
-                      "but the FX pass only rewrites F.linear, so the compiled model stays dense")
-XFAIL = {
-    "gpt2": pytest.mark.xfail(strict=True, raises=ValueError, reason=CONV1D),
-    "falcon": pytest.mark.xfail(strict=True, raises=AssertionError, reason=MATMUL_BY_WEIGHT_T),
-    "falcon_new": pytest.mark.xfail(strict=True, raises=AssertionError, reason=MATMUL_BY_WEIGHT_T),
-}
-MOE_EXPERTS = ("MoE experts are 3D parameters (read by grouped_mm, or sliced per expert inside a data-dependent "
-               "loop): no report names them, so their dense FLOPs go unreported")
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +60,7 @@ def run_family(family: str) -> dict:
     return dict(model=model, plan=plan, backend=backend, dense=dense, eager=eager, compiled=compiled)
 
 
-@pytest.mark.parametrize("family", [pytest.param(f, marks=XFAIL.get(f, ())) for f in FAMILIES])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_compiles_to_its_eager_adapted_model(family):
     run = run_family(family)
     plan, backend = run["plan"], run["backend"]
@@ -81,9 +71,13 @@ def test_family_compiles_to_its_eager_adapted_model(family):
     torch.testing.assert_close(run["compiled"], run["eager"], **FP32)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=MOE_EXPERTS)
 @pytest.mark.parametrize("family", MOE)
 def test_moe_experts_are_reported_dense(family):
-    reports = run_family(family)["backend"].reports
-    left = [d for r in reports for d in (*r.dense, *r.skipped)]
-    assert any(".experts" in d.path and d.flops > 0 for d in left), "\n".join(r.summary() for r in reports)
+    run = run_family(family)
+    reports = run["backend"].reports
+    experts = [d for r in reports for d in r.experts]
+    assert experts and all(".experts." in d.path and d.flops > 0 for d in experts)
+    assert "expert parameter(s)" in "\n".join(r.summary() for r in reports)
+    assert "3D expert weights are not adapted" in run["plan"].summary()
+    rows = GraphDiff([GraphCapture([], [], r) for r in reports], None).rows()
+    assert {r["module"] for r in rows if r["old_op"] == "3D expert weight"} == {d.path for d in experts}

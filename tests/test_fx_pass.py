@@ -228,22 +228,76 @@ def test_call_module_and_get_attr_forms():
         torch.testing.assert_close(gm(inputs), ref, rtol=0, atol=1e-6)
 
 
-class MatmulUser(torch.nn.Module):
+class EinsumUser(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.lin = torch.nn.Linear(32, 32, bias=False)
 
     def forward(self, x):
-        return x @ self.lin.weight.t()
+        return torch.einsum("ij,kj->ik", x, self.lin.weight)
+
+
+class MatmulUser(torch.nn.Module):
+    """Reads ``lin``'s weight in a linear of its own (``x @ w.t()``), outside ``lin``: the eager path, which
+    swaps ``lin.forward``, leaves this use dense, and so must the pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(32, 32, bias=False)
+
+    def forward(self, x):
+        return self.lin(x) + x @ self.lin.weight.t()
+
+
+def plan_for_lin(model, inputs):
+    """A plan for ``model.lin`` from a model that calls it as a module (same parameter names, so fingerprint)."""
+    return build_plan(torch.nn.Sequential(collections.OrderedDict(lin=model.lin)), inputs)
 
 
 def test_registered_weight_read_outside_a_linear_is_named():
-    model, inputs = MatmulUser().eval(), torch.randn(4, 32)
-    # The plan comes from a model that calls lin as a module; its parameter names, so its fingerprint, match.
-    ranapass.attach(model, build_plan(torch.nn.Sequential(collections.OrderedDict(lin=model.lin)), inputs))
+    model, inputs = EinsumUser().eval(), torch.randn(4, 32)
+    ranapass.attach(model, plan_for_lin(model, inputs))
     _, report, _ = capture(model, inputs)
     assert report.rewritten == 0 and report.unfound == ["lin"] and not report.complete
     assert "read outside any linear): lin" in report.summary()
+
+
+def test_weight_read_by_another_modules_linear_stays_dense_at_every_use():
+    model, inputs = MatmulUser().eval(), torch.randn(4, 32)
+    plan = plan_for_lin(model, inputs)
+    with torch.no_grad():
+        dense = model(inputs)
+    ranapass.attach(model, plan)
+    _, report, out = capture(model, inputs)
+    assert report.rewritten == 0 and not report.complete
+    assert [(s.path, s.reason.split(":")[0]) for s in report.skipped] == [("lin", "shared_use")] * 2
+    assert "the top-level module" in report.skipped[0].reason
+    torch.testing.assert_close(out, dense)
+
+
+class TiedToEmbedding(torch.nn.Module):
+    """A linear whose weight an embedding also reads (as tied input/output embeddings are)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(48, 32)
+        self.lin = torch.nn.Linear(32, 48, bias=False)
+        self.lin.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.lin(self.emb(ids))
+
+
+def test_weight_tied_to_an_embedding_stays_dense_and_says_why():
+    model, ids = TiedToEmbedding().eval(), torch.randint(0, 48, (2, 8))
+    plan = build_plan(torch.nn.Sequential(collections.OrderedDict(lin=model.lin)), torch.randn(16, 32))
+    ranapass.attach(model, plan, check_fingerprint=False)
+    with torch.no_grad():
+        dense = model(ids)
+    _, report, out = capture(model, ids)
+    assert report.rewritten == 0 and [s.reason.split(":")[0] for s in report.skipped] == ["shared_use"]
+    assert "embedding" in report.skipped[0].reason and "shared_use" in report.summary()
+    torch.testing.assert_close(out, dense)
 
 
 def test_left_dense_with_reasons():

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import ranapass
+from ranapass.attach import temporarily_attached
 from ranapass.errors import RanapassError
 from ranapass.profiling import Profile, ProfileOptions, profile
 from tiny_models import tiny_llama, token_windows
@@ -205,3 +206,61 @@ def test_sequential_calibration_under_a_plan(model, prof):
 def test_mask_cost_ablation_overspends(prof):
     free = prof.plan(0.5, count_mask_cost=False, fit=False)
     assert free.expected_ratio() > 0.5  # the masks it did not pay for still cost FLOPs
+
+
+class MatmulLinear(torch.nn.Linear):
+    """Falcon's linear: ``input @ self.weight.T + bias``."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+def conv1d_mlp():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(Conv1D(96, 32), torch.nn.GELU(), MatmulLinear(96, 32)).eval()
+    with torch.no_grad():
+        mlp[0].bias.normal_()  # Conv1D starts with a zero bias: make it count
+    return mlp
+
+
+def test_conv1d_and_matmul_linears_are_adapted_eager_and_compiled():
+    mlp, x = conv1d_mlp(), torch.randn(40, 16, 32)
+    prof = profile(mlp, list(x.split(8)), options=ProfileOptions(sample_tokens=256, error_weighting="relative"),
+                   cache=False)
+    assert {m for s in prof.sites for m in s.members} == {"0", "2"}
+    plan = prof.plan(0.6, fit=False)
+    assert plan.adapted
+    with torch.no_grad():
+        dense = mlp(x)
+        with temporarily_attached(mlp, plan):
+            eager = mlp(x)
+        ranapass.attach(mlp, plan)
+        backend = ranapass.RanaBackend(compiler="eager")
+        compiled = torch.compile(mlp, backend=backend)(x)
+    torch._dynamo.reset()
+    assert 0 < (eager - dense).norm() / dense.norm() < 0.5
+    assert sum(r.rewritten for r in backend.reports) == len(plan.adapted) and backend.unrewritten(mlp) == []
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_conv1d_budget_one_equals_dense():
+    mlp, x = conv1d_mlp(), torch.randn(40, 16, 32)
+    prof = profile(mlp, list(x.split(8)), options=ProfileOptions(sample_tokens=256, error_weighting="relative"),
+                   cache=False)
+    plan = prof.plan(1.0, fit=False, kinds=("neuron",))
+    with torch.no_grad(), temporarily_attached(mlp, plan):
+        adapted = mlp(x)
+    torch.testing.assert_close(adapted, mlp(x), rtol=1e-4, atol=1e-5)
+
+
+def test_linears_with_a_tied_weight_stay_dense_and_are_named():
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.GELU(), torch.nn.Linear(32, 32),
+                              torch.nn.GELU(), torch.nn.Linear(32, 32)).eval()
+    mlp[4].weight = mlp[0].weight  # one weight, two modules
+    prof = profile(mlp, list(torch.randn(40, 16, 32).split(8)),
+                   options=ProfileOptions(sample_tokens=256, error_weighting="relative"), cache=False)
+    assert [m for s in prof.sites for m in s.members] == ["2"]
+    assert "left dense: 2 linear(s) with a tied weight" in prof.plan(0.8, fit=False).summary()
