@@ -26,7 +26,7 @@ def _inputs_by_hand(model, windows, linears, batch_size):
             seen[name].append(args[0].detach().reshape(-1, args[0].shape[-1]).double())
         return pre
 
-    with forward_hooks([(m, record(n)) for n, m in linears.items()], pre=True), torch.no_grad():
+    with forward_hooks([(m.module, record(n)) for n, m in linears.items()], pre=True), torch.no_grad():
         for i in range(0, len(windows), batch_size):
             model(input_ids=windows[i:i + batch_size])
     return {n: torch.cat(rows) for n, rows in seen.items()}
@@ -70,7 +70,7 @@ def test_gradient_weights_match_a_reference():
         return fwd
 
     sums = dict.fromkeys(linears, 0.0)
-    with forward_hooks([(m, keep(n)) for n, m in linears.items()]):
+    with forward_hooks([(m.module, keep(n)) for n, m in linears.items()]):
         for w in windows:
             logits = model(input_ids=w[None]).logits[0, :-1].float()  # as the calibration's loss computes it
             torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum").backward()
