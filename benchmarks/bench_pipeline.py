@@ -159,14 +159,13 @@ def time_generation(model, prompt: torch.Tensor, new_tokens: int, args) -> dict:
     graphs = gen.compilations
     row = {"compile_s": compile_s, "prefill_graphs": graphs["prefill"], "decode_graphs": graphs["decode"],
            "recompiles": sum(max(0, n - 1) for n in graphs.values()), **counters_snapshot()}
+    rates = [t.decode_tokens_per_s if new_tokens > 1 else t.prefill_tokens_per_s for t in timings]
+    rate = statistics.median(rates)
+    row.update({"tok_per_s": rate, "spread": (max(rates) - min(rates)) / rate})
     if new_tokens > 1:
-        rates = [t.decode_tokens_per_s for t in timings]
-        row.update({"tok_per_s": statistics.median(rates), "ms_per_step": 1e3 * prompt.shape[0] / statistics.median(rates),
-                    "spread": (max(rates) - min(rates)) / statistics.median(rates)})
+        row["ms_per_step"] = 1e3 * prompt.shape[0] / rate
     else:
-        rates = [t.prefill_tokens_per_s for t in timings]
-        row.update({"tok_per_s": statistics.median(rates), "ms": 1e3 * statistics.median(t.prefill_seconds for t in timings),
-                    "spread": (max(rates) - min(rates)) / statistics.median(rates)})
+        row["ms"] = 1e3 * statistics.median(t.prefill_seconds for t in timings)
     del gen
     if prompt.device.type == "cuda":
         torch.cuda.empty_cache()

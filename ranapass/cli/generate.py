@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(budget=None)
     parser.add_argument("--plan", default=None, help="a saved plan (directory) instead of --budget")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (fewer at end of text)")
-    parser.add_argument("--device", default="auto", help="where the model runs: auto (CUDA when present), cpu, cuda, cuda:1")
+    parser.add_argument("--device", default="auto", help="where the model runs: auto (CUDA when present), cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                         help="weights' dtype: auto is bfloat16 on a GPU, float32 on a CPU")
     add_json_flag(parser)
