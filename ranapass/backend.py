@@ -68,6 +68,11 @@ class RanaBackend:
     def __name__(self) -> str:  # torch._dynamo names backends by their __name__
         return "rana"
 
+    def __deepcopy__(self, memo: dict) -> RanaBackend:
+        # Hugging Face's CompileConfig.to_dict() deep-copies its backend: the copy would record the
+        # reports where nobody reads them. A backend is shared configuration, like a function.
+        return self
+
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None = None,
                  options: dict[str, Any] | None = None) -> Callable[..., Any]:
         """Rewrite ``gm`` in place and compile it; ``mode``/``options`` are torch.compile's."""

@@ -1,0 +1,284 @@
+"""The whole product path on one model, as a user runs it: profile, plan, attach, compile, generate.
+
+A Llama-architecture model built from its config (Llama-2-7B or Llama-3-8B shapes, ``--layers`` to
+keep fewer decoder layers) with random weights in bf16 on the GPU (fp32 on a CPU), its vocabulary
+resized to the SmolLM2 tokenizer's. It is calibrated with the real ``ranapass.profile`` on
+``--windows`` x ``--window-len`` tokens of the Python-docs calibration split, planned by the real
+allocator at each ``--budgets`` value (``Profile.plan``), and next to those plans runs the hand-built
+plan of ``bench_decode.py`` (one kept fraction everywhere) at the first budget, so the difference
+between the two kinds of plan is measured in the same run.
+
+Every variant, dense included, generates through ``CompiledGenerator`` with the same backend
+options and compile mode (dense: the backend's compiler without the rewrite): greedy decode of
+``--steps`` tokens after a ``--prompt-len`` prompt at each of ``--batches``, and a prefill of
+``--prefill-len`` tokens at batch 1; one warm-up call compiles (timed as compile seconds), then the
+median of ``--repeats`` calls is reported. Recorded: profile seconds and peak GPU memory
+(``torch.cuda.max_memory_allocated``), plan seconds, compile seconds, graphs compiled per phase
+(recompiles = graphs beyond one), cudagraph skips and graph breaks (Dynamo's counters), decode and
+prefill tokens per second with the speedup over dense, each plan's kind/rank mix per projection,
+and its FLOP ratio measured on held-out text (the evaluation split).
+
+The tokenizer and token windows need the SmolLM2 package and Python's docs; ``--inputs DIR`` saves
+them there the first time (``--prepare-only`` stops after that) and reads them from there later,
+for a machine that has neither.
+
+Usage::
+
+    python benchmarks/bench_pipeline.py [--model llama2-7b|llama3-8b|tiny] [--layers N] [--windows 128]
+        [--window-len 512] [--budgets 0.56 0.7] [--batches 1 4] [--steps 64] [--inputs DIR]
+        [--prepare-only] [--compiler inductor|aot_eager] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_decode  # noqa: E402
+from bench_decode import build_model, counters_snapshot, measured_ratio  # noqa: E402
+from common import LLAMA2_7B, LLAMA3_8B, ModelShape, env_info, markdown_table  # noqa: E402
+
+import ranapass  # noqa: E402
+from ranapass import CompiledGenerator, RanaBackend, attach, detach  # noqa: E402
+
+TINY = ModelShape("tiny", hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=0)
+MODELS = {"llama2-7b": LLAMA2_7B, "llama3-8b": LLAMA3_8B, "tiny": TINY}
+bench_decode.ROPE_THETA.setdefault(TINY.name, 10000.0)  # bench_decode knows the real models' rope bases
+HELD_OUT_WINDOWS = 4
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def load_inputs(args) -> tuple[object, dict[str, torch.Tensor]]:
+    """The SmolLM2 tokenizer and the token windows: calibration, held-out (evaluation split)."""
+    from transformers import AutoTokenizer
+
+    folder = Path(args.inputs) if args.inputs else None
+    if folder is not None and (folder / "windows.pt").is_file():
+        windows = torch.load(folder / "windows.pt")
+        if tuple(windows["calibration"].shape) != (args.windows, args.window_len):
+            raise SystemExit(f"{folder}/windows.pt holds {tuple(windows['calibration'].shape)} calibration tokens, "
+                             f"not {args.windows} x {args.window_len}: pass another --inputs folder")
+        return AutoTokenizer.from_pretrained(folder), windows
+    tokenizer = ranapass.load_model()[1]
+    length = max(args.window_len, args.prefill_len, args.prompt_len)
+    windows = {"calibration": ranapass.calibration_windows(tokenizer, num_windows=args.windows, window=args.window_len),
+               "held_out": ranapass.evaluation_windows(tokenizer, num_windows=max(HELD_OUT_WINDOWS, *args.batches),
+                                                       window=length)}
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(folder)
+        torch.save(windows, folder / "windows.pt")
+    return tokenizer, windows
+
+
+# ------------------------------------------------------------------------------------------ plans
+def plan_mix(plan: ranapass.Plan) -> dict[str, dict]:
+    """Per projection (the unit name without its layer prefix): units of each kind, mean rank and kept fractions."""
+    groups: dict[tuple[str, str], list] = collections.defaultdict(list)
+    for unit in plan.units:
+        groups[(unit.name.split(".", 3)[-1], unit.kind)].append(unit)
+    mix: dict[str, dict] = {}
+    for (proj, kind), units in sorted(groups.items()):
+        entry = {"units": len(units)}
+        if kind == "rank":
+            ranks = [u.adapter.rank / min(sum(u.out_features), u.in_features) for u in units]
+            entry["rank_fraction"] = statistics.mean(ranks)
+            entry["kept_of_rank"] = statistics.mean(u.expected_kept / u.adapter.rank for u in units)
+        elif kind == "neuron":
+            entry["kept_of_inputs"] = statistics.mean(u.expected_kept / u.in_features for u in units)
+        mix.setdefault(proj, {})[kind] = entry
+    return mix
+
+
+def make_plans(model, shape: ModelShape, windows: dict[str, torch.Tensor], args) -> tuple[dict, list[dict]]:
+    """Profile once, plan at every budget, build the hand-made plan: ``{name: plan}`` and one row per plan."""
+    device = next(model.parameters()).device
+    calibration = windows["calibration"].to(device)
+    held_out = windows["held_out"][:HELD_OUT_WINDOWS].to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    profile = ranapass.profile(model, calibration, cache=False)
+    profile_row = {"profile_seconds": time.perf_counter() - start, "profile_peak_gib": _peak_gib(device),
+                   "calibration": f"{calibration.shape[0]} x {calibration.shape[1]} tokens"}
+    print(f"profile: {profile_row}", flush=True)
+    plans, rows = {}, []
+    for budget in args.budgets:
+        start = time.perf_counter()
+        plans[f"allocator {budget}"] = profile.plan(budget)
+        rows.append({"plan": f"allocator {budget}", "plan_seconds": time.perf_counter() - start})
+    if not args.no_hand:
+        budget = args.budgets[0]
+        start = time.perf_counter()
+        plans[f"hand-built {budget}"] = bench_decode.build_plan(model, shape, budget, calibration[:4, :256])
+        rows.append({"plan": f"hand-built {budget}", "plan_seconds": time.perf_counter() - start})
+    for row in rows:
+        plan = plans[row["plan"]]
+        row.update({"expected_ratio": plan.expected_ratio(), "held_out_ratio": measured_ratio(model, plan, held_out),
+                    "units_adapted": len(plan.adapted), "units": len(plan.units), "mix": plan_mix(plan)})
+        detach(model)
+        print({k: v for k, v in row.items() if k != "mix"}, flush=True)
+    return plans, [{"plan": "profile", **profile_row}] + rows
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+# ------------------------------------------------------------------------------------------ timing
+@torch.no_grad()
+def time_generation(model, prompt: torch.Tensor, new_tokens: int, args) -> dict:
+    """Compile (one warm-up call), then the median of ``--repeats`` timed calls of one fresh generator."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    gen = CompiledGenerator(model, max_cache_len=args.max_cache_len, batch_size=prompt.shape[0],
+                            backend=RanaBackend(strict=True, compiler=args.compiler))
+    start = time.perf_counter()
+    gen.generate(prompt, new_tokens)
+    compile_s = time.perf_counter() - start
+    gen.generate(prompt, new_tokens)  # untimed: CUDA graphs record on their first replays
+    timings = []
+    for _ in range(args.repeats):
+        gen.generate(prompt, new_tokens)
+        timings.append(gen.last_timing)
+    graphs = gen.compilations
+    row = {"compile_s": compile_s, "prefill_graphs": graphs["prefill"], "decode_graphs": graphs["decode"],
+           "recompiles": sum(max(0, n - 1) for n in graphs.values()), **counters_snapshot()}
+    rates = [t.decode_tokens_per_s if new_tokens > 1 else t.prefill_tokens_per_s for t in timings]
+    rate = statistics.median(rates)
+    row.update({"tok_per_s": rate, "spread": (max(rates) - min(rates)) / rate})
+    if new_tokens > 1:
+        row["ms_per_step"] = 1e3 * prompt.shape[0] / rate
+    else:
+        row["ms"] = 1e3 * statistics.median(t.prefill_seconds for t in timings)
+    del gen
+    if prompt.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def run_variants(model, plans: dict, windows: dict[str, torch.Tensor], args) -> list[dict]:
+    """Decode at every batch and prefill at batch 1, dense first, then every plan; speedups over dense."""
+    device = next(model.parameters()).device
+    held_out = windows["held_out"].to(device)
+    cases = [("decode", b, held_out[:b, :args.prompt_len], args.steps + 1) for b in args.batches]
+    cases.append(("prefill", 1, held_out[:1, :args.prefill_len], 1))
+    rows, dense = [], {}
+    for variant in ["dense", *plans]:
+        with attached(model, plans.get(variant)):
+            for phase, batch, prompt, new_tokens in cases:
+                row = {"variant": variant, "phase": phase, "batch": batch, "tokens": prompt.shape[1],
+                       **time_generation(model, prompt, new_tokens, args)}
+                if variant == "dense":
+                    dense[(phase, batch)] = row["tok_per_s"]
+                row["speedup"] = row["tok_per_s"] / dense[(phase, batch)]
+                rows.append(row)
+                print(row, flush=True)
+    return rows
+
+
+@contextlib.contextmanager
+def attached(model, plan):
+    """The model with ``plan`` attached inside the block (none: dense)."""
+    detach(model)
+    if plan is not None:
+        attach(model, plan)
+    try:
+        yield
+    finally:
+        detach(model)
+
+
+# ------------------------------------------------------------------------------------------ main
+def environment(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return env_info()
+    import transformers
+
+    return {"card": f"cpu ({platform.machine()})", "torch": torch.__version__,
+            "transformers": transformers.__version__, "command": " ".join(sys.argv)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=sorted(MODELS), default="llama2-7b")
+    ap.add_argument("--layers", type=int, default=0, help="decoder layers (0: the model's own)")
+    ap.add_argument("--windows", type=int, default=128, help="calibration windows")
+    ap.add_argument("--window-len", type=int, default=512, help="tokens per calibration window")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.56, 0.7])
+    ap.add_argument("--no-hand", action="store_true", help="leave out bench_decode.py's hand-built plan")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--steps", type=int, default=64, help="decode steps timed per call")
+    ap.add_argument("--prompt-len", type=int, default=128, help="prompt tokens before the decode steps")
+    ap.add_argument("--prefill-len", type=int, default=512)
+    ap.add_argument("--max-cache-len", type=int, default=2048)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compiler", choices=("inductor", "aot_eager"), default="inductor",
+                    help="aot_eager: check the script quickly on a CPU (no Inductor)")
+    ap.add_argument("--inputs", help="folder for the tokenizer and token windows: written if missing, else read")
+    ap.add_argument("--prepare-only", action="store_true", help="write --inputs and stop")
+    ap.add_argument("--out", default="bench_out")
+    args = ap.parse_args(argv)
+    if args.prompt_len + args.steps + 1 > args.max_cache_len or args.prefill_len + 1 > args.max_cache_len:
+        raise SystemExit("--max-cache-len must hold --prompt-len + --steps + 1 and --prefill-len + 1 tokens")
+    tokenizer, windows = load_inputs(args)
+    if args.prepare_only:
+        return {}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shape = dataclasses.replace(MODELS[args.model], vocab=len(tokenizer))
+    layers = args.layers or shape.layers
+    model = build_model(shape, layers, dtype, str(device))
+    print(f"{shape.name} x{layers} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, "
+          f"{dtype}) on {device}", flush=True)
+    plans, plan_rows = make_plans(model, shape, windows, args)
+    res = {"env": environment(device), "args": vars(args), "model": shape.name, "layers": layers,
+           "plans": plan_rows, "runs": run_variants(model, plans, windows, args)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pipeline.json").write_text(json.dumps(res, indent=1, default=str))
+    (out / "pipeline.md").write_text(report(res))
+    print(report(res))
+    return res
+
+
+def report(res: dict) -> str:
+    e = res["env"]
+    head = (f"{res['model']} x{res['layers']}; card {e['card']}, torch {e['torch']}, transformers "
+            f"{e.get('transformers')}, {e.get('date', '')}; command `{e['command']}`")
+    plan_cols = ["plan", "profile_seconds", "profile_peak_gib", "calibration", "plan_seconds", "expected_ratio",
+                 "held_out_ratio", "units_adapted", "units"]
+    run_cols = ["variant", "phase", "batch", "tokens", "tok_per_s", "speedup", "ms_per_step", "ms", "compile_s",
+                "prefill_graphs", "decode_graphs", "recompiles", "cudagraph_skips", "graph_breaks", "spread"]
+    parts = [head, "", markdown_table(res["plans"], plan_cols), "", markdown_table(_finite(res["runs"]), run_cols)]
+    for row in res["plans"]:
+        if "mix" in row:
+            mix = [{"projection": proj, "kind": kind, **entry} for proj, kinds in row["mix"].items()
+                   for kind, entry in kinds.items()]
+            parts += ["", f"### kind/rank mix: {row['plan']}",
+                      markdown_table(mix, ["projection", "kind", "units", "rank_fraction", "kept_of_rank",
+                                           "kept_of_inputs"])]
+    return "\n".join(parts) + "\n"
+
+
+def _finite(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not (isinstance(v, float) and math.isnan(v))} for r in rows]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""benchmarks/bench_pipeline.py end to end on a CPU at toy size, so the GPU run is known to work first."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+PIPELINE = Path(__file__).parent.parent / "benchmarks" / "bench_pipeline.py"
+TOY = ["--model", "tiny", "--windows", "8", "--window-len", "64", "--budgets", "0.56", "--batches", "1", "2",
+       "--steps", "3", "--prompt-len", "16", "--prefill-len", "32", "--max-cache-len", "64", "--repeats", "1",
+       "--compiler", "aot_eager"]
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    spec = importlib.util.spec_from_file_location("bench_pipeline", PIPELINE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_toy_run_measures_every_variant(pipeline, tmp_path):
+    inputs = tmp_path / "inputs"
+    assert pipeline.main([*TOY, "--inputs", str(inputs), "--prepare-only"]) == {}
+    assert (inputs / "windows.pt").is_file() and (inputs / "tokenizer.json").is_file()
+    res = pipeline.main([*TOY, "--inputs", str(inputs), "--out", str(tmp_path / "out")])  # reads the saved inputs
+
+    assert json.loads((tmp_path / "out" / "pipeline.json").read_text())["layers"] == 2
+    assert "kind/rank mix: allocator 0.56" in (tmp_path / "out" / "pipeline.md").read_text()
+    profile, *plans = res["plans"]
+    assert profile["profile_seconds"] > 0 and profile["calibration"] == "8 x 64 tokens"
+    assert [p["plan"] for p in plans] == ["allocator 0.56", "hand-built 0.56"]
+    for plan in plans:
+        assert plan["expected_ratio"] <= 0.56 + 1e-6 and 0 < plan["held_out_ratio"] < 1 and plan["mix"]
+    runs = {(r["variant"], r["phase"], r["batch"]): r for r in res["runs"]}
+    assert set(runs) == {(v, p, b) for v in ("dense", "allocator 0.56", "hand-built 0.56")
+                         for p, b in (("decode", 1), ("decode", 2), ("prefill", 1))}
+    for (variant, phase, _), r in runs.items():
+        assert r["tok_per_s"] > 0 and r["recompiles"] == 0 and r["graph_breaks"] == 0
+        assert r["decode_graphs"] == (phase == "decode") and r["prefill_graphs"] == 1
+        assert r["speedup"] == 1.0 if variant == "dense" else r["speedup"] > 0
