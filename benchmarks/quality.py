@@ -1,17 +1,24 @@
 """Quality benchmark: perplexity against measured FLOP ratio, every method on one model and one accounting.
 
-One command runs everything on CPU and writes ``quality.json`` (raw numbers), ``quality.md`` (tables)
-and ``quality.png`` (perplexity against measured FLOP ratio, one line per method)::
+One command runs everything on CPU and writes ``quality.json`` (raw numbers, every window's loss),
+``quality.md`` (tables) and ``quality.png`` (perplexity against measured FLOP ratio, one line per method)::
 
-    python benchmarks/quality.py            # SmolLM2-135M-Instruct, the full run (under an hour, 2 cores)
+    python benchmarks/quality.py            # SmolLM2-135M-Instruct, the full run (hours on 2 cores)
     python benchmarks/quality.py --quick    # smoke run: small windows, two budgets (a few minutes)
-    python benchmarks/quality.py --only lowrank-uniform    # measure one method again, rows replaced in place
+    python benchmarks/quality.py --only teal-greedy    # measure one method again, rows replaced in place
+
+Each text is scored on the evaluation protocol's windows (``ranapass.evaluate``: 32 x 512 tokens). Every
+window's mean loss is kept, so each method is compared with ranapass (global) at the same budget by a
+*paired* difference: d_i = NLL_method,i - NLL_global,i over the windows, relative perplexity difference
+``exp(mean d) - 1`` with standard error ``exp(mean d) * sd(d) / sqrt(n)``. The windows' shared difficulty
+cancels in d, so its noise is far below that of either perplexity.
 
 Methods, all built from ranapass's own adapters and measured by ``FlopMeter`` on the evaluation
 windows themselves (real masks): dense; ranapass with global and with uniform allocation; static
 data-aware low rank (no masks; global and uniform); data-free static low rank from the weights'
 spectra (``ranapass.profile(model, None)``, global); TEAL-style and CATS-style activation sparsity
-(``ranapass.baselines``). Ablations of ranapass (global): relative instead of output-gradient
+(``ranapass.baselines``), and TEAL-style with TEAL's own greedy per-block allocation over the
+projections (``ranapass.baselines_greedy``). Ablations of ranapass (global): relative instead of output-gradient
 (Fisher) error weights, mask cost not counted during allocation, sequential calibration.
 
 One profile serves every ranapass and static-low-rank method; the FLOP ratio is over the block
@@ -30,6 +37,7 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -42,8 +50,9 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import ranapass  # noqa: E402
-from ranapass import baselines  # noqa: E402
+from ranapass import baselines, baselines_greedy  # noqa: E402
 from ranapass.cost_model import dense_flops, per_token_at  # noqa: E402
+from ranapass.evaluate import EVAL_NUM_WINDOWS, EVAL_WINDOW, protocol  # noqa: E402
 from ranapass.plan import Plan  # noqa: E402
 from ranapass.profiling import Profile, ProfileOptions  # noqa: E402
 
@@ -53,6 +62,10 @@ BUDGETS = (0.4, 0.5, 0.56, 0.6, 0.7, 0.8, 0.9)
 ABLATION_BUDGETS = (0.5, 0.56, 0.7)
 TEXTS = ("python-docs", "debian-handbook")
 RESULTS = Path(__file__).resolve().parent / "results"
+TIE = 0.002
+"""Relative perplexity difference under which two methods count as tied, whatever the noise."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """What one run measures; ``--quick`` shrinks every size."""
@@ -61,15 +74,18 @@ class Settings:
     ablation_budgets: tuple[float, ...] = ABLATION_BUDGETS
     calibration_windows: int = 32
     baseline_windows: int = 16
-    eval_windows: int = 8
-    window: int = 512
+    greedy_windows: int = 2
+    greedy_step: float = 0.02
+    greedy_max_sparsity: float = 0.7
+    eval_windows: int = EVAL_NUM_WINDOWS
+    window: int = EVAL_WINDOW
     threads: int = 2
     profile_options: ProfileOptions = ProfileOptions()
 
     @classmethod
     def quick(cls) -> Settings:
         return cls(budgets=(0.56, 0.8), ablation_budgets=(0.56,), calibration_windows=12, baseline_windows=6,
-                   eval_windows=2, window=256,
+                   greedy_step=0.1, greedy_max_sparsity=0.9, eval_windows=3, window=256,
                    profile_options=ProfileOptions(sample_tokens=512, holdout_windows=2, gradient_windows=2))
 
 
@@ -80,8 +96,14 @@ METHODS: dict[str, str] = {
     "lowrank-uniform": "static low rank (uniform)",
     "datafree-global": "data-free low rank (global)",
     "teal": "TEAL-style",
+    "teal-greedy": "TEAL-style (greedy per block)",
     "cats": "CATS-style (MLP only)",
 }
+NEEDS: dict[str, str] = {"relative-weighting": "relative", "datafree-global": "data-free", "teal": "teal",
+                         "teal-greedy": "teal-greedy", "cats": "cats"}
+"""The calibration each method needs, when not the output-gradient profile."""
+REFERENCE = "ranapass-global"
+"""The method every other one is paired against."""
 ABLATIONS: dict[str, str] = {
     "relative-weighting": "relative error weights (not output-gradient)",
     "mask-cost-free": "mask cost not counted in allocation",
@@ -106,19 +128,60 @@ class Timer:
 
 # ---------------------------------------------------------------------------------------- measuring
 def evaluate(model: torch.nn.Module, plan: Plan | None, windows: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Perplexity and measured FLOP ratio of ``plan`` (None: dense) on each text's windows."""
+    """Perplexity, each window's mean NLL and the measured FLOP ratio of ``plan`` (None: dense) on each text."""
     out = {}
     for text, w in windows.items():
         start = time.perf_counter()
         if plan is None:
-            ppl, ratio = ranapass.perplexity(model, w, progress=False).ppl, 1.0
+            result, ratio = ranapass.perplexity(model, w, progress=False), 1.0
         else:
             with ranapass.attach(model, plan).eager(), ranapass.FlopMeter() as meter:
-                ppl = ranapass.perplexity(model, w, progress=False).ppl
+                result = ranapass.perplexity(model, w, progress=False)
             ratio = meter.ratio(plan)
             ranapass.detach(model)
-        out[text] = {"ppl": ppl, "ratio": ratio, "seconds": round(time.perf_counter() - start, 1)}
+        out[text] = {"ppl": result.ppl, "ratio": ratio, "seconds": round(time.perf_counter() - start, 1),
+                     "window_nll": list(result.window_nll)}
     return out
+
+
+def paired(window_nll: list[float], reference: list[float]) -> dict[str, Any]:
+    """The paired comparison of one method's per-window NLLs against the reference's on the same windows.
+
+    ``rel_ppl_diff`` = ppl / reference ppl - 1 (windows of equal length: the mean of window NLLs is the
+    NLL), ``rel_se`` its standard error; ``verdict``: "tie" within :data:`TIE`, else "higher" / "lower"
+    when the difference is at least one paired standard error, else "noise".
+    """
+    if len(window_nll) != len(reference) or len(reference) < 2:
+        raise ValueError(f"paired windows must match and be at least 2, got {len(window_nll)} and {len(reference)}")
+    d = torch.tensor(window_nll, dtype=torch.float64) - torch.tensor(reference, dtype=torch.float64)
+    mean, se = float(d.mean()), float(d.std() / len(d) ** 0.5)
+    rel, rel_se = math.expm1(mean), math.exp(mean) * se
+    if abs(rel) <= TIE:
+        verdict = "tie"
+    elif abs(mean) >= se:
+        verdict = "higher" if mean > 0 else "lower"
+    else:
+        verdict = "noise"
+    return {"nll_diff": mean, "nll_diff_se": se, "rel_ppl_diff": rel, "rel_se": rel_se, "windows": len(d),
+            "verdict": verdict}
+
+
+def add_paired(result: dict[str, Any]) -> None:
+    """Pair every row against ranapass (global) at its budget, and ranapass (global) against dense, per text
+    (rows without window losses, from older runs, are left unpaired)."""
+    reference = {r["budget"]: r for r in result["rows"] if r["method"] == REFERENCE and r["feasible"]}
+    for row in result["rows"]:
+        ref = reference.get(row["budget"])
+        if not row["feasible"] or ref is None:
+            continue
+        for text, r in row["texts"].items():
+            mine, theirs = r.get("window_nll"), ref["texts"][text].get("window_nll")
+            if mine is None or theirs is None:
+                continue
+            r["vs_global"] = paired(mine, theirs)
+            dense = result["dense"][text].get("window_nll")
+            if row is ref and dense is not None:
+                r["vs_dense"] = paired(mine, dense)
 
 
 def composition(plan: Plan) -> dict[str, Any]:
@@ -159,26 +222,34 @@ class Run:
         self.profiles: dict[str, Profile] = {}
         self.sparsity: dict[str, baselines.SparsityBaseline] = {}
 
-    def calibrate(self, profiles_only: bool = False) -> None:
-        """The profiles (output-gradient, relative, data-free) and the TEAL/CATS statistics; with
-        ``profiles_only`` just the output-gradient profile (all ``--only`` methods but those need)."""
+    def calibrate(self, methods: list[str]) -> None:
+        """What ``methods`` need: profiles (output-gradient, relative, data-free) and baseline statistics."""
         s, t, m = self.settings, self.timer, self.model
         opts = s.profile_options
-        self.profiles["fisher"] = t("profile (output-gradient weights)",
-                                    lambda: ranapass.profile(m, self.calibration, options=opts, cache=False))
-        if profiles_only:
-            return
-        self.profiles["relative"] = t("profile (relative weights)", lambda: ranapass.profile(
-            m, self.calibration, options=dataclasses.replace(opts, error_weighting="relative"), cache=False))
-        self.profiles["data-free"] = t("profile (data-free)", lambda: ranapass.profile(m, None, cache=False))
+        needs = {NEEDS.get(method, "fisher") for method in methods}
+        if "fisher" in needs:
+            self.profiles["fisher"] = t("profile (output-gradient weights)",
+                                        lambda: ranapass.profile(m, self.calibration, options=opts, cache=False))
+        if "relative" in needs:
+            self.profiles["relative"] = t("profile (relative weights)", lambda: ranapass.profile(
+                m, self.calibration, options=dataclasses.replace(opts, error_weighting="relative"), cache=False))
+        if "data-free" in needs:
+            self.profiles["data-free"] = t("profile (data-free)", lambda: ranapass.profile(m, None, cache=False))
         # TEAL and CATS: dense activations of the first calibration windows, the profile's held-out
         # windows (the last ones) to search the sparsity that meets each budget.
         holdout = opts.holdout_windows
         data = torch.cat([self.calibration[:s.baseline_windows], self.calibration[-holdout:]])
-        self.sparsity["teal"] = t("calibrate TEAL-style", lambda: baselines.teal(
-            m, data, holdout_windows=holdout, batch_size=opts.batch_size))
-        self.sparsity["cats"] = t("calibrate CATS-style", lambda: baselines.cats(
-            m, data, holdout_windows=holdout, batch_size=opts.batch_size))
+        if "teal" in needs:
+            self.sparsity["teal"] = t("calibrate TEAL-style", lambda: baselines.teal(
+                m, data, holdout_windows=holdout, batch_size=opts.batch_size))
+        if "teal-greedy" in needs:
+            self.sparsity["teal-greedy"] = t("calibrate TEAL-style (greedy per block)", lambda: (
+                baselines_greedy.teal_greedy(m, data, holdout_windows=holdout, batch_size=opts.batch_size,
+                                             greedy_windows=s.greedy_windows, step=s.greedy_step,
+                                             max_sparsity=s.greedy_max_sparsity)))
+        if "cats" in needs:
+            self.sparsity["cats"] = t("calibrate CATS-style", lambda: baselines.cats(
+                m, data, holdout_windows=holdout, batch_size=opts.batch_size))
 
     def plan(self, method: str, budget: float) -> Plan:
         fisher = self.profiles["fisher"]
@@ -234,18 +305,23 @@ class Run:
         s = self.settings
         dense = self.timer("evaluation", lambda: evaluate(self.model, None, self.windows))
         log.info("dense: %s", dense)
-        self.calibrate()
+        self.calibrate([*METHODS, *ABLATIONS])
         for budget in s.budgets:
             for method in METHODS:
                 self.measure(method, budget, "method")
         for budget in s.ablation_budgets:
             for ablation in ABLATIONS:
                 self.measure(ablation, budget, "ablation")
-        return self.report(dense)
+        result = self.report(dense)
+        add_paired(result)
+        return result
 
     def rerun(self, methods: list[str], previous: dict[str, Any]) -> dict[str, Any]:
         """Measure ``methods`` again at every budget and put their rows into ``previous`` (same protocol)."""
-        self.calibrate(profiles_only=True)
+        if previous["protocol"]["texts"] != self.texts():
+            raise SystemExit(f"--only needs the evaluation of the previous run; it was {previous['protocol']['texts']}"
+                             f", this run's is {self.texts()}: run the whole benchmark instead")
+        self.calibrate(methods)
         for budget in self.settings.budgets:
             for method in methods:
                 self.measure(method, budget, "method")
@@ -254,7 +330,13 @@ class Run:
         result["reruns"] = [*previous.get("reruns", []), {
             "methods": methods, "timings_seconds": self.timer.seconds, "date": time.strftime("%Y-%m-%d"),
             "torch": torch.__version__}]
+        add_paired(result)
         return result
+
+    def texts(self) -> dict[str, str]:
+        """Each text's evaluation, in words."""
+        s = self.settings
+        return {t: protocol(t, s.eval_windows, s.window) for t in TEXTS}
 
     def report(self, dense: dict[str, Any]) -> dict[str, Any]:
         s = self.settings
@@ -262,12 +344,15 @@ class Run:
         return {
             "model": self.model_name,
             "protocol": {
-                "texts": {t: f"{t} evaluation split, {s.eval_windows} non-overlapping windows of {s.window} tokens "
-                             f"evenly spaced over the token stream, {s.window - 1} predictions scored per window "
-                             f"({s.eval_windows * (s.window - 1)} tokens)" for t in TEXTS},
+                "texts": self.texts(),
                 "calibration": f"python-docs calibration split, {s.calibration_windows} windows of {s.window} "
                                f"tokens (the last {s.profile_options.holdout_windows} held out for threshold "
-                               f"fitting); TEAL/CATS statistics on the first {s.baseline_windows}",
+                               f"fitting); TEAL/CATS statistics on the first {s.baseline_windows}, TEAL's greedy "
+                               f"search on the first {s.greedy_windows} (step {s.greedy_step:g} of block sparsity, "
+                               f"up to {s.greedy_max_sparsity:g})",
+                "paired": f"each method against {METHODS[REFERENCE]} at the same budget on the same windows: "
+                          f"relative perplexity difference exp(mean d) - 1, d = per-window NLL difference, with its "
+                          f"standard error exp(mean d) * sd(d) / sqrt(n); tie within {TIE:.1%}",
                 "flop_ratio": "block linears, adapted / dense FLOPs per token, counted by FlopMeter from the "
                               "real masks on the evaluation windows (mask compare/select FLOPs included)",
                 "profile_options": dataclasses.asdict(s.profile_options),
@@ -298,6 +383,46 @@ def _cell(row: dict[str, Any] | None, text: str, best: float) -> str:
     return f"**{cell}**" if r["ppl"] == best else cell
 
 
+VERDICTS = {"higher": "win", "lower": "LOSS", "tie": "tie", "noise": "noise"}
+"""A method's paired verdict against ranapass (global), from ranapass's side."""
+
+
+def _paired_cell(row: dict[str, Any] | None, text: str, key: str, tag: bool) -> str:
+    if row is None or not row["feasible"]:
+        return "n/a" if row is not None else ""
+    p = row["texts"][text].get(key)
+    if p is None:
+        return ""
+    cell = f"{100 * p['rel_ppl_diff']:+.2f} ± {100 * p['rel_se']:.2f}%"
+    return f"{cell} {VERDICTS[p['verdict']]}" if tag else cell
+
+
+def _paired_table(found: dict[tuple[str, float], dict[str, Any]], text: str, budgets: list[float]) -> list[str]:
+    """Each method's perplexity relative to ranapass (global) at each budget, with its paired standard error;
+    empty for results without window losses."""
+    ref = {b: found.get((REFERENCE, b)) for b in budgets}
+    if not any(r and r["feasible"] and "vs_global" in r["texts"][text] for r in ref.values()):
+        return []
+    lines = [f"Paired against {METHODS[REFERENCE]} on the same windows: relative perplexity difference ± one paired "
+             f"standard error; win = {METHODS[REFERENCE]} lower by at least one standard error, LOSS = higher by at "
+             f"least one, tie = within {TIE:.1%}, noise = neither", "",
+             "| method | " + " | ".join(f"{b:g}" for b in budgets) + " |", "|---|" + "---|" * len(budgets),
+             f"| {METHODS[REFERENCE]} over dense | " + " | ".join(
+                 _paired_cell(ref[b], text, "vs_dense", tag=False) for b in budgets) + " |"]
+    met = {b: ref[b] is not None and ref[b]["feasible"] for b in budgets}
+    for method, label in METHODS.items():
+        if method == REFERENCE:
+            continue
+        rows = [found.get((method, b)) for b in budgets]
+        lines.append(f"| {label} | " + " | ".join(_paired_cell(r, text, "vs_global", tag=True) for r in rows) + " |")
+        for b, r in zip(budgets, rows, strict=True):
+            p = r["texts"][text].get("vs_global") if r is not None and r["feasible"] else None
+            met[b] = met[b] and (p is None or p["verdict"] in ("higher", "tie"))
+    lines += ["", f"{METHODS[REFERENCE]} lowest of all methods, each margin beyond one paired standard error or "
+                  f"within {TIE:.1%}: " + ", ".join(f"{b:g} {'yes' if ok else 'no'}" for b, ok in met.items()), ""]
+    return lines
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The tables of ``quality.md``: per text, methods x budgets; then ablations and timings."""
     rows = result["rows"]
@@ -316,6 +441,7 @@ def markdown(result: dict[str, Any]) -> str:
             cells = [_cell(found.get((method, b)), text, best[b]) for b in budgets]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
+        lines += _paired_table(found, text, budgets)
     ab_budgets = sorted({r["budget"] for r in rows if r["group"] == "ablation"})
     if ab_budgets:
         lines += ["**Ablations of ranapass (global)**: perplexity python-docs / debian-handbook (measured ratio "
@@ -378,9 +504,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2", help="model name for ranapass.load_model")
     parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results; --quick: a temp dir)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
-    parser.add_argument("--only", nargs="+", choices=[m for m in METHODS if m not in ("datafree-global", "teal", "cats")],
-                        help="measure only these methods again and replace their rows in the --out folder's "
-                             "quality.json (needs the output-gradient profile only)")
+    parser.add_argument("--only", nargs="+", choices=list(METHODS),
+                        help="measure only these methods again and replace (or add) their rows in the --out "
+                             "folder's quality.json, which must come from the same evaluation settings")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     settings = dataclasses.replace(Settings.quick() if args.quick else Settings(), threads=args.threads)

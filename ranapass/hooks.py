@@ -11,8 +11,10 @@ __all__ = ["forward_hooks"]
 
 
 @contextlib.contextmanager
-def forward_hooks(hooks: Iterable[tuple[torch.nn.Module, Callable]], *, pre: bool = False) -> Iterator[None]:
-    """Register ``(module, hook)`` pairs as forward hooks (``pre=True``: forward pre-hooks) inside the block.
+def forward_hooks(hooks: Iterable[tuple[torch.nn.Module, Callable]], *, pre: bool = False,
+                  with_kwargs: bool = False) -> Iterator[None]:
+    """Register ``(module, hook)`` pairs as forward hooks (``pre=True``: forward pre-hooks) inside the block;
+    ``with_kwargs=True`` passes the call's keyword arguments to the hooks too (PyTorch's flag of that name).
 
     Example::
 
@@ -22,7 +24,8 @@ def forward_hooks(hooks: Iterable[tuple[torch.nn.Module, Callable]], *, pre: boo
     handles = []
     try:
         for module, hook in hooks:
-            handles.append(module.register_forward_pre_hook(hook) if pre else module.register_forward_hook(hook))
+            register = module.register_forward_pre_hook if pre else module.register_forward_hook
+            handles.append(register(hook, with_kwargs=with_kwargs))
         yield
     finally:
         for handle in handles:
