@@ -1,4 +1,4 @@
-"""Saves for tests/test_files_atomic.py, and a child process that makes one of them stall to be SIGKILLed.
+"""Saves for tests/io/test_files_atomic.py, and a child process that makes one of them stall to be SIGKILLed.
 
 ``python save_child.py KIND STAGE WORKDIR`` runs save ``KIND`` of :data:`SAVES` in WORKDIR (its cache is
 WORKDIR/cache). User files (plan, lora) are first saved whole at version 0, then saved again at version 1

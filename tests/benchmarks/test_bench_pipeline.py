@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-PIPELINE = Path(__file__).parent.parent / "benchmarks" / "bench_pipeline.py"
+PIPELINE = Path(__file__).parents[2] / "benchmarks" / "bench_pipeline.py"
 TOY = ["--model", "tiny", "--windows", "8", "--window-len", "64", "--budgets", "0.56", "--batches", "1", "2",
        "--steps", "3", "--prompt-len", "16", "--prefill-len", "32", "--max-cache-len", "64", "--repeats", "1",
        "--compiler", "aot_eager"]

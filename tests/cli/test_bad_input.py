@@ -11,8 +11,8 @@ import torch
 
 from ranapass.cli import main
 from ranapass.errors import RanapassError
+from plan_damage import drop_key, drop_tensor, resave, swap_kinds
 from save_child import tiny_lora, tiny_plan
-from test_files_atomic import _drop_key, _drop_tensor, _resave, _swap_kinds
 from tiny_models import tiny_llama, token_windows
 
 
@@ -49,9 +49,9 @@ def _truncate_tensors(folder):
     (None, "holds no plan.json"),
     (_truncate_json, "plan.json has .* bytes, its manifest records"),
     (_truncate_tensors, "tensors.safetensors has .* bytes, its manifest records"),
-    (lambda f: _resave(f, _drop_tensor), "the JSON and the tensors do not match"),
-    (lambda f: _resave(f, _drop_key), "lacks 'in_features'"),
-    (lambda f: _resave(f, _swap_kinds), "the JSON and the tensors do not match"),
+    (lambda f: resave(f, drop_tensor), "the JSON and the tensors do not match"),
+    (lambda f: resave(f, drop_key), "lacks 'in_features'"),
+    (lambda f: resave(f, swap_kinds), "the JSON and the tensors do not match"),
 ])
 @pytest.mark.parametrize("json_flag", [False, True])
 def test_bad_plan_fails_before_the_model_loads(damage, message, json_flag, tmp_path, capsys, no_expensive_work):

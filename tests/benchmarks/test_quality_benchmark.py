@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-QUALITY = Path(__file__).parent.parent / "benchmarks" / "quality.py"
+QUALITY = Path(__file__).parents[2] / "benchmarks" / "quality.py"
 
 
 @pytest.fixture(scope="module")

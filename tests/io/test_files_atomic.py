@@ -20,9 +20,10 @@ from ranapass.errors import RanapassError
 from ranapass.lora import load_lora
 from ranapass.manifest import MANIFEST, DamagedFileError
 from ranapass.plan import PLAN_FORMAT, Plan
+from plan_damage import bad_shape, drop_key, drop_tensor, first_adapted, nan_thresholds, resave, swap_kinds
 from save_child import fake_gguf, prose_root, tiny_lora, tiny_plan, tiny_profile
 
-CHILD = Path(__file__).parent / "save_child.py"
+CHILD = Path(__file__).parents[1] / "save_child.py"
 
 
 def kill_mid_save(kind: str, stage: str, work: Path, tiny_dir: Path) -> None:
@@ -149,53 +150,16 @@ def test_damaged_cached_model_is_reported_and_rebuilt(damage, tmp_path, tiny_lla
 
 
 # ------------------------------------------------------------------------------------------- damaged plans
-def _resave(folder: Path, edit) -> None:
-    """Rewrite a saved plan through ``edit(doc, tensors)`` with a manifest that matches (a consistent but bad plan)."""
-    doc, tensors = storage.read(folder, PLAN_FORMAT)
-    edit(doc, tensors)
-    for key in ("_type", "_version"):
-        doc.pop(key)
-    storage.write(folder, PLAN_FORMAT, doc, tensors)
-
-
-def _first_adapted(doc: dict) -> tuple[int, dict]:
-    return next((i, u) for i, u in enumerate(doc["units"]) if u["adapter"] is not None)
-
-
-def _nan_thresholds(doc, tensors):
-    i, _ = _first_adapted(doc)
-    tensors[f"{i}.thresholds"][0] = float("nan")
-
-
-def _swap_kinds(doc, tensors):
-    i, unit = _first_adapted(doc)
-    unit["adapter"]["kind"] = "neuron" if unit["adapter"]["kind"] == "rank" else "rank"
-
-
-def _drop_tensor(doc, tensors):
-    i, _ = _first_adapted(doc)
-    del tensors[f"{i}.thresholds"]
-
-
-def _drop_key(doc, tensors):
-    del doc["units"][0]["in_features"]
-
-
-def _bad_shape(doc, tensors):
-    i, _ = _first_adapted(doc)
-    tensors[f"{i}.thresholds"] = tensors[f"{i}.thresholds"][:-1].clone()
-
-
 @pytest.mark.parametrize("edit, message", [
-    (_nan_thresholds, "NaN or negative thresholds"),
-    (_swap_kinds, "the JSON and the tensors do not match"),
-    (_drop_tensor, "the JSON and the tensors do not match"),
-    (_drop_key, "lacks 'in_features'"),
-    (_bad_shape, "is not a valid plan"),
+    (nan_thresholds, "NaN or negative thresholds"),
+    (swap_kinds, "the JSON and the tensors do not match"),
+    (drop_tensor, "the JSON and the tensors do not match"),
+    (drop_key, "lacks 'in_features'"),
+    (bad_shape, "is not a valid plan"),
 ])
 def test_inconsistent_plans_are_refused(edit, message, tmp_path):
     tiny_plan(0).save(tmp_path / "plan")
-    _resave(tmp_path / "plan", edit)
+    resave(tmp_path / "plan", edit)
     with pytest.raises(RanapassError, match=message):
         Plan.load(tmp_path / "plan")
 
