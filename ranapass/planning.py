@@ -150,10 +150,11 @@ class Planner:
         return self._allocators[key]
 
     def _weights(self, unit: UnitCandidates) -> torch.Tensor:
-        """The unit's stacked weight, (out, in) float32 whatever each member's layout."""
+        """The unit's stacked weight, (out, in) float32 whatever each member's layout, on the weights' device
+        (the kinds build their adapters there and keep the results on the host)."""
         modules = [self.model.get_submodule(m) for m in unit.members]
         with onloaded(modules):
-            return torch.cat([linear_module(module).weight.detach().float().cpu() for module in modules])
+            return torch.cat([linear_module(module).weight.detach().float() for module in modules])
 
     def _build(self, chosen: list[tuple[UnitCandidates, tuple[str, int]]], budget: float, allocation: str) -> Plan:
         """The plan of the chosen options: each adapted unit's kind builds its adapter from its candidate."""

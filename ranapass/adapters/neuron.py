@@ -54,7 +54,7 @@ class NeuronAdapterSpec(AdapterSpec):
         """Candidate ``index`` of the neuron curve: thresholds ``tau / ||W[:, j]||``."""
         tau = float(unit.curves[cls.kind].tau[index])
         return cls(unit.members, unit.out_features, unit.in_features, tau,
-                   thresholds=per_entry_thresholds(tau, weight.norm(dim=0)))
+                   thresholds=per_entry_thresholds(tau, weight.norm(dim=0)).cpu())
 
     def operands(self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
                  ) -> dict[str, torch.Tensor | None]:

@@ -65,7 +65,8 @@ class RankAdapterSpec(AdapterSpec):
         curve = unit.curves[cls.kind]
         nb, tau = int(curve.rank[index]), float(curve.tau[index])
         a = unit.basis[:, :nb]
-        return cls(unit.members, unit.out_features, unit.in_features, tau, B=(a.t() @ weight).contiguous(),
+        b = (a.t().to(weight.device) @ weight).cpu()  # on the weight's device (a GPU), kept on the host
+        return cls(unit.members, unit.out_features, unit.in_features, tau, B=b.contiguous(),
                    At=a.t().contiguous(), thresholds=per_entry_thresholds(tau, a.norm(dim=0)))
 
     def operands(self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
