@@ -2,8 +2,13 @@
 
 ``attach`` changes no module: it binds each adapter to the model's weights and records, for every
 member weight tensor, which adapter replaces it. The FX pass (``rana_backend``) looks weights up
-here by identity. ``Attachment.eager()`` swaps the forward of the adapted linears (``nn.Linear``, ``Conv1D``)
-for the adapter while the context is open, for evaluation without compiling; ``FlopMeter`` counts the kept ranks.
+here by identity, never by name. A layer offloaded by accelerate (``ranapass.offload``) is bound with
+its weights onloaded for the moment, so its adapter's tensors live on its execution device; its
+weight tensor is a fresh one at every forward, so it is registered by its module's identity instead
+(``lookup`` finds the module whose weight the tensor is). ``Attachment.eager()`` swaps the forward of
+the adapted linears (``nn.Linear``, ``Conv1D``) for the adapter while the context is open, for evaluation
+without compiling (under an accelerate hook, the forward the hook wraps, so the hook still runs);
+``FlopMeter`` counts the kept ranks.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ranapass.attach_guard import renew
 from ranapass.bound import BoundAdapter, bind
 from ranapass.linear_match import linear_module
-from ranapass.offload import refuse_offloaded
+from ranapass.offload import is_offloaded, onloaded
 from ranapass.plan import Plan, PlanMismatchError, UnitPlan
 from ranapass.plan_check import check_plan_fits
 
@@ -42,11 +47,16 @@ class AdapterRef:
 
 # weight tensor -> AdapterRef. Keyed by identity: a WeakKeyDictionary would call Tensor.__eq__.
 _REGISTRY: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# offloaded member module -> AdapterRef (its weight tensor is replaced at every forward).
+_OFFLOADED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def lookup(weight: torch.Tensor) -> AdapterRef | None:
-    """The adapter registered for this exact weight tensor, if any."""
-    return _REGISTRY.get(weight)
+    """The adapter registered for this exact weight tensor, or for the offloaded module now holding it."""
+    ref = _REGISTRY.get(weight)
+    if ref is None:
+        ref = next((r for m, r in _OFFLOADED.items() if m._parameters.get("weight") is weight), None)
+    return ref
 
 
 class Attachment:
@@ -75,9 +85,8 @@ class Attachment:
         for path, ref in self.refs.items():
             if model is not None:
                 module = model.get_submodule(path)
-                module.__dict__.pop("forward", None)
-                if _REGISTRY.get(module.weight) is ref:
-                    del _REGISTRY[module.weight]
+                _uninstall(module)
+                _unregister(module, ref)
         self.refs = {}
         if model is not None and getattr(model, "_ranapass_attachment", None) is self:
             del model._ranapass_attachment
@@ -98,12 +107,12 @@ class Attachment:
         try:
             for path, ref in self.refs.items():
                 module = model.get_submodule(path)
-                module.forward = _adapted_forward(ref, caches.setdefault(id(ref.adapter), [None, None]))
+                _install(module, _adapted_forward(ref, caches.setdefault(id(ref.adapter), [None, None])))
                 installed.append(module)
             yield self
         finally:
             for module in installed:
-                module.__dict__.pop("forward", None)
+                _uninstall(module)
             caches.clear()
 
 
@@ -139,14 +148,14 @@ def attach(model: torch.nn.Module, plan: Plan, *, check_fingerprint: bool = True
                 raise PlanMismatchError(f"{path!r} is a {type(module).__name__}, not a linear (nn.Linear or Conv1D); "
                                         "the plan was made for another model")
             modules.append(linear)
-        refuse_offloaded({path: m.module for path, m in zip(unit.members, modules)}, "attaching a plan")
         # The adapters' math works on (out, in) weights; the registry keys the weights as stored.
-        bound = bind(unit.adapter, [m.weight for m in modules], [getattr(m.module, "bias", None) for m in modules])
+        with onloaded(m.module for m in modules):
+            bound = bind(unit.adapter, [m.weight for m in modules], [getattr(m.module, "bias", None) for m in modules])
         for i, path in enumerate(unit.members):
             refs[path] = AdapterRef(bound, i, unit)
     detach(model)
     for path, ref in refs.items():
-        _REGISTRY[model.get_submodule(path).weight] = ref
+        _register(model.get_submodule(path), ref)
     attachment = Attachment(model, plan, refs)
     model._ranapass_attachment = attachment
     renew(model)
@@ -179,7 +188,44 @@ def temporarily_attached(model: torch.nn.Module, plan: Plan) -> Iterator[Attachm
             attach(model, previous.plan, check_fingerprint=False)
 
 
+def _register(module: torch.nn.Module, ref: AdapterRef) -> None:
+    if is_offloaded(module):
+        _OFFLOADED[module] = ref
+    else:
+        _REGISTRY[module.weight] = ref
+
+
+def _unregister(module: torch.nn.Module, ref: AdapterRef) -> None:
+    if _OFFLOADED.get(module) is ref:
+        del _OFFLOADED[module]
+    if _REGISTRY.get(module.weight) is ref:
+        del _REGISTRY[module.weight]
+
+
 # ---------------------------------------------------------------------------------------- eager path
+# The attribute an eager adapter replaces: the module's forward, or under an accelerate hook the forward the
+# hook wraps (``_old_forward``), so that the hook still moves the input to the layer's device. The replaced
+# value is kept on the module under _SAVED and put back by ``_uninstall``.
+_SAVED = "_ranapass_replaced_forward"
+
+
+def _install(module: torch.nn.Module, forward) -> None:
+    name = "_old_forward" if hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__ else "forward"
+    module.__dict__[_SAVED] = (name, module.__dict__.get(name))
+    module.__dict__[name] = forward
+
+
+def _uninstall(module: torch.nn.Module) -> None:
+    saved = module.__dict__.pop(_SAVED, None)
+    if saved is None:
+        return
+    name, previous = saved
+    if previous is None:
+        module.__dict__.pop(name, None)
+    else:
+        module.__dict__[name] = previous
+
+
 def _adapted_forward(ref: AdapterRef, cache: list):
     """Forward of one member linear: the stacked adapter output, sliced to this member.
 

@@ -2,8 +2,11 @@
 
 ``load_model(..., device_map="auto", max_memory=...)`` may leave some layers' parameters on the meta
 device, loaded onto their execution device only while their forward runs. Reading such a weight
-(fingerprint, candidates, plan building) needs it loaded for the moment: ``onloaded``. Running an
-adapter in place of such a layer is not supported: ``refuse_offloaded`` says so.
+(fingerprint, candidates, plan building, binding an adapter) needs it loaded for the moment: ``onloaded``.
+An adapter bound so lives on the layer's execution device and runs in place of the layer, eagerly or
+compiled (``ranapass.attach``). accelerate's hooks break Dynamo's graph at every hooked module, so a
+compiled model under them is one graph per hooked module: ``torch._dynamo.config.recompile_limit`` must
+exceed their number, or the frames past it run eagerly and dense, which ``RanaBackend.check`` reports.
 """
 
 from __future__ import annotations
@@ -14,9 +17,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from ranapass.errors import RanapassError
 
-__all__ = ["is_offloaded", "execution_device", "onloaded", "refuse_offloaded"]
+__all__ = ["is_offloaded", "execution_device", "onloaded"]
 
 
 def is_offloaded(module: torch.nn.Module) -> bool:
@@ -46,11 +48,3 @@ def onloaded(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
                 stack.enter_context(align_module_device(module))
         yield
 
-
-def refuse_offloaded(modules: dict[str, torch.nn.Module], what: str) -> None:
-    """Raise ``RanapassError`` if any of ``modules`` (path -> module) is offloaded."""
-    offloaded = [path for path, module in modules.items() if is_offloaded(module)]
-    if offloaded:
-        raise RanapassError(f"{what} needs the adapted layers' weights on a device, but {len(offloaded)} of them are "
-                            f"offloaded by accelerate (e.g. {offloaded[0]!r}): load the model with a device_map "
-                            "and max_memory that keep every layer on a GPU or the CPU")
