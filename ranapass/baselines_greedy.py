@@ -34,6 +34,7 @@ from ranapass.baselines import SparsityBaseline, teal
 from ranapass.calibrate import candidate_linears, run_model
 from ranapass.errors import RanapassError
 from ranapass.hooks import forward_hooks
+from ranapass.linear_match import LinearModule
 from ranapass.plan import Plan, UnitPlan
 
 __all__ = ["GreedyPath", "GreedySparsityBaseline", "Projection", "teal_greedy", "transformer_blocks"]
@@ -146,7 +147,7 @@ class _BlockRunner:
     """Runs one block on its recorded dense inputs with the projections' inputs masked at given sparsities."""
 
     def __init__(self, block: torch.nn.Module, io: list, projections: list[Projection],
-                 linears: dict[str, torch.nn.Linear], last_fraction: float):
+                 linears: dict[str, LinearModule], last_fraction: float):
         self.block, self.io, self.projections, self.linears = block, io, projections, linears
         self.last_fraction = last_fraction
         self.cutoffs = {p.path: 0.0 for p in projections}
@@ -163,7 +164,7 @@ class _BlockRunner:
         for p, s in zip(self.projections, sparsities, strict=True):
             self.cutoffs[p.path] = p.quantiles.threshold(float(s))
         num = den = 0.0
-        with forward_hooks([(self.linears[p.path], self._mask(p.path)) for p in self.projections], pre=True):
+        with forward_hooks([(self.linears[p.path].module, self._mask(p.path)) for p in self.projections], pre=True):
             for args, kwargs, target in self.io:
                 out = _first_tensor(self.block(*args, **kwargs))
                 start = int(out.shape[1] * (1.0 - self.last_fraction))
