@@ -19,6 +19,8 @@ from ranapass.calibrate import candidate_linears, collect
 from ranapass.profiling import Profile, ProfileOptions, profile
 from tiny_models import tiny_llama, token_windows
 
+pytestmark = pytest.mark.slow  # spawns gloo process groups: seconds per test
+
 OPTIONS = ProfileOptions(batch_size=2, sample_tokens=64, gradient_windows=3)
 WINDOWS = dict(n=10, length=32)   # 8 calibrated in 4 batches (2 per process), 2 held out
 BUDGETS = (0.5, 0.7)

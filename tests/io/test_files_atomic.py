@@ -23,6 +23,8 @@ from ranapass.plan import PLAN_FORMAT, Plan
 from plan_damage import bad_shape, drop_key, drop_tensor, first_adapted, nan_thresholds, resave, swap_kinds
 from save_child import fake_gguf, prose_root, tiny_lora, tiny_plan, tiny_profile
 
+pytestmark = pytest.mark.slow  # kills child processes mid-save: seconds per test
+
 CHILD = Path(__file__).parents[1] / "save_child.py"
 
 
