@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from ranapass.calibrate import collect
 from ranapass.errors import RanapassError
 from ranapass.hooks import forward_hooks
+from ranapass.linear_match import linear_module
 from ranapass.lora.io import LoraAdapter, LoraFactors, load_lora
 
 if TYPE_CHECKING:
@@ -92,8 +93,8 @@ def calibrate_lora(adapter: LoraAdapter | str | os.PathLike | PeftModel, model: 
     disabled = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
     applied = forward_hooks((linears[f.name], _update_hook(f, linears[f.name].weight)) for f in adapter.modules)
     with disabled, applied:  # registered before collect's hooks, so those see the fine-tuned output
-        stats = collect(base, data, linears=linears, batch_size=batch_size, sample_tokens=0, rank_min_aspect=0.0,
-                        gradient_data=gradient_data)
+        stats = collect(base, data, linears={n: linear_module(m) for n, m in linears.items()}, batch_size=batch_size,
+                        sample_tokens=0, rank_min_aspect=0.0, gradient_data=gradient_data)
     whiten, output_energy = {}, {}
     for site in stats.sites:
         gram = site.gram.cpu() / site.tokens

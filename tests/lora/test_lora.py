@@ -373,12 +373,13 @@ def test_fisher_calibration_measures_the_fine_tuned_model(default_adapter):
     """Inputs and output gradients are those of the PeftModel with its adapter enabled, whether the base model
     or the PeftModel is passed (the adapter is applied by hooks on the base linears)."""
     from ranapass.calibrate import collect
+    from ranapass.linear_match import linear_module
 
     model, folder, _ = default_adapter
     windows = token_windows(8)
     from_base = calibrate_lora(folder, tiny_llama(), windows, gradient_data=windows[:4])
     from_peft = calibrate_lora(folder, model, windows, gradient_data=windows[:4])
-    linears = {name.removeprefix("base_model.model.").removesuffix(".base_layer"): module
+    linears = {name.removeprefix("base_model.model.").removesuffix(".base_layer"): linear_module(module)
                for name, module in model.named_modules() if name.endswith("base_layer")}
     enabled = collect(model.get_base_model(), windows, linears=linears, sample_tokens=0, rank_min_aspect=0.0,
                       gradient_data=windows[:4])
