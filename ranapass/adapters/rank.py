@@ -13,7 +13,7 @@ from ranapass.adapters.registry import (AdapterSpec, Lowering, kernel_reference,
 from ranapass.cost_model import flops
 
 if TYPE_CHECKING:
-    from ranapass.profiling import UnitCandidates
+    from ranapass.candidates import UnitCandidates
 
 __all__ = ["RankAdapterSpec"]
 

@@ -32,7 +32,7 @@ from ranapass.cost_model import flops
 from ranapass.errors import RanapassError
 
 if TYPE_CHECKING:
-    from ranapass.profiling import UnitCandidates
+    from ranapass.candidates import UnitCandidates
 
 __all__ = ["ADAPTER_KINDS", "register_adapter", "AdapterSpec", "Lowering", "kernel_reference", "per_entry_thresholds",
            "stack_bias"]
