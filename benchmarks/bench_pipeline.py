@@ -16,7 +16,11 @@ median of ``--repeats`` calls is reported. Recorded: profile seconds and peak GP
 (``torch.cuda.max_memory_allocated``), plan seconds, compile seconds, graphs compiled per phase
 (recompiles = graphs beyond one), cudagraph skips and graph breaks (Dynamo's counters), decode and
 prefill tokens per second with the speedup over dense, each plan's kind/rank mix per projection,
-and its FLOP ratio measured on held-out text (the evaluation split).
+its FLOP ratio measured on held-out text (the evaluation split), and the FLOP ratio of the tokens the
+decode steps actually fed (the generated ones: a plan's thresholds were fitted on text, and a model with
+random weights generates no text). ``--breakdown`` adds, per decode step, the GPU time of every kernel
+(torch.profiler over two generate calls of different lengths, so prefill and set-up cancel), grouped into
+ranapass's kernels, cuBLAS, attention, Inductor's fused kernels and the rest.
 
 The tokenizer and token windows need the SmolLM2 package and Python's docs; ``--inputs DIR`` saves
 them there the first time (``--prepare-only`` stops after that) and reads them from there later,
@@ -26,7 +30,7 @@ Usage::
 
     python benchmarks/bench_pipeline.py [--model llama2-7b|llama3-8b|tiny] [--layers N] [--windows 128]
         [--window-len 512] [--budgets 0.56 0.7] [--batches 1 4] [--steps 64] [--inputs DIR]
-        [--prepare-only] [--compiler inductor|aot_eager] [--out DIR]
+        [--prepare-only] [--compiler inductor|aot_eager] [--max-cache-len N ...] [--breakdown] [--out DIR]
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from common import LLAMA2_7B, LLAMA3_8B, ModelShape, env_info, markdown_table  #
 
 import ranapass  # noqa: E402
 from ranapass import CompiledGenerator, RanaBackend, attach, detach  # noqa: E402
+from ranapass.attach import FlopMeter  # noqa: E402
 
 TINY = ModelShape("tiny", hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=0)
 MODELS = {"llama2-7b": LLAMA2_7B, "llama3-8b": LLAMA3_8B, "tiny": TINY}
@@ -139,17 +144,78 @@ def _peak_gib(device: torch.device) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------ timing
+KERNEL_GROUPS = (
+    ("ranapass", ("masked_gemv", "router_kernel", "split_sum")),
+    ("cuBLAS", ("gemv", "gemm", "cutlass", "xmma", "cublas")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
+    ("inductor", ("triton_",)),
+)
+
+
+def _kernel_group(name: str) -> str:
+    low = name.lower()
+    return next((group for group, keys in KERNEL_GROUPS if any(k in low for k in keys)), "other")
+
+
+def _kernel_times(gen: CompiledGenerator, prompt: torch.Tensor, new_tokens: int) -> dict[str, float]:
+    """GPU microseconds per kernel name over one ``generate`` call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        gen.generate(prompt, new_tokens)
+    times: dict[str, float] = collections.defaultdict(float)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            times[event.name] += event.device_time
+    return times
+
+
+def decode_breakdown(gen: CompiledGenerator, prompt: torch.Tensor, steps: int = 32) -> dict:
+    """GPU microseconds per decode step by kernel group and the top kernels: the difference of two calls
+    ``steps`` decode steps apart, so the prefill and everything paid once per call cancel."""
+    short, long = _kernel_times(gen, prompt, 9), _kernel_times(gen, prompt, 9 + steps)
+    per_step = {k: (long[k] - short.get(k, 0.0)) / steps for k in long}
+    groups: dict[str, float] = collections.defaultdict(float)
+    for name, us in per_step.items():
+        groups[_kernel_group(name)] += us
+    top = sorted(per_step.items(), key=lambda kv: -kv[1])[:12]
+    return {"gpu_us_per_step": sum(per_step.values()), "groups_us": dict(groups),
+            "top_kernels_us": [(name[:90], us) for name, us in top]}
+
+
 @torch.no_grad()
-def time_generation(model, prompt: torch.Tensor, new_tokens: int, args) -> dict:
+def decoded_ratio(model, plan, sequences: torch.Tensor, prompt_len: int) -> float:
+    """The plan's FLOP ratio over the generated positions of ``sequences`` only: eager masks on the whole
+    sequences minus those on their prompts (a causal model computes the prompt's the same way in both)."""
+    def kept(ids):
+        attachment = attach(model, plan)
+        with attachment.eager(), FlopMeter() as meter:
+            model(ids)
+        detach(model)
+        return meter
+    whole, head = kept(sequences), kept(sequences[:, :prompt_len])
+    dense = plan.dense_flops()
+    flops = 0.0
+    for unit in plan.units:
+        if unit.adapter is None:
+            flops += unit.dense_flops
+        else:
+            tokens = whole.tokens[unit.name] - head.tokens[unit.name]
+            flops += unit.flops((whole.kept[unit.name] - head.kept[unit.name]) / tokens)
+    return flops / dense
+
+
+@torch.no_grad()
+def time_generation(model, prompt: torch.Tensor, new_tokens: int, cache_len: int, args) -> dict:
     """Compile (one warm-up call), then the median of ``--repeats`` timed calls of one fresh generator."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
-    gen = CompiledGenerator(model, max_cache_len=args.max_cache_len, batch_size=prompt.shape[0],
+    gen = CompiledGenerator(model, max_cache_len=cache_len, batch_size=prompt.shape[0],
                             backend=RanaBackend(strict=True, compiler=args.compiler))
     start = time.perf_counter()
-    gen.generate(prompt, new_tokens)
+    sequences = gen.generate(prompt, new_tokens)
     compile_s = time.perf_counter() - start
     gen.generate(prompt, new_tokens)  # untimed: CUDA graphs record on their first replays
     timings = []
@@ -164,6 +230,11 @@ def time_generation(model, prompt: torch.Tensor, new_tokens: int, args) -> dict:
     row.update({"tok_per_s": rate, "spread": (max(rates) - min(rates)) / rate})
     if new_tokens > 1:
         row["ms_per_step"] = 1e3 * prompt.shape[0] / rate
+        if args.breakdown and prompt.device.type == "cuda":
+            row["breakdown"] = decode_breakdown(gen, prompt)
+        if gen.plan is not None:  # last: it attaches the plan again, which ends the generator's graphs
+            row["decoded_ratio"] = decoded_ratio(model, gen.plan, sequences, prompt.shape[1])
+            attach(model, gen.plan)
     else:
         row["ms"] = 1e3 * statistics.median(t.prefill_seconds for t in timings)
     del gen
@@ -176,17 +247,20 @@ def run_variants(model, plans: dict, windows: dict[str, torch.Tensor], args) -> 
     """Decode at every batch and prefill at batch 1, dense first, then every plan; speedups over dense."""
     device = next(model.parameters()).device
     held_out = windows["held_out"].to(device)
-    cases = [("decode", b, held_out[:b, :args.prompt_len], args.steps + 1) for b in args.batches]
-    cases.append(("prefill", 1, held_out[:1, :args.prefill_len], 1))
+    cache_lens = args.max_cache_len
+    cases = [("decode", b, held_out[:b, :args.prompt_len], args.steps + 1, n) for n in cache_lens
+             for b in args.batches]
+    if args.prefill_len:
+        cases.append(("prefill", 1, held_out[:1, :args.prefill_len], 1, max(cache_lens)))
     rows, dense = [], {}
     for variant in ["dense", *plans]:
         with attached(model, plans.get(variant)):
-            for phase, batch, prompt, new_tokens in cases:
+            for phase, batch, prompt, new_tokens, cache_len in cases:
                 row = {"variant": variant, "phase": phase, "batch": batch, "tokens": prompt.shape[1],
-                       **time_generation(model, prompt, new_tokens, args)}
+                       "cache_len": cache_len, **time_generation(model, prompt, new_tokens, cache_len, args)}
                 if variant == "dense":
-                    dense[(phase, batch)] = row["tok_per_s"]
-                row["speedup"] = row["tok_per_s"] / dense[(phase, batch)]
+                    dense[(phase, batch, cache_len)] = row["tok_per_s"]
+                row["speedup"] = row["tok_per_s"] / dense[(phase, batch, cache_len)]
                 rows.append(row)
                 print(row, flush=True)
     return rows
@@ -225,8 +299,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--steps", type=int, default=64, help="decode steps timed per call")
     ap.add_argument("--prompt-len", type=int, default=128, help="prompt tokens before the decode steps")
-    ap.add_argument("--prefill-len", type=int, default=512)
-    ap.add_argument("--max-cache-len", type=int, default=2048)
+    ap.add_argument("--prefill-len", type=int, default=512, help="prefill tokens timed (0: no prefill row)")
+    ap.add_argument("--max-cache-len", type=int, nargs="+", default=[2048],
+                    help="KV cache room of the generators; several: decode timed at each")
+    ap.add_argument("--breakdown", action="store_true", help="GPU time per decode step by kernel (torch.profiler)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compiler", choices=("inductor", "aot_eager"), default="inductor",
                     help="aot_eager: check the script quickly on a CPU (no Inductor)")
@@ -234,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prepare-only", action="store_true", help="write --inputs and stop")
     ap.add_argument("--out", default="bench_out")
     args = ap.parse_args(argv)
-    if args.prompt_len + args.steps + 1 > args.max_cache_len or args.prefill_len + 1 > args.max_cache_len:
+    if args.prompt_len + args.steps + 1 > min(args.max_cache_len) or args.prefill_len + 1 > max(args.max_cache_len):
         raise SystemExit("--max-cache-len must hold --prompt-len + --steps + 1 and --prefill-len + 1 tokens")
     tokenizer, windows = load_inputs(args)
     if args.prepare_only:
@@ -263,7 +339,8 @@ def report(res: dict) -> str:
             f"{e.get('transformers')}, {e.get('date', '')}; command `{e['command']}`")
     plan_cols = ["plan", "profile_seconds", "profile_peak_gib", "calibration", "plan_seconds", "expected_ratio",
                  "held_out_ratio", "units_adapted", "units"]
-    run_cols = ["variant", "phase", "batch", "tokens", "tok_per_s", "speedup", "ms_per_step", "ms", "compile_s",
+    run_cols = ["variant", "phase", "batch", "tokens", "cache_len", "tok_per_s", "speedup", "ms_per_step", "ms",
+                "decoded_ratio", "compile_s",
                 "prefill_graphs", "decode_graphs", "recompiles", "cudagraph_skips", "graph_breaks", "spread"]
     parts = [head, "", markdown_table(res["plans"], plan_cols), "", markdown_table(_finite(res["runs"]), run_cols)]
     for row in res["plans"]:

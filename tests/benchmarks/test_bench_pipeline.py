@@ -43,3 +43,6 @@ def test_toy_run_measures_every_variant(pipeline, tmp_path):
         assert r["tok_per_s"] > 0 and r["recompiles"] == 0 and r["graph_breaks"] == 0
         assert r["decode_graphs"] == (phase == "decode") and r["prefill_graphs"] == 1
         assert r["speedup"] == 1.0 if variant == "dense" else r["speedup"] > 0
+        assert ("decoded_ratio" in r) == (variant != "dense" and phase == "decode")
+        if "decoded_ratio" in r:
+            assert 0 < r["decoded_ratio"] <= 1.0 + 1e-6
