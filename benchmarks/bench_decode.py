@@ -288,7 +288,7 @@ def run_model(shape: ModelShape, layers: int, batches: list[int], args) -> list[
                         for bound in attachment.adapters.values():
                             if "tickets" in bound.buffers:
                                 bound.buffers["tickets"] = None
-                    backend = RanaBackend(strict=True, pair_rank_adapters=variant != "ranapass, gate and up unpaired")
+                    backend = RanaBackend(strict=True, pair_adapters=variant != "ranapass, gate and up unpaired")
                 dec = Decoder(model, batch, args.max_cache_len, backend)
                 r = time_decode(dec, prompt, args.steps)
                 if backend is not None:

@@ -20,10 +20,10 @@ entry skips a contiguous row and its bytes are never read::
                      y[:, m] = sum_s partials[s, :, m] + bias          # fixed order: deterministic
                      tickets[m] = 0                                    # zeroed for the next call
 
-With ``GROUPED`` one launch runs the GEMVs of two rank adapters that read one input (gate and up
-of a gated MLP, whose router partials one router launch wrote side by side): the second unit's
-output tiles follow the first's in the grid, and each program picks its unit's W, thresholds,
-bias, output and offsets once, at its start.
+With ``GROUPED`` one launch runs the GEMVs of two units that read one input: two rank adapters
+(gate and up of a gated MLP, whose router partials one router launch wrote side by side) or two
+neuron adapters (both read ``x``): the second unit's output tiles follow the first's in the grid,
+and each program picks its unit's W, thresholds, bias, output, tickets and offsets once, at its start.
 
 The last program of an output tile sums the partials, so no second launch is needed; the sum runs
 in a fixed order whichever program comes last, so results are bit-reproducible, and ``tickets``
@@ -176,7 +176,7 @@ def masked_gemv_kernel(
     a_ptr, b_ptr, thr_ptr,          # prologue inputs (RANK: zpart, -; NEURON: x, -; GATED: gate, up)
     w_ptr, bias_ptr,                # W [K, M] row-major; bias [M] (read only if HAS_BIAS)
     part_ptr, ticket_ptr, y_ptr,    # partials [S, T, M] fp32; tickets [output tiles] int32, zero; y [T, M]
-    thr2_ptr, w2_ptr, bias2_ptr, y2_ptr,  # GROUPED: the second unit's thresholds, W, bias and y
+    thr2_ptr, w2_ptr, bias2_ptr, y2_ptr, ticket2_ptr,  # GROUPED: the second unit's thresholds, W, bias, y, tickets
     # sizes
     T, K, M,
     # strides (the last dimension of every tensor is contiguous)
@@ -184,7 +184,7 @@ def masked_gemv_kernel(
     stride_wk,
     # GROUPED: the second unit (its tiles follow the first unit's TILES1 tiles)
     K2, M2, stride_wk2, TILES1,
-    A2_OFF, PART2_OFF,              # where its masked input starts in a (RANK: at rank R1), its partials in part
+    A2_OFF, PART2_OFF,              # where its masked input starts in a (RANK: at rank R1; NEURON: 0), its partials
     # meta-parameters
     IN_SPLITS: tl.constexpr,        # RANK: number of router partials to sum
     PROLOGUE: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -192,7 +192,7 @@ def masked_gemv_kernel(
     PREFETCH: tl.constexpr,         # request the next chunk's masked input before this chunk's multiply-add
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_S: tl.constexpr,          # splits summed per load by the last program
-    GROUPED: tl.constexpr,          # two units in one launch (two rank adapters sharing one router launch)
+    GROUPED: tl.constexpr,          # two units in one launch (two rank or two neuron adapters on one input)
     PDL: tl.constexpr,              # launched with programmatic dependent launch (primitives.py)
     INTERPRETER: tl.constexpr,
 ):
@@ -200,8 +200,8 @@ def masked_gemv_kernel(
     launch_dependents(PDL)          # the next kernel may launch now (it waits for this one)
     wait_for_prior_grid(PDL)        # the inputs (router partials, x) and the tickets are ready
     # ---------------------------------------------------------------- program -> unit and tiles
-    tile = tl.program_id(0)         # the output tile's ticket (tiles of both units, when GROUPED)
-    pid_m = tile
+    tile = tl.program_id(0)         # the output tile (tiles of both units, when GROUPED)
+    pid_m = tile                    # the tile within its unit, and the index of its ticket
     if GROUPED:  # a program of the second unit switches every per-unit argument
         second = tile >= TILES1
         pid_m = tl.where(second, tile - TILES1, tile)
@@ -213,6 +213,7 @@ def masked_gemv_kernel(
             w_ptr = w2_ptr
             bias_ptr = bias2_ptr
             y_ptr = y2_ptr
+            ticket_ptr = ticket2_ptr
             a_ptr += A2_OFF
             part_ptr += PART2_OFF
     pid_s = tl.program_id(1)
@@ -265,11 +266,11 @@ def masked_gemv_kernel(
     else:
         tl.store(part_ptr + pid_s * TM + offs, acc, mask=ok)
         tl.debug_barrier()  # every warp's partial is stored before the ticket publishes them (release)
-        ticket = tl.atomic_add(ticket_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        ticket = tl.atomic_add(ticket_ptr + pid_m, 1, sem="acq_rel", scope="gpu")
         if ticket == n_splits - 1:  # the last program of this tile: every partial is visible (acquire)
             total = _sum_partials(part_ptr, offs, ok, n_splits, TM, BLOCK_S, BLOCK_T, BLOCK_M)
             _store_output(total, bias_ptr, y_ptr, offs, ok, offs_m, m_ok, HAS_BIAS, BLOCK_T, INTERPRETER)
-            tl.store(ticket_ptr + tile, 0)
+            tl.store(ticket_ptr + pid_m, 0)
 
 
 @triton.jit
@@ -313,32 +314,38 @@ def masked_gemv(
     """
     stride_ap = a.stride(0) if prologue == PROLOGUE_RANK else 0
     (y,) = _launch(a, b, stride_ap, 0, [(thresholds, W, bias)], out_dtype, cfg, prologue, activation, in_splits,
-                   tickets)
+                   None if tickets is None else (tickets,))
     return y
 
 
 def masked_gemv_pair(
-    zpart: torch.Tensor,
-    rank1: int,
+    a: torch.Tensor,
+    prologue: int,
     first: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
     second: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
     out_dtype: torch.dtype,
     cfg: KernelConfig,
-    in_splits: int,
-    tickets: torch.Tensor | None = None,
+    rank1: int = 0,
+    in_splits: int = 1,
+    tickets: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The masked GEMVs of two rank adapters in one launch (RANK prologue); returns ``(y1, y2)``.
+    """The masked GEMVs of two units that read one input, in one launch; returns ``(y1, y2)``.
 
-    ``zpart``: one router's partials of both units, ``[in_splits, T, R1 + R2]`` with the first unit's
-    ``rank1`` ranks first. ``first``, ``second``: each unit's ``(thresholds, At, bias)``; both biases or
-    neither. ``tickets``: one zero per output tile of both units (the first's tiles first), or None.
+    RANK: ``a`` is one router's partials of both units, ``[in_splits, T, R1 + R2]`` with the first
+    unit's ``rank1`` ranks first. NEURON: ``a`` is the shared input ``[T, n]``. ``first``, ``second``:
+    each unit's ``(thresholds, W, bias)``; both biases or neither. ``tickets``: each unit's, at least
+    one zero per output tile, or None (a fill here).
     """
-    return _launch(zpart, None, zpart.stride(0), rank1, [first, second], out_dtype, cfg, PROLOGUE_RANK, 0,
-                   in_splits, tickets)
+    if prologue not in (PROLOGUE_RANK, PROLOGUE_NEURON):
+        raise ValueError(f"masked_gemv_pair: prologue {prologue} has no pair form (RANK or NEURON)")
+    stride_ap = a.stride(0) if prologue == PROLOGUE_RANK else 0
+    return _launch(a, None, stride_ap, rank1, [first, second], out_dtype, cfg, prologue, 0, in_splits, tickets)
 
 
 def _launch(a, b, stride_ap, a2_off, units, out_dtype, cfg, prologue, activation, in_splits, tickets):
-    """Launch the kernel for one unit or two (``GROUPED``): every unit's programs in one grid."""
+    """Launch the kernel for one unit or two (``GROUPED``): every unit's programs in one grid.
+
+    ``tickets``: one buffer per unit, or None (zeroed buffers here)."""
     if len({bias is None for _, _, bias in units}) > 1:
         raise ValueError("masked_gemv_pair: both units need a bias, or neither")
     T = a.shape[-2]
@@ -347,10 +354,12 @@ def _launch(a, b, stride_ap, a2_off, units, out_dtype, cfg, prologue, activation
     tiles = [triton.cdiv(W.shape[1], cfg.block_n) for _, W, _ in units]
     fused = cfg.fused_sum or splits == 1
     if tickets is None:
-        tickets = (torch.zeros if fused and splits > 1 else torch.empty)(sum(tiles), device=device, dtype=torch.int32)
-    elif tickets.dtype != torch.int32 or tickets.numel() < sum(tiles) or tickets.device != device:
-        raise ValueError(f"masked_gemv: tickets must be int32 on {device} with at least {sum(tiles)} entries (one per "
-                         f"output tile), got {tickets.dtype} [{tickets.numel()}] on {tickets.device}")
+        fill = torch.zeros if fused and splits > 1 else torch.empty
+        tickets = [fill(n, device=device, dtype=torch.int32) for n in tiles]
+    for t, n in zip(tickets, tiles):
+        if t.dtype != torch.int32 or t.numel() < n or t.device != device:
+            raise ValueError(f"masked_gemv: tickets must be int32 on {device} with at least {n} entries (one per "
+                             f"output tile), got {t.dtype} [{t.numel()}] on {t.device}")
     widths = [W.shape[1] for _, W, _ in units]
     part = torch.empty(splits * T * sum(widths), device=device, dtype=torch.float32)  # unit after unit: [S, T, m]
     ys = [torch.empty((T, m), device=device, dtype=out_dtype) for m in widths]
@@ -363,8 +372,8 @@ def _launch(a, b, stride_ap, a2_off, units, out_dtype, cfg, prologue, activation
     block_s = max(1, min(triton.next_power_of_2(splits), 2048 * cfg.num_warps // (block_t * cfg.block_n)))
     pdl = use_pdl(device)
     launch(masked_gemv_kernel)[(sum(tiles), splits)](
-        a, b, thr1, W1, y1 if bias1 is None else bias1, part, tickets, y1,
-        thr2, W2, y2 if bias2 is None else bias2, y2,
+        a, b, thr1, W1, y1 if bias1 is None else bias1, part, tickets[0], y1,
+        thr2, W2, y2 if bias2 is None else bias2, y2, tickets[-1],
         T, W1.shape[0], W1.shape[1], a.stride(-2), stride_ap, b.stride(-2), W1.stride(0),
         W2.shape[0], W2.shape[1], W2.stride(0), tiles[0], a2_off, splits * T * widths[0],
         IN_SPLITS=in_splits, PROLOGUE=prologue, ACTIVATION=activation, HAS_BIAS=bias1 is not None, FUSED_SUM=fused,

@@ -1,7 +1,9 @@
-"""Neuron adapter ``y = (keep * x) Wt + bias``, ``keep = |x| >= thresholds``, and its gated-MLP form.
+"""Neuron adapter ``y = (keep * x) Wt + bias``, ``keep = |x| >= thresholds``, its pair and gated-MLP forms.
 
 Decode: one masked GEMV over ``Wt: [n, m]`` (input-major), mask computed in its load stage
-(masked_gemv.py, NEURON prologue), then the split sum. The gated form takes the gate and up
+(masked_gemv.py, NEURON prologue), then the split sum. Two neuron adapters that read one input
+(q and k, gate and up) run as a pair: one launch holds both units' tiles, each with its own
+thresholds, so the pair costs the bytes of both and the fixed latency of one. The gated form takes the gate and up
 projections of a gated MLP and computes ``h = act(gate) * up`` and its mask in the same load stage
 (GATED prologue): the middle of the MLP is no chain of tiny launches and ``h`` never goes to memory.
 Prefill runs cuBLAS with the same mask (masked_gemm.py).
@@ -21,10 +23,10 @@ import triton
 from ranapass.kernels.configs import MIN_BLOCK, KernelConfig, masked_gemv_config, use_kernels
 from ranapass.kernels.launch import flatten_tokens
 from ranapass.kernels.activations import lookup
-from ranapass.kernels.masked_gemv import PROLOGUE_GATED, PROLOGUE_NEURON, masked_gemv
+from ranapass.kernels.masked_gemv import PROLOGUE_GATED, PROLOGUE_NEURON, masked_gemv, masked_gemv_pair
 from ranapass.kernels.masked_gemm import gated_neuron_adapter_gemm, neuron_adapter_gemm
 
-__all__ = ["neuron_adapter", "gated_neuron_adapter", "ticket_buffer"]
+__all__ = ["neuron_adapter", "neuron_adapter_pair", "gated_neuron_adapter", "ticket_buffer"]
 
 
 def ticket_buffer(m: int, device: torch.device | str) -> torch.Tensor:
@@ -73,6 +75,34 @@ def neuron_adapter(
     cfg = config if config is not None else masked_gemv_config(n, m, T)
     y = masked_gemv(x2, None, thresholds, Wt, bias, x.dtype, cfg, PROLOGUE_NEURON, tickets=tickets)
     return y.reshape(*lead, m)
+
+
+def neuron_adapter_pair(
+    x: torch.Tensor,
+    first: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    second: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    config: KernelConfig | None = None,
+    tickets: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two neuron adapters on one input ``x: [..., n]`` in one launch; returns both outputs.
+
+    Each of ``first`` and ``second`` is ``(Wt, thresholds, bias)`` as in ``neuron_adapter``; both biases
+    or neither. The tiles are the first unit's (``configs.masked_gemv_config``). ``tickets``: each unit's
+    ``ticket_buffer``, or None (fills per call). More tokens than the kernels take run a GEMM per unit.
+    """
+    x2, lead = flatten_tokens(x)
+    T, n = x2.shape
+    for Wt, thr, _ in (first, second):
+        _check("neuron_adapter_pair", n, Wt, thr)
+    if (first[2] is None) != (second[2] is None):
+        raise ValueError("neuron_adapter_pair: both units need a bias, or neither")
+    if not use_kernels(T, config):
+        return tuple(neuron_adapter_gemm(x2, *unit).reshape(*lead, unit[0].shape[1]) for unit in (first, second))
+    cfg = config if config is not None else masked_gemv_config(n, first[0].shape[1], T)
+    (Wt1, thr1, bias1), (Wt2, thr2, bias2) = first, second
+    y1, y2 = masked_gemv_pair(x2, PROLOGUE_NEURON, (thr1, Wt1, bias1), (thr2, Wt2, bias2), x.dtype, cfg,
+                              tickets=tickets)
+    return y1.reshape(*lead, -1), y2.reshape(*lead, -1)
 
 
 def gated_neuron_adapter(

@@ -25,7 +25,7 @@ from ranapass.kernels.configs import use_kernels
 from ranapass.kernels.launch import direct_launch, launch_opaque
 from ranapass.kernels.reference import gated_activation, neuron_adapter_reference, rank_adapter_reference
 
-__all__ = ["rank_adapter", "rank_adapter_pair", "neuron_adapter", "gated_neuron_adapter"]
+__all__ = ["rank_adapter", "rank_adapter_pair", "neuron_adapter", "neuron_adapter_pair", "gated_neuron_adapter"]
 
 
 def _opaque(x: torch.Tensor) -> bool:
@@ -88,6 +88,32 @@ def neuron_adapter(
     if _opaque(x):
         return neuron_adapter_decode(x, Wt, thresholds, bias, tickets)
     return _neuron.neuron_adapter(x, Wt, thresholds, bias, tickets=tickets)
+
+
+@torch.library.triton_op("ranapass::neuron_adapter_pair", mutates_args={"tickets1", "tickets2"})
+def neuron_adapter_pair(
+    x: torch.Tensor,
+    Wt1: torch.Tensor,
+    thresholds1: torch.Tensor,
+    bias1: torch.Tensor | None,
+    tickets1: torch.Tensor | None,
+    Wt2: torch.Tensor,
+    thresholds2: torch.Tensor,
+    bias2: torch.Tensor | None,
+    tickets2: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two neuron adapters on one input (q and k, gate and up): ``neuron_adapter`` of each, in one launch."""
+    first, second = (Wt1, thresholds1, bias1), (Wt2, thresholds2, bias2)
+    if x.device.type != "cuda":
+        return neuron_adapter_reference(x, *first), neuron_adapter_reference(x, *second)
+    if _opaque(x):
+        return neuron_adapter_pair_decode(x, *first, tickets1, *second, tickets2)
+    return _neuron.neuron_adapter_pair(x, first, second, tickets=_pair_tickets(tickets1, tickets2))
+
+
+def _pair_tickets(tickets1: torch.Tensor | None, tickets2: torch.Tensor | None) -> tuple | None:
+    """Both units' persistent ticket buffers, or None (the launcher fills its own) unless both are given."""
+    return None if tickets1 is None or tickets2 is None else (tickets1, tickets2)
 
 
 @torch.library.triton_op("ranapass::gated_neuron_adapter", mutates_args={"tickets"})
@@ -157,6 +183,22 @@ def neuron_adapter_decode(x: torch.Tensor, Wt: torch.Tensor, thresholds: torch.T
 @neuron_adapter_decode.register_fake
 def _(x, Wt, thresholds, bias, tickets):
     return _out(x, Wt.shape[1])
+
+
+@torch.library.custom_op("ranapass::neuron_adapter_pair_decode", mutates_args={"tickets1", "tickets2"})
+def neuron_adapter_pair_decode(x: torch.Tensor, Wt1: torch.Tensor, thresholds1: torch.Tensor,
+                               bias1: torch.Tensor | None, tickets1: torch.Tensor | None, Wt2: torch.Tensor,
+                               thresholds2: torch.Tensor, bias2: torch.Tensor | None,
+                               tickets2: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``neuron_adapter_pair``'s decode kernel, launched directly."""
+    with direct_launch():
+        return _neuron.neuron_adapter_pair(x, (Wt1, thresholds1, bias1), (Wt2, thresholds2, bias2),
+                                           tickets=_pair_tickets(tickets1, tickets2))
+
+
+@neuron_adapter_pair_decode.register_fake
+def _(x, Wt1, thresholds1, bias1, tickets1, Wt2, thresholds2, bias2, tickets2):
+    return _out(x, Wt1.shape[1]), _out(x, Wt2.shape[1])
 
 
 @torch.library.custom_op("ranapass::gated_neuron_adapter_decode", mutates_args={"tickets"})

@@ -205,8 +205,8 @@ def rank_adapter_pair(
         return tuple(rank_adapter_gemm(x2, *unit).reshape(*lead, unit[1].shape[1]) for unit in (first, second))
     (B1, At1, thr1, bias1), (B2, At2, thr2, bias2) = first, second
     rc, gc = config if config is not None else rank_adapter_configs(n, *At1.shape, T)
-    n_tickets = triton.cdiv(At1.shape[1], gc.block_n) + triton.cdiv(At2.shape[1], gc.block_n)
-    zpart, tickets = _router(x2, [B1, B2], rc, n_tickets, frozen_weights)
-    y1, y2 = masked_gemv_pair(zpart, B1.shape[0], (thr1, At1, bias1), (thr2, At2, bias2), x.dtype, gc,
-                              zpart.shape[0], tickets)
+    tiles1 = triton.cdiv(At1.shape[1], gc.block_n)
+    zpart, tickets = _router(x2, [B1, B2], rc, tiles1 + triton.cdiv(At2.shape[1], gc.block_n), frozen_weights)
+    y1, y2 = masked_gemv_pair(zpart, PROLOGUE_RANK, (thr1, At1, bias1), (thr2, At2, bias2), x.dtype, gc,
+                              rank1=B1.shape[0], in_splits=zpart.shape[0], tickets=(tickets, tickets[tiles1:]))
     return y1.reshape(*lead, -1), y2.reshape(*lead, -1)

@@ -42,8 +42,8 @@ class RanaBackend:
         strict: raise ``RewriteError`` when a graph reads a registered weight it cannot rewrite,
             instead of leaving that linear dense with a warning.
         fuse_gated_mlp: emit ``gated_neuron_adapter`` for neuron-adapted down projections of gated MLPs.
-        pair_rank_adapters: emit one ``rank_adapter_pair`` for two rank-adapted units reading one input
-            (gate and up as separate units), so their kernels share launches.
+        pair_adapters: emit one pair op for two units of a kind (rank or neuron adapters) reading one
+            input (q and k, gate and up as separate units), so their kernels share launches.
         compiler: what compiles the rewritten graph: "inductor" (the product), or "aot_eager" /
             "eager" to debug the rewrite without Inductor.
         reports: one ``RewriteReport`` per graph this backend compiled, oldest first (clear at will).
@@ -56,7 +56,7 @@ class RanaBackend:
 
     strict: bool = False
     fuse_gated_mlp: bool = True
-    pair_rank_adapters: bool = True
+    pair_adapters: bool = True
     compiler: str = "inductor"
     reports: list[RewriteReport] = dataclasses.field(default_factory=list, repr=False)
 
@@ -84,7 +84,7 @@ class RanaBackend:
         read += [t for t in example_inputs if isinstance(t, torch.Tensor) and lookup(t) is not None]
         guard_graph(gm, example_inputs, read)
         report = rewrite_linears(gm, example_inputs, fuse_gated_mlp=config.fuse_gated_mlp,
-                                 pair_rank_adapters=config.pair_rank_adapters, strict=config.strict)
+                                 pair_adapters=config.pair_adapters, strict=config.strict)
         self.reports.append(report)
         return config._compile(gm, example_inputs, mode, inductor_options)
 

@@ -239,7 +239,8 @@ def diff(model: torch.nn.Module, example_inputs: Any, *, backend: RanaBackend | 
     Args:
         model: the model, with a plan attached (without one the diff shows every linear left dense).
         example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
-        backend: whose options (``fuse_gated_mlp``, ``pair_rank_adapters``, ``strict``) the pass uses; default ``RanaBackend()``.
+        backend: whose options (``fuse_gated_mlp``, ``pair_adapters``, ``strict``) the pass uses;
+            default ``RanaBackend()``.
 
     Example::
 
@@ -254,7 +255,7 @@ def diff(model: torch.nn.Module, example_inputs: Any, *, backend: RanaBackend | 
         names = _input_names(gm, inputs, model)
         before = render(gm, names)
         report = rewrite_linears(gm, inputs, fuse_gated_mlp=config.fuse_gated_mlp,
-                                 pair_rank_adapters=config.pair_rank_adapters, strict=config.strict)
+                                 pair_adapters=config.pair_adapters, strict=config.strict)
         names = _input_names(gm, inputs, model)
         by_name = {n.name: n for n in gm.graph.nodes}
         for r in report.rewrites:  # show what stands for a replaced linear under the linear's name

@@ -24,11 +24,14 @@ It runs on the torch-IR graph Dynamo hands to the backend, before AOTAutograd (r
    single-member unit of a kind with a gated op (neuron adapter: ``gated_neuron_adapter``) whose input
    is ``act(gate) * up`` may become one gated call, so the kernels can fuse the MLP middle.
 3. *Pair.* Two ops of a kind with a pair op that read one input (two ``rank_adapter`` units, gate and
-   up, each with its own B and mask) may become one ``rank_adapter_pair`` node and a ``getitem`` per
-   unit, so their routers and their masked GEMVs share launches::
+   up, each with its own B and mask; two ``neuron_adapter`` units, such as q and k or gate and up, each
+   with its own thresholds) may become one pair node (``rank_adapter_pair``, ``neuron_adapter_pair``)
+   and a ``getitem`` per unit, so their kernels share launches::
 
        g = ranapass.rank_adapter(x, Bg, Atg, tg, None); u = ranapass.rank_adapter(x, Bu, Atu, tu, None)
        --->  gu = ranapass.rank_adapter_pair(x, Bg, Atg, tg, None, Bu, Atu, tu, None); g = gu[0]; u = gu[1]
+
+   Three ops on one input (q, k and v) make one pair and one single op, in graph order.
 
 Nothing is silent: the ``RewriteReport`` lists the units rewritten, every registered weight left
 dense with its reason, the unregistered linears and the 3D expert weights of mixture-of-experts blocks
@@ -274,8 +277,8 @@ def _pair_ops() -> dict[torch._ops.OpOverload, torch._ops.OpOverload]:
             if k.lowering is not None and k.lowering.pair_op is not None}
 
 
-def _pair_rank_adapters(rw: _Rewriter, rewrites: list[OpRewrite]) -> int:
-    """Fuse the ops of a kind with a pair op (``rank_adapter``) that read one input two by two.
+def _pair_adapters(rw: _Rewriter, rewrites: list[OpRewrite]) -> int:
+    """Fuse the ops of a kind with a pair op (rank and neuron adapters) that read one input, two by two.
 
     The pair node goes where the first op was; the second op's buffer nodes move before it. Both ops
     need the same operands present (a bias or neither: the kernels take one flag). Returns the number
@@ -316,7 +319,7 @@ def _reason_key(reason: str) -> str:
 
 # ---------------------------------------------------------------------------------------- the pass
 def rewrite_linears(gm: fx.GraphModule, example_inputs: Sequence[Any], *, fuse_gated_mlp: bool = True,
-                    pair_rank_adapters: bool = True, strict: bool = False) -> RewriteReport:
+                    pair_adapters: bool = True, strict: bool = False) -> RewriteReport:
     """Rewrite, in place, every linear of ``gm`` whose weight has an attached adapter.
 
     Args:
@@ -324,8 +327,8 @@ def rewrite_linears(gm: fx.GraphModule, example_inputs: Sequence[Any], *, fuse_g
         example_inputs: the backend's example inputs; placeholder ``i`` reads ``example_inputs[i]``.
         fuse_gated_mlp: emit ``gated_neuron_adapter`` for a neuron-adapted down projection whose input
             is ``act(gate) * up``.
-        pair_rank_adapters: emit one ``rank_adapter_pair`` for two rank-adapted units that read the
-            same input (gate and up as separate units).
+        pair_adapters: emit one pair op for two units of a kind that read the same input (rank-adapted
+            gate and up as separate units; neuron-adapted q and k, gate and up).
         strict: raise ``RewriteError`` (leaving ``gm`` unchanged) if a registered weight this graph
             reads would stay dense.
 
@@ -366,8 +369,8 @@ def rewrite_linears(gm: fx.GraphModule, example_inputs: Sequence[Any], *, fuse_g
             except Exception as e:
                 raise RewriteError(f"ranapass: rewriting unit {group[0].ref.unit.name!r} at "
                                    f"{group[0].node.format_node()} failed: {e}") from e
-        if pair_rank_adapters:
-            report.counters["paired_rank_adapters"] = _pair_rank_adapters(rw, report.rewrites)
+        if pair_adapters:
+            report.counters["paired_adapters"] = _pair_adapters(rw, report.rewrites)
         gm.graph.lint()
         gm.recompile()
     report.counters["rewritten_units"] = report.rewritten

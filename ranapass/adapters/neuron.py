@@ -29,7 +29,8 @@ class NeuronAdapterSpec(AdapterSpec):
     """
 
     kind: ClassVar[str] = "neuron"
-    lowering: ClassVar[Lowering] = Lowering("neuron_adapter", tickets=True, gated_op="gated_neuron_adapter")
+    lowering: ClassVar[Lowering] = Lowering("neuron_adapter", tickets=True, gated_op="gated_neuron_adapter",
+                                           pair_op="neuron_adapter_pair")
     reference = kernel_reference("neuron_adapter_reference")
     thresholds: torch.Tensor = None
 

@@ -9,7 +9,7 @@ import pytest
 
 PIPELINE = Path(__file__).parents[2] / "benchmarks" / "bench_pipeline.py"
 TOY = ["--model", "tiny", "--windows", "8", "--window-len", "64", "--budgets", "0.56", "--batches", "1", "2",
-       "--steps", "3", "--prompt-len", "16", "--prefill-len", "32", "--max-cache-len", "64", "--repeats", "1",
+       "--steps", "3", "--prompt-len", "16", "--prefill-len", "32", "--max-cache-len", "24", "48", "--repeats", "1",
        "--compiler", "aot_eager"]
 
 
@@ -36,10 +36,11 @@ def test_toy_run_measures_every_variant(pipeline, tmp_path):
     assert [p["plan"] for p in plans] == ["allocator 0.56", "hand-built 0.56"]
     for plan in plans:
         assert plan["expected_ratio"] <= 0.56 + 1e-6 and 0 < plan["held_out_ratio"] < 1 and plan["mix"]
-    runs = {(r["variant"], r["phase"], r["batch"]): r for r in res["runs"]}
-    assert set(runs) == {(v, p, b) for v in ("dense", "allocator 0.56", "hand-built 0.56")
-                         for p, b in (("decode", 1), ("decode", 2), ("prefill", 1))}
-    for (variant, phase, _), r in runs.items():
+    runs = {(r["variant"], r["phase"], r["batch"], r["cache_len"]): r for r in res["runs"]}
+    assert set(runs) == {(v, p, b, n) for v in ("dense", "allocator 0.56", "hand-built 0.56")
+                         for p, b, n in (("decode", 1, 24), ("decode", 2, 24), ("decode", 1, 48), ("decode", 2, 48),
+                                         ("prefill", 1, 64))}
+    for (variant, phase, _, _), r in runs.items():
         assert r["tok_per_s"] > 0 and r["recompiles"] == 0 and r["graph_breaks"] == 0
         assert r["decode_graphs"] == (phase == "decode") and r["prefill_graphs"] == 1
         assert r["speedup"] == 1.0 if variant == "dense" else r["speedup"] > 0

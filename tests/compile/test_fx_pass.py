@@ -22,7 +22,8 @@ pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 ARCHS = ["LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "GemmaForCausalLM",
          "GPTNeoXForCausalLM", "Phi3ForCausalLM", "mlp"]
 RANAPASS_OPS = {torch.ops.ranapass.rank_adapter.default, torch.ops.ranapass.neuron_adapter.default,
-                torch.ops.ranapass.gated_neuron_adapter.default, torch.ops.ranapass.rank_adapter_pair.default}
+                torch.ops.ranapass.gated_neuron_adapter.default, torch.ops.ranapass.rank_adapter_pair.default,
+                torch.ops.ranapass.neuron_adapter_pair.default}
 
 
 def capture(model, inputs, grad: bool = False, **kwargs):
@@ -110,20 +111,25 @@ def test_gated_mlp_fusion_is_optional_and_exact(fuse):
 
 
 @pytest.mark.parametrize("pair", [True, False])
-def test_gate_and_up_as_separate_units_share_one_op(pair):
-    """Rank-adapted gate and up with their own B and mask: one ``rank_adapter_pair`` per MLP (optional)."""
+def test_units_reading_one_input_share_one_op(pair):
+    """Units of one kind that read one input, each with its own weights and mask, become one pair op (optional):
+    rank-adapted gate and up a ``rank_adapter_pair``, neuron-adapted k and v a ``neuron_adapter_pair``."""
     model, inputs = tiny_model("LlamaForCausalLM"), tiny_inputs("LlamaForCausalLM")
-    plan = build_plan(model, inputs, group=False)
+    plan = build_plan(model, inputs, group=False)  # neuron adapters where in > out: k, v (GQA) and down
     ref = eager_adapted(model, plan, inputs)
-    gm, report, out = capture(model, inputs, pair_rank_adapters=pair)
+    gm, report, out = capture(model, inputs, pair_adapters=pair)
 
     layers = model.config.num_hidden_layers
-    pairs = [n for n in gm.graph.nodes if n.target is torch.ops.ranapass.rank_adapter_pair.default]
-    assert len(pairs) == report.counters["paired_rank_adapters"] == (layers if pair else 0)
+    pair_ops = {torch.ops.ranapass.rank_adapter_pair.default: ("gate", "up"),
+                torch.ops.ranapass.neuron_adapter_pair.default: ("k", "v")}
+    pairs = [n for n in gm.graph.nodes if n.target in pair_ops]
+    assert len(pairs) == report.counters["paired_adapters"] == (2 * layers if pair else 0)
     assert len(ops_in(gm)) == report.counters["ops"] == len(plan.adapted) - len(pairs)
-    paired = {r.members for r in report.rewrites if r.op == "ranapass.rank_adapter_pair"}
-    assert paired == ({(f"model.layers.{i}.mlp.{p}_proj",) for i in range(layers) for p in ("gate", "up")}
-                      if pair else set())
+    for op, names in pair_ops.items():
+        paired = {r.members for r in report.rewrites if r.op == f"ranapass.{op._schema.name.split('::')[-1]}"}
+        block = "mlp" if "up" in names else "self_attn"
+        assert paired == ({(f"model.layers.{i}.{block}.{p}_proj",) for i in range(layers) for p in names}
+                          if pair else set())
     for node in pairs:
         assert [u.target for u in node.users] == [operator.getitem] * 2
         assert node.meta["nn_module_stack"] and len(node.meta["example_value"]) == 2

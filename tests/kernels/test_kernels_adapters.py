@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(
 if has_triton() and (has_cuda() or triton_interpret()):
     from ranapass.kernels.configs import KernelConfig
     from ranapass.kernels.launch import direct_launch
-    from ranapass.kernels.neuron_adapter import gated_neuron_adapter, neuron_adapter, ticket_buffer
+    from ranapass.kernels.neuron_adapter import gated_neuron_adapter, neuron_adapter, neuron_adapter_pair, ticket_buffer
     from ranapass.kernels.rank_adapter import rank_adapter, rank_adapter_pair
     from ranapass.kernels.reference import (
         gated_activation,
@@ -156,6 +156,25 @@ def test_neuron_adapter(T, n, m, density, dtype, with_bias, data):
 
 @pytest.mark.slow
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(T=TOKENS, n=DIM, widths=st.tuples(DIM, DIM), densities=st.tuples(DENSITY, DENSITY),
+       dtype=st.sampled_from(DTYPES), with_bias=st.booleans(), data=st.data())
+def test_neuron_adapter_pair(T, n, widths, densities, dtype, with_bias, data):
+    """Two neuron adapters on one input, each with its own thresholds, in one launch: each output equals
+    its own reference."""
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    x = _rand((T, n), dtype, gen)
+    units = [(_rand((n, m), dtype, gen, n ** -0.5), _thresholds(x.cpu().float(), d, MARGIN[dtype], gen).to(DEVICE),
+              _rand((m,), dtype, gen) if with_bias else None) for m, d in zip(widths, densities)]
+    with direct_launch():
+        ys = neuron_adapter_pair(x, *units, config=_configs(lambda lo, hi: data.draw(st.integers(lo, hi))))
+    for y, unit in zip(ys, units):
+        ref = neuron_adapter_reference(x, *unit)
+        assert y.shape == ref.shape and y.dtype == dtype
+        assert _rel_err(y, ref) <= RTOL[dtype]
+
+
+@pytest.mark.slow
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(T=TOKENS, n=DIM, m=DIM, density=DENSITY, dtype=st.sampled_from(DTYPES),
        activation=st.sampled_from(["silu", "gelu_tanh", "gelu"]), with_bias=st.booleans(), data=st.data())
 def test_gated_neuron_adapter(T, n, m, density, dtype, activation, with_bias, data):
@@ -211,7 +230,8 @@ def test_outputs_and_workspaces_need_no_fill(monkeypatch, fused_sum, prefetch):
              lambda: neuron_adapter(x, Wt, thr_n, bias, config=gemv),
              lambda: gated_neuron_adapter(x, x, Wt, thr_n, None, "silu", config=gemv),
              lambda: rank_adapter_pair(x, (B, At, thr, bias), (B[:29], At[:29, :33], thr[:29], bias[:33]),
-                                       config=(KernelConfig(16, 16, 2), gemv))]
+                                       config=(KernelConfig(16, 16, 2), gemv)),
+             lambda: neuron_adapter_pair(x, (Wt, thr_n, bias), (Wt[:, :23], thr_n.flip(0), bias[:23]), config=gemv)]
     with direct_launch():
         clean = [f() for f in calls]
         empties = []
@@ -226,8 +246,11 @@ def test_outputs_and_workspaces_need_no_fill(monkeypatch, fused_sum, prefetch):
         dirty = [f() for f in calls]
     for a, b in zip(clean, dirty):
         assert all(torch.equal(u, v) for u, v in zip(*((t,) if torch.is_tensor(t) else t for t in (a, b))))
-    tickets = [t for t in empties if t.dtype == torch.int32]  # rank adapters' tickets: the router zeroes them
-    assert tickets and all((t == 0).all() for t in (tickets if fused_sum else [tickets[0], tickets[-1]]))
+    # the int32 buffers from torch.empty: the two rank routers' tickets, which the routers zero (and with a
+    # second sum launch, the unused tickets of the other calls)
+    tickets = [t for t in empties if t.dtype == torch.int32]
+    routers = tickets if fused_sum else [tickets[0], tickets[3]]
+    assert len(routers) == 2 and all((t == 0).all() for t in routers)
 
 
 def test_persistent_tickets_serve_every_call_and_stay_zero():
@@ -239,7 +262,8 @@ def test_persistent_tickets_serve_every_call_and_stay_zero():
     x, up = _rand((1, n), dtype, gen), _rand((1, n), dtype, gen)
     Wt, bias = _rand((n, m), dtype, gen, n ** -0.5), _rand((m,), dtype, gen)
     thr = _thresholds(x.cpu().float(), 0.5, MARGIN[dtype], gen).to(DEVICE)
-    tickets = ticket_buffer(m, DEVICE)
+    tickets, tickets2 = ticket_buffer(m, DEVICE), ticket_buffer(m - 17, DEVICE)
+    second = (Wt[:, 17:], thr.flip(0), bias[17:])
     configs = [None, KernelConfig(16, 16, 3, 4), KernelConfig(32, 16, 2, 1, prefetch=True), KernelConfig(16, 32, 6)]
     with direct_launch():
         for cfg in configs * 2:
@@ -247,6 +271,10 @@ def test_persistent_tickets_serve_every_call_and_stay_zero():
                          lambda **kw: gated_neuron_adapter(x, up, Wt, thr, None, "silu", config=cfg, **kw)):
                 assert torch.equal(call(tickets=tickets), call())
                 assert not tickets.any()
+            paired = neuron_adapter_pair(x, (Wt, thr, bias), second, config=cfg, tickets=(tickets, tickets2))
+            assert all(torch.equal(a, b) for a, b in zip(paired, neuron_adapter_pair(x, (Wt, thr, bias), second,
+                                                                                      config=cfg)))
+            assert not tickets.any() and not tickets2.any()
     with pytest.raises(ValueError, match="tickets must be int32"):
         neuron_adapter(x, Wt, thr, bias, config=KernelConfig(16, 16, 3), tickets=tickets[:2])
 
@@ -299,6 +327,10 @@ def test_decode_ops_pass_opcheck_and_equal_their_launchers():
          (rank_adapter_reference(x, B, At, thr_r), rank_adapter_reference(x, B2, At2, thr_r2))),
         (ops.neuron_adapter_decode.default, (x, Wt, thr_n, bias, ticket_buffer(33, DEVICE)),
          (neuron_adapter_reference(x, Wt, thr_n, bias),)),
+        (ops.neuron_adapter_pair_decode.default, (x, Wt, thr_n, bias, ticket_buffer(33, DEVICE), Wt[:, :19],
+                                                  thr_n.flip(0), bias[:19], ticket_buffer(19, DEVICE)),
+         (neuron_adapter_reference(x, Wt, thr_n, bias), neuron_adapter_reference(x, Wt[:, :19], thr_n.flip(0),
+                                                                                 bias[:19]))),
         (ops.gated_neuron_adapter_decode.default, (x, up, Wt, thr_g, None, None, "silu"),
          (neuron_adapter_reference(gated_activation(x, up, "silu"), Wt, thr_g),)),
     ]

@@ -81,6 +81,19 @@ def test_rank_adapter_pair_is_two_rank_adapters(dtype, with_bias):
     _check(y2, _masked(z2, thr2, At2, bias2), dtype)
 
 
+@pytest.mark.parametrize("dtype, with_bias", [(torch.float32, False), (torch.bfloat16, True)])
+def test_neuron_adapter_pair_is_two_neuron_adapters(dtype, with_bias):
+    x, _, _, Wt, bias = _args(dtype, with_bias)
+    Wt2, thr = Wt[:, :11] * 2, _clear_thresholds(x.double(), MARGIN[dtype])
+    thr2 = thr.flip(0)
+    bias2 = bias[:11] if with_bias else None
+    args = (x, Wt, thr, bias, ticket_buffer(Wt.shape[1], "cpu"), Wt2, thr2, bias2, None)
+    torch.library.opcheck(OPS.neuron_adapter_pair.default, args)
+    y1, y2 = OPS.neuron_adapter_pair(*args)
+    _check(y1, _masked(x.double(), thr, Wt, bias), dtype)
+    _check(y2, _masked(x.double(), thr2, Wt2, bias2), dtype)
+
+
 def test_traced_decode_calls_become_opaque_ops_only_under_cuda_graphs_with_pdl(monkeypatch):
     """``launch_opaque``: a traced decode call becomes its ``*_decode`` op only with CUDA graphs and PDL
     in Inductor's kernels, on a card that has it."""
