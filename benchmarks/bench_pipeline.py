@@ -20,7 +20,7 @@ its FLOP ratio measured on held-out text (the evaluation split), and the FLOP ra
 decode steps actually fed (the generated ones: a plan's thresholds were fitted on text, and a model with
 random weights generates no text). ``--breakdown`` adds, per decode step, the GPU time of every kernel
 (torch.profiler over two generate calls of different lengths, so prefill and set-up cancel), grouped into
-ranapass's kernels, cuBLAS, attention, Inductor's fused kernels and the rest.
+ranapass's kernels, cuBLAS, attention, Inductor's fused kernels and the rest, and the same for one prefill.
 
 The tokenizer and token windows need the SmolLM2 package and Python's docs; ``--inputs DIR`` saves
 them there the first time (``--prepare-only`` stops after that) and reads them from there later,
@@ -146,7 +146,7 @@ def _peak_gib(device: torch.device) -> float | None:
 # ------------------------------------------------------------------------------------------ timing
 KERNEL_GROUPS = (
     ("ranapass", ("masked_gemv", "router_kernel", "split_sum")),
-    ("cuBLAS", ("gemv", "gemm", "cutlass", "xmma", "cublas")),
+    ("cuBLAS", ("gemv", "gemm", "cutlass", "xmma", "cublas", "nvjet")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
     ("inductor", ("triton_",)),
 )
@@ -170,17 +170,25 @@ def _kernel_times(gen: CompiledGenerator, prompt: torch.Tensor, new_tokens: int)
     return times
 
 
+def _grouped(times: dict[str, float]) -> dict:
+    groups: dict[str, float] = collections.defaultdict(float)
+    for name, us in times.items():
+        groups[_kernel_group(name)] += us
+    top = sorted(times.items(), key=lambda kv: -kv[1])[:12]
+    return {"gpu_us": sum(times.values()), "groups_us": dict(groups),
+            "top_kernels_us": [(name[:90], us) for name, us in top]}
+
+
 def decode_breakdown(gen: CompiledGenerator, prompt: torch.Tensor, steps: int = 32) -> dict:
     """GPU microseconds per decode step by kernel group and the top kernels: the difference of two calls
     ``steps`` decode steps apart, so the prefill and everything paid once per call cancel."""
     short, long = _kernel_times(gen, prompt, 9), _kernel_times(gen, prompt, 9 + steps)
-    per_step = {k: (long[k] - short.get(k, 0.0)) / steps for k in long}
-    groups: dict[str, float] = collections.defaultdict(float)
-    for name, us in per_step.items():
-        groups[_kernel_group(name)] += us
-    top = sorted(per_step.items(), key=lambda kv: -kv[1])[:12]
-    return {"gpu_us_per_step": sum(per_step.values()), "groups_us": dict(groups),
-            "top_kernels_us": [(name[:90], us) for name, us in top]}
+    return _grouped({k: (long[k] - short.get(k, 0.0)) / steps for k in long})
+
+
+def prefill_breakdown(gen: CompiledGenerator, prompt: torch.Tensor) -> dict:
+    """GPU microseconds of one prefill (a ``generate`` call of one new token) by kernel group and the top kernels."""
+    return _grouped(_kernel_times(gen, prompt, 1))
 
 
 @torch.no_grad()
@@ -242,6 +250,8 @@ def time_generation(model, prompt: torch.Tensor, new_tokens: int, cache_len: int
             attach(model, gen.plan)
     else:
         row["ms"] = 1e3 * statistics.median(t.prefill_seconds for t in timings)
+        if args.breakdown and prompt.device.type == "cuda":
+            row["breakdown"] = prefill_breakdown(gen, prompt)
     del gen
     if prompt.device.type == "cuda":
         torch.cuda.empty_cache()
