@@ -19,7 +19,9 @@ data-aware low rank (no masks; global and uniform); data-free static low rank fr
 spectra (``ranapass.profile(model, None)``, global); TEAL-style and CATS-style activation sparsity
 (``ranapass.baselines``), and TEAL-style with TEAL's own greedy per-block allocation over the
 projections (``ranapass.baselines_greedy``). Ablations of ranapass (global): relative instead of output-gradient
-(Fisher) error weights, mask cost not counted during allocation, sequential calibration.
+(Fisher) error weights, mask cost not counted during allocation, curves not calibrated to the loss
+(``ProfileOptions.loss_calibration``), the additive objective (``PlanOptions.error_exponent`` 1),
+sequential calibration.
 
 One profile serves every ranapass and static-low-rank method; the FLOP ratio is over the block
 linears (adapted / dense FLOPs per token; the lm_head stays dense and is reported separately).
@@ -99,14 +101,16 @@ METHODS: dict[str, str] = {
     "teal-greedy": "TEAL-style (greedy per block)",
     "cats": "CATS-style (MLP only)",
 }
-NEEDS: dict[str, str] = {"relative-weighting": "relative", "datafree-global": "data-free", "teal": "teal",
-                         "teal-greedy": "teal-greedy", "cats": "cats"}
+NEEDS: dict[str, str] = {"relative-weighting": "relative", "uncalibrated": "uncalibrated",
+                         "datafree-global": "data-free", "teal": "teal", "teal-greedy": "teal-greedy", "cats": "cats"}
 """The calibration each method needs, when not the output-gradient profile."""
 REFERENCE = "ranapass-global"
 """The method every other one is paired against."""
 ABLATIONS: dict[str, str] = {
     "relative-weighting": "relative error weights (not output-gradient)",
     "mask-cost-free": "mask cost not counted in allocation",
+    "uncalibrated": "curves not calibrated to the loss",
+    "additive": "additive objective (error exponent 1)",
     "sequential": "sequential calibration (under the plan)",
 }
 
@@ -233,6 +237,9 @@ class Run:
         if "relative" in needs:
             self.profiles["relative"] = t("profile (relative weights)", lambda: ranapass.profile(
                 m, self.calibration, options=dataclasses.replace(opts, error_weighting="relative"), cache=False))
+        if "uncalibrated" in needs:
+            self.profiles["uncalibrated"] = t("profile (not calibrated to the loss)", lambda: ranapass.profile(
+                m, self.calibration, options=dataclasses.replace(opts, loss_calibration=False), cache=False))
         if "data-free" in needs:
             self.profiles["data-free"] = t("profile (data-free)", lambda: ranapass.profile(m, None, cache=False))
         # TEAL and CATS: dense activations of the first calibration windows, the profile's held-out
@@ -269,6 +276,10 @@ class Run:
             return self.profiles["relative"].plan(budget)
         if method == "mask-cost-free":
             return fisher.plan(mask_free_budget(fisher, budget), count_mask_cost=False)
+        if method == "uncalibrated":
+            return self.profiles["uncalibrated"].plan(budget)
+        if method == "additive":
+            return fisher.plan(budget, error_exponent=1.0)
         if method == "sequential":
             under = fisher.plan(budget)
             again = self.timer(f"profile (sequential, {budget})", lambda: ranapass.profile(

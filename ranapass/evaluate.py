@@ -31,7 +31,7 @@ from ranapass.plan import Plan
 from ranapass.plan_check import check_plan_fits
 
 __all__ = ["EVAL_WINDOW", "EVAL_NUM_WINDOWS", "EVAL_SOURCE", "PerplexityResult", "AdaptedResult", "perplexity",
-           "adapted_perplexity", "protocol"]
+           "model_logits", "adapted_perplexity", "protocol"]
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def protocol(source: str = EVAL_SOURCE, num_windows: int = EVAL_NUM_WINDOWS, win
             f"ppl = exp(mean NLL over {num_windows * (window - 1)} tokens)")
 
 
-def _logits(output) -> torch.Tensor:
+def model_logits(output) -> torch.Tensor:
     """Logits from a Hugging Face output, a tuple whose first item is the logits, or a tensor."""
     if isinstance(output, torch.Tensor):
         return output
@@ -107,7 +107,7 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
     with tqdm(total=len(windows), desc="perplexity", unit="window", disable=not progress) as bar:
         for batch in windows.split(batch_size):
             batch = batch.to(device)
-            logits = _logits(model(batch))
+            logits = model_logits(model(batch))
             for row_logits, row in zip(logits, batch, strict=True):
                 nll = float(F.cross_entropy(row_logits[:-1].float(), row[1:], reduction="sum"))
                 total_nll += nll

@@ -19,7 +19,7 @@ import torch
 
 from ranapass.adapters import ADAPTER_KINDS
 from ranapass.candidates import KINDS, Site, UnitCandidates
-from ranapass.cost_model.allocate import Allocator, Choice, InfeasibleBudgetError
+from ranapass.cost_model.allocate import Allocator, Candidate, Choice, InfeasibleBudgetError
 from ranapass.cost_model.uniform import allocate_reference
 from ranapass.errors import RanapassError
 from ranapass.linear_match import linear_module
@@ -48,6 +48,10 @@ class PlanOptions:
         fit: re-fit thresholds on the held-out calibration windows (needs them; see ``Profile.holdout``).
         count_mask_cost: charge the masks' compare/select FLOPs during allocation (the reference
             code does not; an ablation). Reported FLOPs always include them.
+        error_exponent: "global" allocation minimises the sum of every unit's error to this power: above 1
+            it charges concentrated error more than the additive sum does (the loss of several adapted
+            units grows faster than the sum of their errors), spreading sparsity more evenly. 1 is the
+            plain additive objective; benchmarks/RESULTS.md has the ablation behind the default.
     """
 
     allocation: str = "global"
@@ -55,12 +59,16 @@ class PlanOptions:
     grouping: bool = True
     fit: bool = True
     count_mask_cost: bool = True
+    error_exponent: float = 2.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kinds", (self.kinds,) if isinstance(self.kinds, str) else tuple(self.kinds))
         for k in self.kinds:
             if k not in KINDS:
                 raise RanapassError(f"unknown candidate kind {k!r}; expected a subset of {KINDS}")
+        if isinstance(self.error_exponent, bool) or not (isinstance(self.error_exponent, (int, float))
+                                                         and 0 < self.error_exponent < float("inf")):
+            raise RanapassError(f"error_exponent must be a positive number, got {self.error_exponent!r}")
         if self.allocation not in ALLOCATIONS:
             raise RanapassError(f"allocation must be one of {sorted(ALLOCATIONS)}, got {self.allocation!r}")
 
@@ -122,7 +130,8 @@ class Planner:
         else:
             plan.meta["thresholds"] = "calibration statistics"
         plan.meta.update({"allocation_seconds": round(t_alloc, 3), "kinds": list(options.kinds),
-                          "grouping": options.grouping, "count_mask_cost": options.count_mask_cost})
+                          "grouping": options.grouping, "count_mask_cost": options.count_mask_cost,
+                          "error_exponent": options.error_exponent})
         log.info("planned budget %.3f (%s): expected ratio %.4f, %d/%d units adapted, %.2fs", budget,
                  options.allocation, plan.expected_ratio(), len(plan.adapted), len(plan.units),
                  time.perf_counter() - t0)
@@ -136,15 +145,17 @@ class Planner:
         err = sum(u.candidate(o).error for u, o in chosen)
         return {"budget": budget, "expected_ratio": cost / self.dense_flops(), "predicted_error": err}
 
-    def _allocator(self, kinds, grouping, count_mask_cost) -> tuple[Allocator, list]:
-        """The allocation problem for these settings (hulls computed once per profile and settings)."""
-        key = (kinds, grouping, count_mask_cost)
+    def _allocator(self, kinds, grouping, count_mask_cost, exponent) -> tuple[Allocator, list]:
+        """The allocation problem for these settings (hulls computed once per profile and settings): candidates'
+        errors raised to ``exponent`` (``PlanOptions.error_exponent``)."""
+        key = (kinds, grouping, count_mask_cost, exponent)
         if key not in self._allocators:
             choices, index = [], []
             for site in self.sites:
                 alts = site.alternatives(grouping)
                 found = [[u.options(kinds, count_mask_cost=count_mask_cost) for u in alt] for alt in alts]
-                choices.append(Choice([[cands for _, cands in alt] for alt in found]))
+                choices.append(Choice([[[Candidate(c.cost, c.error ** exponent) for c in cands] for _, cands in alt]
+                                       for alt in found]))
                 index.append((alts, [[opts for opts, _ in alt] for alt in found]))
             self._allocators[key] = (Allocator(choices), index)
         return self._allocators[key]
@@ -174,7 +185,8 @@ class Planner:
 # ---------------------------------------------------------------------------------------- strategies
 def _allocate_global(planner: Planner, target: float, options: PlanOptions) -> Chosen:
     """One knapsack over every unit (cost_model/allocate.py), each site grouped or not as it fits best."""
-    allocator, index = planner._allocator(options.kinds, options.grouping, options.count_mask_cost)
+    allocator, index = planner._allocator(options.kinds, options.grouping, options.count_mask_cost,
+                                          float(options.error_exponent))
     try:
         result = allocator.solve(target)
     except InfeasibleBudgetError as e:

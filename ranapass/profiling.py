@@ -32,6 +32,7 @@ from ranapass.errors import RanapassError
 from ranapass.experts import model_experts
 from ranapass.fingerprint import weights_fingerprint
 from ranapass.linear_match import linear_modules
+from ranapass.loss_calibration import loss_scales, rescaled
 from ranapass.plan import Plan, PlanMismatchError
 from ranapass.rewrite_report import EXPERTS_WHY
 from ranapass.planning import Planner, PlanOptions
@@ -57,6 +58,9 @@ class ProfileOptions:
         gradient_windows: windows of the backward pass for "fisher".
         exclude: module paths never adapted (the output embedding always is).
         rank_min_aspect: offer rank adapters only for units with out >= aspect * in (0: everywhere).
+        loss_calibration: rescale every unit's error curve so that it predicts the loss, from probes
+            of the held-out windows (``ranapass.loss_calibration``; needs them; one forward pass of them
+            per block and per role).
         seed: seed of the sampling.
     """
 
@@ -67,6 +71,7 @@ class ProfileOptions:
     gradient_windows: int = 16
     exclude: tuple[str, ...] = ()
     rank_min_aspect: float = RANK_MIN_ASPECT
+    loss_calibration: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -232,6 +237,8 @@ def profile(model: torch.nn.Module, data: Any = None, *, options: ProfileOptions
         meta["calibrated_under"] = f"plan at budget {under.budget} ({under.allocation})"
     else:
         sites, holdout, meta = _profile_with_data(model, data, linears, options, loss_fn, stopwatch)
+    if data is not None:  # on the plain model, also after calibrating under a plan
+        meta["loss_calibration"] = _calibrate_to_loss(model, sites, holdout, options, stopwatch)
     meta.update({"model": type(model).__name__, "profile_seconds": round(time.perf_counter() - t0, 1),
                  "timings": stopwatch.rounded(), "peak_gpu_memory_bytes": peak_gpu_memory(devices),
                  "devices": [str(d) for d in devices], "options": dataclasses.asdict(options),
@@ -243,6 +250,22 @@ def profile(model: torch.nn.Module, data: Any = None, *, options: ProfileOptions
     if key is not None and distributed.is_main():
         result.save(folder)  # replaces a damaged or stale entry file by file, the manifest last
     return result
+
+
+def _calibrate_to_loss(model, sites: list[Site], holdout: torch.Tensor | None, options: ProfileOptions,
+                       stopwatch: Stopwatch) -> dict[str, Any] | str:
+    """Rescale ``sites``' curves in place by their loss scales (``ranapass.loss_calibration``); the facts, or
+    why not. The probes compare next-token distributions: a language model's (one with a ``config``)."""
+    if not options.loss_calibration:
+        return "off"
+    if holdout is None:
+        return "skipped: no held-out windows"
+    if not hasattr(model, "config"):
+        return f"skipped: {type(model).__name__} is not a language model (the probes compare next-token logits)"
+    with stopwatch.stage("loss_calibration"):
+        scales, facts = loss_scales(model, sites, holdout, options.batch_size)
+        sites[:] = rescaled(sites, scales)
+    return facts
 
 
 def left_dense(model: torch.nn.Module) -> list[dict[str, Any]]:
