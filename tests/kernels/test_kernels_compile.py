@@ -79,6 +79,7 @@ GEMV_CASES = [  # (prologue, tokens, weight dtype, block_k, block_n, warps, fuse
     (PROLOGUE_RANK, 1, "bf16", 64, 64, 1, True, False, False),  # the one-token defaults (configs.py)
     (PROLOGUE_RANK, 1, "bf16", 64, 64, 1, True, False, True),   # gate and up in one launch
     (PROLOGUE_NEURON, 1, "bf16", 64, 64, 1, True, True, False),
+    (PROLOGUE_NEURON, 1, "bf16", 64, 64, 1, True, True, True),  # two neuron adapters on one input
     (PROLOGUE_GATED, 1, "bf16", 64, 64, 1, True, True, False),
     (PROLOGUE_RANK, 1, "bf16", 32, 64, 1, True, False, False),
     (PROLOGUE_NEURON, 1, "bf16", 32, 64, 1, True, True, False),
@@ -102,7 +103,7 @@ def test_masked_gemv_compiles(prologue, tokens, dtype, block_k, block_n, warps, 
     compiled = _compile(masked_gemv_kernel,
                         {"a_ptr": a, "b_ptr": a, "thr_ptr": "*fp32", "w_ptr": w, "bias_ptr": w, "part_ptr": "*fp32",
                          "ticket_ptr": "*i32", "y_ptr": w, "thr2_ptr": "*fp32", "w2_ptr": w, "bias2_ptr": w,
-                         "y2_ptr": w},
+                         "y2_ptr": w, "ticket2_ptr": "*i32"},
                         {"IN_SPLITS": 8, "PROLOGUE": prologue, "ACTIVATION": 0, "HAS_BIAS": True, "FUSED_SUM": fused,
                          "PREFETCH": prefetch, "BLOCK_T": tokens, "BLOCK_K": block_k, "BLOCK_M": block_n,
                          "BLOCK_S": 16, "GROUPED": grouped, "PDL": True, "INTERPRETER": False}, warps)
@@ -150,7 +151,7 @@ def test_inductor_sees_only_outputs_and_workspaces_written(monkeypatch):
     from ranapass.kernels import masked_gemv as mg
     from ranapass.kernels import rank_adapter as ra
     from ranapass.kernels.configs import KernelConfig
-    from ranapass.kernels.neuron_adapter import neuron_adapter
+    from ranapass.kernels.neuron_adapter import neuron_adapter, neuron_adapter_pair
 
     analyse = getattr(triton_kernel_wrap, "identify_accessed_tensors", None)
     if analyse is None:  # torch < 2.13
@@ -181,6 +182,8 @@ def test_inductor_sees_only_outputs_and_workspaces_written(monkeypatch):
     ra.rank_adapter_pair(x, (torch.randn(32, 64), torch.randn(32, 48), thr[:32], None),
                          (torch.randn(24, 64), torch.randn(24, 40), thr[:24], None),
                          config=(KernelConfig(32, 16, 2), KernelConfig(16, 16, 2)))
+    neuron_adapter_pair(x, (torch.randn(64, 48), thr, None), (torch.randn(64, 40), thr.flip(0), None),
+                        config=KernelConfig(16, 16, 2))
     written = {}
     for kernel, named in launches:
         result = analyse(kernel, named, {})
@@ -188,8 +191,8 @@ def test_inductor_sees_only_outputs_and_workspaces_written(monkeypatch):
         names = {dep.name for dep in rw.writes} if rw is not None else set(result)
         written.setdefault(kernel.fn.__name__, []).append(sorted(names))
     assert written == {"router_kernel": [["ticket_ptr", "zpart_ptr"]] * 2,
-                       "masked_gemv_kernel": [["part_ptr", "ticket_ptr", "y_ptr"], ["part_ptr"],
-                                              ["part_ptr", "ticket_ptr", "y2_ptr", "y_ptr"]],
+                       "masked_gemv_kernel": [["part_ptr", "ticket_ptr", "y_ptr"], ["part_ptr"]]
+                       + [["part_ptr", "ticket2_ptr", "ticket_ptr", "y2_ptr", "y_ptr"]] * 2,
                        "split_sum_kernel": [["out_ptr"]]}
 
 
