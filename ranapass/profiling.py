@@ -204,7 +204,7 @@ def profile(model: torch.nn.Module, data: Any = None, *, options: ProfileOptions
         key = hashlib.blake2b((fingerprint + _data_key(data) + json.dumps(dataclasses.asdict(options)) +
                                f"v{PROFILE_FORMAT.version}").encode(), digest_size=12).hexdigest()
         try:
-            folder = Path(cache) / key if not isinstance(cache, bool) else cache_dir("profiles", key)
+            folder = (Path(cache) if not isinstance(cache, bool) else cache_dir("profiles")) / key
         except CacheError as e:
             if not refresh:
                 raise

@@ -193,3 +193,17 @@ def test_adapter_written_elsewhere_without_manifest_still_loads_and_damage_names
     (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps({"r": 4})[:-2])
     with pytest.raises(RanapassError, match="adapter_config.json is not valid JSON"):
         load_lora(tmp_path / "lora")
+
+
+def test_a_fresh_cache_entry_is_not_reported_damaged(tmp_path, monkeypatch, caplog):
+    """The first profile into an empty cache builds its entry quietly: nothing there yet is nothing damaged."""
+    from ranapass.profiling import ProfileOptions, profile
+    from save_child import PROFILE_OPTIONS
+    from tiny_models import tiny_llama, token_windows
+
+    monkeypatch.setenv("RANAPASS_CACHE", str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger="ranapass"):
+        profile(tiny_llama(), token_windows(8, length=32), options=ProfileOptions(**PROFILE_OPTIONS))
+    assert not [r for r in caplog.records if "damaged" in r.getMessage()]
+    (entry,) = (tmp_path / "cache" / "profiles").iterdir()
+    storage.read(entry, storage.Format("ranapass.Profile", 1, "profile.json", "profile.safetensors", ""))
