@@ -97,13 +97,17 @@ def add_model_calibration_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_profile_args(parser: argparse.ArgumentParser) -> None:
-    """``--calib-windows``, ``--calib-window-len``, ``--error-weighting``, ``--no-cache``, ``--data-free``."""
+    """``--calib-windows``, ``--calib-window-len``, ``--error-weighting``, ``--no-loss-calibration``,
+    ``--no-cache``, ``--data-free``."""
     parser.add_argument("--calib-windows", type=int, default=DEFAULT_CALIBRATION_WINDOWS,
                         help=f"calibration windows of 512 tokens from the calibration split of --text "
                              f"(default {DEFAULT_CALIBRATION_WINDOWS}; 2 are held out to fit thresholds)")
     parser.add_argument("--calib-window-len", type=int, default=512, help="tokens per calibration window")
     parser.add_argument("--error-weighting", choices=("fisher", "relative"), default="fisher",
                         help="how errors are made comparable across layers (default: output-gradient weighted)")
+    parser.add_argument("--no-loss-calibration", action="store_true",
+                        help="keep the proxy errors as they are (default: rescale them to the loss measured by "
+                             "probes on the held-out windows)")
     parser.add_argument("--no-cache", action="store_true",
                         help="recalibrate even if a cached profile exists (and replace it, when the cache is usable)")
     parser.add_argument("--data-free", action="store_true",
@@ -111,13 +115,21 @@ def add_profile_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_plan_args(parser: argparse.ArgumentParser, budget_required: bool = False) -> None:
-    """``--budget``, ``--allocation``, ``--kinds``."""
+    """``--budget``, ``--allocation``, ``--kinds``, ``--error-exponent``."""
     parser.add_argument("--budget", type=float, required=budget_required, default=None if budget_required else 0.56,
                         help="adapted / dense FLOPs of the block linears, in (0, 1]")
     parser.add_argument("--allocation", choices=("global", "uniform"), default="global",
                         help="global (one allocation over all layers) or uniform (the reference's recipe)")
     parser.add_argument("--kinds", default="rank,neuron",
                         help="candidate families for global allocation: rank, lowrank, neuron (comma-separated)")
+    add_error_exponent_arg(parser)
+
+
+def add_error_exponent_arg(parser: argparse.ArgumentParser) -> None:
+    """``--error-exponent`` (``PlanOptions.error_exponent``)."""
+    parser.add_argument("--error-exponent", type=float, default=PlanOptions.error_exponent,
+                        help="global allocation minimises the sum of unit errors to this power "
+                             f"(default {PlanOptions.error_exponent:g}; 1: the additive proxy)")
 
 
 def load_profile(args: argparse.Namespace, model: torch.nn.Module, tokenizer) -> tuple[Profile, float]:
@@ -126,13 +138,14 @@ def load_profile(args: argparse.Namespace, model: torch.nn.Module, tokenizer) ->
     if args.data_free:
         return profile(model, None, refresh=args.no_cache), time.perf_counter() - start
     windows = calibration_windows(tokenizer, args.text, num_windows=args.calib_windows, window=args.calib_window_len)
-    prof = profile(model, windows, options=ProfileOptions(error_weighting=args.error_weighting),
-                   refresh=args.no_cache)
+    options = ProfileOptions(error_weighting=args.error_weighting, loss_calibration=not args.no_loss_calibration)
+    prof = profile(model, windows, options=options, refresh=args.no_cache)
     return prof, time.perf_counter() - start
 
 
 def plan_from_args(args: argparse.Namespace, prof: Profile):
-    return prof.plan(args.budget, allocation=args.allocation, kinds=tuple(k for k in args.kinds.split(",") if k))
+    return prof.plan(args.budget, allocation=args.allocation, kinds=tuple(k for k in args.kinds.split(",") if k),
+                     error_exponent=args.error_exponent)
 
 
 _POSITIVE = {"windows": 1, "window_len": 2, "calib_windows": 1, "calib_window_len": 2, "batch_size": 1, "tokens": 1}
@@ -152,5 +165,6 @@ def check_args(args: argparse.Namespace) -> Plan | None:
         except RanapassError as e:
             raise RanapassError(f"--budget {e}") from e
     if getattr(args, "kinds", None) is not None:
-        PlanOptions(kinds=tuple(k for k in args.kinds.split(",") if k))
+        PlanOptions(kinds=tuple(k for k in args.kinds.split(",") if k),
+                    error_exponent=getattr(args, "error_exponent", PlanOptions.error_exponent))
     return Plan.load(args.plan) if getattr(args, "plan", None) else None

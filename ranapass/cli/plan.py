@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     budgets = [float(b) for b in args.curve.split(",")] if args.curve else []
     if args.plot and not budgets:
         budgets = [round(0.3 + 0.05 * i, 2) for i in range(15)]
-    curve = prof.curve(budgets, allocation=args.allocation) if budgets else []
+    curve = prof.curve(budgets, allocation=args.allocation, kinds=tuple(k for k in args.kinds.split(",") if k),
+                       error_exponent=args.error_exponent) if budgets else []
     if args.plot:
         _plot(curve, args.plot, args.allocation)
     payload = {"budget": plan.budget, "allocation": plan.allocation, "expected_ratio": plan.expected_ratio(),

@@ -68,6 +68,7 @@ def test_bad_plan_fails_before_the_model_loads(damage, message, json_flag, tmp_p
     (["eval", "--budget", "0"], "--budget budget must be in"),
     (["plan", "--budget", "1.5"], "--budget budget must be in"),
     (["plan", "--kinds", "rank,bogus"], "unknown candidate kind 'bogus'"),
+    (["plan", "--error-exponent", "0"], "error_exponent must be a positive number"),
     (["eval", "--windows", "0"], "--windows must be at least 1"),
     (["profile", "--calib-window-len", "1"], "--calib-window-len must be at least 2"),
 ])

@@ -64,6 +64,11 @@ def test_profile_plan_and_adapted_eval(capsys, tmp_path, tiny_llama_dir, text_di
     assert plan["expected_ratio"] <= 0.6 and (out / "plan.json").is_file()
     assert [c["budget"] for c in plan["curve"]] == [0.5, 0.8]
 
+    assert main(["plan", *model, *CALIB, "--no-loss-calibration", "--error-exponent", "1", "--budget", "0.6",
+                 "--curve", "0.5", "--json"]) == 0
+    additive = json.loads(capsys.readouterr().out)
+    assert additive["expected_ratio"] <= 0.6 and additive["units"] != plan["units"]
+
     assert main(["eval", *model, "--windows", "3", "--window-len", "16", "--plan", str(out), "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert math.isfinite(rep["adapted"]["ppl"]) and 0 < rep["adapted"]["flop_ratio_measured"] < 1
