@@ -1,21 +1,12 @@
 """benchmarks/allocator_ablation.py: its table shows every method's paired differences as computed."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).parents[2] / "benchmarks" / "allocator_ablation.py"
+from benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def ablation():
-    spec = importlib.util.spec_from_file_location("allocator_ablation", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("allocator_ablation.py", "allocator_ablation")
 
 
 def test_report_shows_the_paired_differences(ablation):

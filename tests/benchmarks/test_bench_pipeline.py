@@ -1,13 +1,10 @@
 """benchmarks/bench_pipeline.py end to end on a CPU at toy size, so the GPU run is known to work first."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
-PIPELINE = Path(__file__).parents[2] / "benchmarks" / "bench_pipeline.py"
 TOY = ["--model", "tiny", "--windows", "8", "--window-len", "64", "--budgets", "0.56", "--batches", "1", "2",
        "--steps", "3", "--prompt-len", "16", "--prefill-len", "32", "--max-cache-len", "24", "48", "--repeats", "1",
        "--compiler", "aot_eager"]
@@ -15,11 +12,7 @@ TOY = ["--model", "tiny", "--windows", "8", "--window-len", "64", "--budgets", "
 
 @pytest.fixture(scope="module")
 def pipeline():
-    spec = importlib.util.spec_from_file_location("bench_pipeline", PIPELINE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_pipeline.py", "bench_pipeline")
 
 
 @pytest.mark.slow

@@ -1,23 +1,15 @@
 """benchmarks/quality.py end to end at toy size: a tiny random Llama, every method, table, plot and JSON."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
-
-QUALITY = Path(__file__).parents[2] / "benchmarks" / "quality.py"
+from benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("quality_benchmark", QUALITY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("quality.py", "quality_benchmark")
 
 
 @pytest.mark.slow
