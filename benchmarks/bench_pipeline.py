@@ -11,8 +11,10 @@ between the two kinds of plan is measured in the same run.
 Every variant, dense included, generates through ``CompiledGenerator`` with the same backend
 options and compile mode (dense: the backend's compiler without the rewrite): greedy decode of
 ``--steps`` tokens after a ``--prompt-len`` prompt at each of ``--batches``, and a prefill of
-``--prefill-len`` tokens at batch 1; one warm-up call compiles (timed as compile seconds), then the
-median of ``--repeats`` calls is reported. Recorded: profile seconds and peak GPU memory
+``--prefill-len`` tokens at batch 1 in each of ``--prefill-modes``; one warm-up call compiles (timed as
+compile seconds), then the median of ``--repeats`` (prefill: ``--prefill-repeats``) calls is reported,
+for the prefill also its launch time (until the compiled call returned, kernels queued: near the whole
+prefill when the host sets the pace). Recorded: profile seconds and peak GPU memory
 (``torch.cuda.max_memory_allocated``), plan seconds, compile seconds, graphs compiled per phase
 (recompiles = graphs beyond one), cudagraph skips and graph breaks (Dynamo's counters), decode and
 prefill tokens per second with the speedup over dense, each plan's kind/rank mix per projection,
@@ -20,7 +22,8 @@ its FLOP ratio measured on held-out text (the evaluation split), and the FLOP ra
 decode steps actually fed (the generated ones: a plan's thresholds were fitted on text, and a model with
 random weights generates no text). ``--breakdown`` adds, per decode step, the GPU time of every kernel
 (torch.profiler over two generate calls of different lengths, so prefill and set-up cancel), grouped into
-ranapass's kernels, cuBLAS, attention, Inductor's fused kernels and the rest, and the same for one prefill.
+ranapass's kernels, cuBLAS, attention, Inductor's fused kernels and the rest, with launch counts, and the
+same for one prefill (its GPU milliseconds beside the wall and launch time).
 
 The tokenizer and token windows need the SmolLM2 package and Python's docs; ``--inputs DIR`` saves
 them there the first time (``--prepare-only`` stops after that) and reads them from there later,
@@ -30,7 +33,8 @@ Usage::
 
     python benchmarks/bench_pipeline.py [--model llama2-7b|llama3-8b|tiny] [--layers N] [--windows 128]
         [--window-len 512] [--budgets 0.56 0.7] [--batches 1 4] [--steps 64] [--inputs DIR]
-        [--prepare-only] [--compiler inductor|aot_eager] [--max-cache-len N ...] [--breakdown] [--out DIR]
+        [--prepare-only] [--compiler inductor|aot_eager] [--max-cache-len N ...] [--breakdown]
+        [--prefill-modes default reduce-overhead] [--prefill-repeats 10] [--out DIR]
 """
 
 from __future__ import annotations
@@ -157,38 +161,43 @@ def _kernel_group(name: str) -> str:
     return next((group for group, keys in KERNEL_GROUPS if any(k in low for k in keys)), "other")
 
 
-def _kernel_times(gen: CompiledGenerator, prompt: torch.Tensor, new_tokens: int) -> dict[str, float]:
-    """GPU microseconds per kernel name over one ``generate`` call."""
+def _kernel_times(gen: CompiledGenerator, prompt: torch.Tensor, new_tokens: int) -> tuple[dict, dict]:
+    """GPU microseconds and launches per kernel name over one ``generate`` call."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         gen.generate(prompt, new_tokens)
     times: dict[str, float] = collections.defaultdict(float)
+    launches: dict[str, int] = collections.defaultdict(int)
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             times[event.name] += event.device_time
-    return times
+            launches[event.name] += 1
+    return times, launches
 
 
-def _grouped(times: dict[str, float]) -> dict:
+def _grouped(times: dict[str, float], launches: dict[str, float]) -> dict:
     groups: dict[str, float] = collections.defaultdict(float)
+    group_launches: dict[str, float] = collections.defaultdict(float)
     for name, us in times.items():
         groups[_kernel_group(name)] += us
+        group_launches[_kernel_group(name)] += launches[name]
     top = sorted(times.items(), key=lambda kv: -kv[1])[:12]
-    return {"gpu_us": sum(times.values()), "groups_us": dict(groups),
-            "top_kernels_us": [(name[:90], us) for name, us in top]}
+    return {"gpu_us": sum(times.values()), "groups_us": dict(groups), "launches": sum(launches.values()),
+            "group_launches": dict(group_launches), "top_kernels_us": [(name[:90], us) for name, us in top]}
 
 
 def decode_breakdown(gen: CompiledGenerator, prompt: torch.Tensor, steps: int = 32) -> dict:
     """GPU microseconds per decode step by kernel group and the top kernels: the difference of two calls
     ``steps`` decode steps apart, so the prefill and everything paid once per call cancel."""
-    short, long = _kernel_times(gen, prompt, 9), _kernel_times(gen, prompt, 9 + steps)
-    return _grouped({k: (long[k] - short.get(k, 0.0)) / steps for k in long})
+    (short, short_n), (long, long_n) = _kernel_times(gen, prompt, 9), _kernel_times(gen, prompt, 9 + steps)
+    return _grouped({k: (long[k] - short.get(k, 0.0)) / steps for k in long},
+                    {k: (long_n[k] - short_n.get(k, 0)) / steps for k in long})
 
 
 def prefill_breakdown(gen: CompiledGenerator, prompt: torch.Tensor) -> dict:
     """GPU microseconds of one prefill (a ``generate`` call of one new token) by kernel group and the top kernels."""
-    return _grouped(_kernel_times(gen, prompt, 1))
+    return _grouped(*_kernel_times(gen, prompt, 1))
 
 
 @torch.no_grad()
@@ -219,20 +228,22 @@ def prefill_cache_len(tokens: int) -> int:
 
 
 @torch.no_grad()
-def time_generation(model, prompt: torch.Tensor, new_tokens: int, cache_len: int, args) -> dict:
-    """Compile (one warm-up call), then the median of ``--repeats`` timed calls of one fresh generator."""
+def time_generation(model, prompt: torch.Tensor, new_tokens: int, cache_len: int, args,
+                    prefill_mode: str | None = None) -> dict:
+    """Compile (one warm-up call), then the median of ``--repeats`` (decode) or ``--prefill-repeats``
+    (prefill: one new token) timed calls of one fresh generator."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     gen = CompiledGenerator(model, max_cache_len=cache_len, batch_size=prompt.shape[0],
-                            backend=RanaBackend(strict=True, compiler=args.compiler))
+                            backend=RanaBackend(strict=True, compiler=args.compiler), prefill_mode=prefill_mode)
     start = time.perf_counter()
     sequences = gen.generate(prompt, new_tokens)
     compile_s = time.perf_counter() - start
     gen.generate(prompt, new_tokens)  # untimed: CUDA graphs record on their first replays
     timings = []
-    for _ in range(args.repeats):
+    for _ in range(args.repeats if new_tokens > 1 else args.prefill_repeats):
         gen.generate(prompt, new_tokens)
         timings.append(gen.last_timing)
     graphs = gen.compilations
@@ -250,8 +261,10 @@ def time_generation(model, prompt: torch.Tensor, new_tokens: int, cache_len: int
             attach(model, gen.plan)
     else:
         row["ms"] = 1e3 * statistics.median(t.prefill_seconds for t in timings)
+        row["launch_ms"] = 1e3 * statistics.median(t.prefill_launch_seconds for t in timings)
         if args.breakdown and prompt.device.type == "cuda":
             row["breakdown"] = prefill_breakdown(gen, prompt)
+            row["gpu_ms"] = row["breakdown"]["gpu_us"] / 1e3
     del gen
     if prompt.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -266,13 +279,15 @@ def run_variants(model, plans: dict, windows: dict[str, torch.Tensor], args) -> 
     cases = [("decode", b, held_out[:b, :args.prompt_len], args.steps + 1, n) for n in cache_lens
              for b in args.batches]
     if args.prefill_len:
-        cases.append(("prefill", 1, held_out[:1, :args.prefill_len], 1, prefill_cache_len(args.prefill_len)))
+        cases += [(f"prefill {mode}" if mode != "default" else "prefill", 1, held_out[:1, :args.prefill_len], 1,
+                   prefill_cache_len(args.prefill_len)) for mode in args.prefill_modes]
     rows, dense = [], {}
     for variant in ["dense", *plans]:
         with attached(model, plans.get(variant)):
             for phase, batch, prompt, new_tokens, cache_len in cases:
+                mode = phase.removeprefix("prefill ") if phase.startswith("prefill ") else None
                 row = {"variant": variant, "phase": phase, "batch": batch, "tokens": prompt.shape[1],
-                       "cache_len": cache_len, **time_generation(model, prompt, new_tokens, cache_len, args)}
+                       "cache_len": cache_len, **time_generation(model, prompt, new_tokens, cache_len, args, mode)}
                 if variant == "dense":
                     dense[(phase, batch, cache_len)] = row["tok_per_s"]
                 row["speedup"] = row["tok_per_s"] / dense[(phase, batch, cache_len)]
@@ -319,7 +334,10 @@ def main(argv: list[str] | None = None) -> dict:
                     help="KV cache room of the decode generators (several: decode timed at each); the default "
                          "fits the request, as Hugging Face's generate sizes its static cache")
     ap.add_argument("--breakdown", action="store_true", help="GPU time per decode step by kernel (torch.profiler)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="timed decode calls (median)")
+    ap.add_argument("--prefill-repeats", type=int, default=10, help="timed prefill calls (median)")
+    ap.add_argument("--prefill-modes", nargs="+", default=["default"], choices=("default", "reduce-overhead"),
+                    help="torch.compile modes of the prefill to time (CompiledGenerator's prefill_mode)")
     ap.add_argument("--compiler", choices=("inductor", "aot_eager"), default="inductor",
                     help="aot_eager: check the script quickly on a CPU (no Inductor)")
     ap.add_argument("--inputs", help="folder for the tokenizer and token windows: written if missing, else read")
@@ -356,6 +374,7 @@ def report(res: dict) -> str:
     plan_cols = ["plan", "profile_seconds", "profile_peak_gib", "calibration", "plan_seconds", "expected_ratio",
                  "held_out_ratio", "units_adapted", "units"]
     run_cols = ["variant", "phase", "batch", "tokens", "cache_len", "tok_per_s", "speedup", "ms_per_step", "ms",
+                "launch_ms", "gpu_ms",
                 "decoded_ratio", "compile_s",
                 "prefill_graphs", "decode_graphs", "recompiles", "cudagraph_skips", "graph_breaks", "spread"]
     parts = [head, "", markdown_table(res["plans"], plan_cols), "", markdown_table(_finite(res["runs"]), run_cols)]

@@ -3,7 +3,8 @@
 As in gpt-fast, two small functions are compiled (reference/compile.md §4):
 
 - prefill: the whole prompt, with Dynamo's automatic dynamic shapes (a second prompt length makes
-  the length symbolic; later lengths reuse that graph);
+  the length symbolic; later lengths reuse that graph), Inductor's default mode unless
+  ``prefill_mode`` asks for CUDA graphs;
 - decode: one token per call, static shapes, ``mode="reduce-overhead"`` (CUDA graphs) on CUDA.
 
 Both write a ``StaticCache`` that is allocated eagerly once (so its tensors are static addresses for
@@ -57,6 +58,8 @@ __all__ = ["CompiledGenerator", "GenerationTiming"]
 
 log = logging.getLogger(__name__)
 
+_CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that record CUDA graphs
+
 
 def _next_token(model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor, cache,
                 options: dict) -> torch.Tensor:
@@ -99,7 +102,9 @@ class GenerationTiming:
     """Wall-clock seconds of one ``generate`` call, the device synchronised at each phase's end.
 
     ``new_tokens`` counts the tokens generated per sequence: the first comes from the prefill, the
-    others from the ``new_tokens - 1`` decode steps.
+    others from the ``new_tokens - 1`` decode steps. ``prefill_launch_seconds`` is the part of the
+    prefill until the compiled call handed control back, its kernels queued but not yet run: close to
+    ``prefill_seconds`` when the host, not the device, sets the prefill's pace.
     """
 
     batch: int
@@ -107,6 +112,7 @@ class GenerationTiming:
     new_tokens: int
     prefill_seconds: float
     decode_seconds: float
+    prefill_launch_seconds: float = math.nan
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -138,6 +144,10 @@ class CompiledGenerator:
             each phase records into its own copy, see ``prefill_backend`` and ``decode_backend``.
         decode_mode: torch.compile mode of the decode step; default "reduce-overhead" on CUDA, None
             (Inductor's default) elsewhere.
+        prefill_mode: torch.compile mode of the prefill; default None (no CUDA graphs: a prompt's
+            kernels are launched one by one). "reduce-overhead" records a CUDA graph per prompt length,
+            which takes the host's launch time off prompts short enough for it to matter, at the cost
+            of a recording (and graph memory) per new length.
 
     Attributes:
         last_timing: the ``GenerationTiming`` of the latest ``generate`` call (None before the first).
@@ -151,7 +161,8 @@ class CompiledGenerator:
     """
 
     def __init__(self, model: torch.nn.Module, max_cache_len: int, *, batch_size: int = 1,
-                 backend: RanaBackend = rana_backend, decode_mode: str | None = "auto"):
+                 backend: RanaBackend = rana_backend, decode_mode: str | None = "auto",
+                 prefill_mode: str | None = None):
         from transformers import StaticCache
 
         self.model = model
@@ -166,9 +177,10 @@ class CompiledGenerator:
             self.decode_backend = dataclasses.replace(backend, reports=[])
         else:
             self.prefill_backend, self.decode_backend = _DenseCompiler(backend), _DenseCompiler(backend)
-        self._prefill = torch.compile(_prefill, backend=self.prefill_backend, fullgraph=True)
+        self._prefill = torch.compile(_prefill, backend=self.prefill_backend, fullgraph=True, mode=prefill_mode)
         self._decode = torch.compile(_decode, backend=self.decode_backend, fullgraph=True, mode=decode_mode)
-        self._cudagraphs = decode_mode in ("reduce-overhead", "max-autotune")
+        self._cudagraphs = {phase: mode in _CUDAGRAPH_MODES and self.device.type == "cuda"
+                            for phase, mode in (("prefill", prefill_mode), ("decode", decode_mode))}
         # The forward's keywords differ across transformers versions (5.24 renamed past_key_values to
         # cache and dropped cache_position): read them off its signature.
         params = inspect.signature(model.forward).parameters
@@ -211,8 +223,11 @@ class CompiledGenerator:
         input_ids = input_ids.to(self.device)
         start = time.perf_counter()
         self.cache.reset()
+        if self._cudagraphs["prefill"]:
+            torch.compiler.cudagraph_mark_step_begin()
         token = self._prefill(self.model, input_ids, torch.arange(length, device=self.device), self.cache,
                               self._options).clone()
+        launched = time.perf_counter()
         self._synchronize()
         prefilled = time.perf_counter()
         tokens = [token]
@@ -223,7 +238,7 @@ class CompiledGenerator:
         for _ in range(max_new_tokens - 1):
             if done is not None and bool(done.all()):
                 break
-            if self._cudagraphs:
+            if self._cudagraphs["decode"]:
                 torch.compiler.cudagraph_mark_step_begin()
             token = self._decode(self.model, token[:, None], position, self.cache, self._options).clone()
             if done is not None:
@@ -235,7 +250,7 @@ class CompiledGenerator:
                 progress(len(tokens))
         self._synchronize()
         self.last_timing = GenerationTiming(batch, length, len(tokens), prefilled - start,
-                                            time.perf_counter() - prefilled)
+                                            time.perf_counter() - prefilled, launched - start)
         self.check()
         return torch.cat([input_ids, torch.stack(tokens, 1)], 1)
 

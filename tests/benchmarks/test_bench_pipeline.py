@@ -7,6 +7,7 @@ from benchmark_scripts import load_benchmark
 
 TOY = ["--model", "tiny", "--windows", "8", "--window-len", "64", "--budgets", "0.56", "--batches", "1", "2",
        "--steps", "3", "--prompt-len", "16", "--prefill-len", "32", "--max-cache-len", "24", "48", "--repeats", "1",
+       "--prefill-repeats", "2",
        "--compiler", "aot_eager"]
 
 
@@ -36,6 +37,8 @@ def test_toy_run_measures_every_variant(pipeline, tmp_path):
     for (variant, phase, _, _), r in runs.items():
         assert r["tok_per_s"] > 0 and r["recompiles"] == 0 and r["graph_breaks"] == 0
         assert r["decode_graphs"] == (phase == "decode") and r["prefill_graphs"] == 1
+        if phase.startswith("prefill"):
+            assert 0 < r["launch_ms"] <= r["ms"]
         assert r["speedup"] == 1.0 if variant == "dense" else r["speedup"] > 0
         assert ("decoded_ratio" in r) == (variant != "dense" and phase == "decode")
         if "decoded_ratio" in r:

@@ -85,6 +85,18 @@ def test_dense_baseline_equals_eager_dense_generation():
     timing = gen.last_timing
     assert (timing.batch, timing.prompt_tokens, timing.new_tokens) == (1, 6, NEW)
     assert timing.prefill_seconds > 0 and timing.decode_tokens_per_s > 0
+    assert 0 < timing.prefill_launch_seconds <= timing.prefill_seconds
+
+
+def test_prefill_mode_reaches_the_compiled_prefill():
+    """A prefill compiled with ``prefill_mode`` (CUDA graphs on a GPU; Inductor skips them on a CPU) still
+    rewrites every unit and generates the eager adapted tokens."""
+    model = tiny_model("LlamaForCausalLM")
+    attachment = ranapass.attach(model, build_plan(model, tiny_inputs("LlamaForCausalLM")))
+    gen = CompiledGenerator(model, max_cache_len=32, prefill_mode="reduce-overhead")
+    ids = tiny_inputs("LlamaForCausalLM", batch=1, length=6, seed=4)
+    assert gen.generate(ids, NEW)[0, 6:].tolist() == eager_generate(model, attachment, ids)[0, 6:].tolist()
+    assert gen.compilations == {"prefill": 1, "decode": 1}
 
 
 def test_refuses_a_plan_changed_after_construction():
