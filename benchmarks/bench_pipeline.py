@@ -277,7 +277,7 @@ def run_variants(model, plans: dict, windows: dict[str, torch.Tensor], args) -> 
     held_out = windows["held_out"].to(device)
     cache_lens = args.max_cache_len
     cases = [("decode", b, held_out[:b, :args.prompt_len], args.steps + 1, n) for n in cache_lens
-             for b in args.batches]
+             for b in args.batches if args.steps]
     if args.prefill_len:
         cases += [(f"prefill {mode}" if mode != "default" else "prefill", 1, held_out[:1, :args.prefill_len], 1,
                    prefill_cache_len(args.prefill_len)) for mode in args.prefill_modes]
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.56, 0.7])
     ap.add_argument("--no-hand", action="store_true", help="leave out bench_decode.py's hand-built plan")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--steps", type=int, default=64, help="decode steps timed per call")
+    ap.add_argument("--steps", type=int, default=64, help="decode steps timed per call (0: no decode rows)")
     ap.add_argument("--prompt-len", type=int, default=128, help="prompt tokens before the decode steps")
     ap.add_argument("--prefill-len", type=int, default=512, help="prefill tokens timed (0: no prefill row)")
     ap.add_argument("--max-cache-len", type=int, nargs="+", default=[256],
