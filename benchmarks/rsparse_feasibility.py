@@ -13,9 +13,12 @@ On SmolLM2-135M-Instruct, for every projection of a few decoder blocks: threshol
 calibration windows (Python-docs calibration split), errors ``E||Wx - y_hat||^2 / E||Wx||^2`` and FLOPs
 are measured on held-out windows (the evaluation split). At each FLOP ratio, (a) the neuron adapter's
 held-out error, interpolated at that measured ratio, against (b) the compensated kind with the rank r
-chosen on the calibration tokens (the best split of the same FLOPs between kept inputs and rank)::
+chosen on the calibration tokens (the best split of the same FLOPs between kept inputs and rank). Also
+measured: the rank-32 term with compensation-aware input selection (``--aware-ranks``), and the neuron
+adapter plus a constant bias ``W E[d]`` (the dropped inputs' calibration mean; no FLOPs per token)::
 
-    nice -n 10 python benchmarks/rsparse_feasibility.py [--blocks 2 15 27] [--out DIR]   # ~3 min on 2 cores
+    nice -n 10 python benchmarks/rsparse_feasibility.py [--blocks 2 15 27] [--out DIR]
+    # 27-32 min on 2 cores shared with other jobs (load 4-6); one block (--blocks 15) is a third of that
 
 Writes ``rsparse_feasibility.json`` (every unit's curves) and ``rsparse_feasibility.md`` (the tables).
 """
@@ -118,14 +121,15 @@ def unit_curves(weight: torch.Tensor, x_fit: torch.Tensor, x_held: torch.Tensor,
     Columns: ``("plain", r)`` for every rank of RANKS that fits (rank 0 is the neuron adapter), inputs kept by
     ``|x_j| ||W[:, j]||``; ``("aware", r)`` for ``aware_ranks``, inputs kept by ``|x_j| ||(I - P_r) W[:, j]||``
     with ``P_r`` the plain fit's rank-r projection (what the compensation cannot restore), then L refitted
-    to the new dropped set. Returns ``columns`` and arrays ``[len(KEEP), len(columns)]``: ``kept_fit``,
+    to the new dropped set; ``("mean", 0)``: the neuron adapter plus the bias ``W E[d]`` (the dropped inputs'
+    calibration mean, no FLOPs per token). Returns ``columns`` and arrays ``[len(KEEP), len(columns)]``: ``kept_fit``,
     ``kept_held`` (fractions of n), ``err_fit`` (in-sample), ``err_held``.
     """
     w = weight.float()
     m, n = w.shape
     ranks = [r for r in RANKS if r <= min(m, n)]
     aware = [r for r in aware_ranks if 0 < r <= min(m, n)]
-    columns = [("plain", r) for r in ranks] + [("aware", r) for r in aware]
+    columns = [("plain", r) for r in ranks] + [("aware", r) for r in aware] + [("mean", 0)]
     totals = [float((x @ w.t()).double().square().sum(1).mean()) for x in (x_fit, x_held)]
     out = {k: [] for k in ("kept_fit", "kept_held", "err_fit", "err_held")}
 
@@ -150,6 +154,12 @@ def unit_curves(weight: torch.Tensor, x_fit: torch.Tensor, x_held: torch.Tensor,
                 errs = [np.append(e, er) for e, er in zip(errs, errs_r)]
                 for kc, k in zip(kept_cols, kept_r):
                     kc.append(k)
+            mu = dropped[0].mean(0)  # the mean bias: W mu added to every token, no FLOPs per token
+            errs = [np.append(errs[0], max(float(basis[1].sum()) - float((w @ mu).double().square().sum()), 0.0)
+                              / totals[0]),
+                    np.append(errs[1], float(((dropped[1] - mu) @ w.t()).double().square().sum(1).mean()) / totals[1])]
+            for kc, k in zip(kept_cols, kept):
+                kc.append(k)
         out["kept_fit"].append(kept_cols[0])
         out["kept_held"].append(kept_cols[1])
         out["err_fit"].append(errs[0])
@@ -176,7 +186,8 @@ def at_ratio(ratio: float, flops: np.ndarray, err: np.ndarray) -> float:
 def compare(curves: dict, costing: str) -> list[dict]:
     """Per FLOP ratio: neuron error, compensated error of the column chosen on calibration tokens, the gain.
 
-    ``oracle`` is the lowest held-out error over all columns (an optimistic bound, chosen on the held-out tokens).
+    ``oracle`` is the lowest held-out error over the low-rank columns (an optimistic bound, chosen on the
+    held-out tokens); ``mean_bias`` the held-out error of the neuron adapter with the mean bias.
     """
     m, n, columns = curves["m"], curves["n"], curves["columns"]
 
@@ -185,15 +196,18 @@ def compare(curves: dict, costing: str) -> list[dict]:
         return at_ratio(ratio, flop_ratio(m, n, curves[f"kept_{split}"][:, j], r, costing),
                         curves[f"err_{split}"][:, j])
 
+    lowrank = [j for j, c in enumerate(columns) if c[0] != "mean"]
+    mean = columns.index(("mean", 0))
     rows = []
     for ratio in RATIOS:
-        fit = [err(ratio, j, "fit") for j in range(len(columns))]
-        best = int(np.nanargmin(fit)) if not np.all(np.isnan(fit)) else 0
-        neuron, comp = err(ratio, 0, "held"), err(ratio, best, "held")
-        oracle = float(np.nanmin([err(ratio, j, "held") for j in range(len(columns))]))
+        fit = [err(ratio, j, "fit") for j in lowrank]
+        best = lowrank[int(np.nanargmin(fit))] if not np.all(np.isnan(fit)) else 0
+        neuron, comp, bias = err(ratio, 0, "held"), err(ratio, best, "held"), err(ratio, mean, "held")
+        oracle = float(np.nanmin([err(ratio, j, "held") for j in lowrank]))
         rows.append({"ratio": ratio, "neuron": neuron, "compensated": comp, "rank": columns[best][1],
                      "selection": columns[best][0], "gain": 1 - comp / neuron if neuron > 0 else 0.0,
-                     "oracle": oracle, "oracle_gain": 1 - oracle / neuron if neuron > 0 else 0.0})
+                     "oracle": oracle, "oracle_gain": 1 - oracle / neuron if neuron > 0 else 0.0,
+                     "mean_bias": bias, "mean_bias_gain": 1 - bias / neuron if neuron > 0 else 0.0})
     return rows
 
 
@@ -206,7 +220,12 @@ def main(argv: list[str] | None = None) -> dict:
                     help="ranks also tried with compensation-aware input selection")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--from-json", type=Path, help="only write the tables again from this run's JSON (no measuring)")
     args = ap.parse_args(argv)
+    if args.from_json:
+        report = json.loads(args.from_json.read_text())
+        write_atomic(args.out / "rsparse_feasibility.md", markdown(report))
+        return report
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     model, tokenizer = ranapass.load_model("smollm2")
@@ -226,8 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{p}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     report = {"command": "python benchmarks/rsparse_feasibility.py " + " ".join(argv or sys.argv[1:]),
               "blocks": args.blocks, "fit_tokens": args.fit_windows * 512, "held_tokens": args.held_windows * 512,
-              "ratios": RATIOS, "ranks": RANKS, "aware_ranks": args.aware_ranks, "keep_grid": KEEP.tolist(), "margin": MARGIN,
-              "seconds": time.perf_counter() - start, "units": results}
+              "ratios": RATIOS, "ranks": RANKS, "aware_ranks": args.aware_ranks, "keep_grid": KEEP.tolist(),
+              "margin": MARGIN,              "seconds": time.perf_counter() - start, "units": results}
     report["summary"] = {c: summary(results, c) for c in ("full", "dropped-only")}
     args.out.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out / "rsparse_feasibility.json", json.dumps(report, indent=1, default=float))
@@ -244,10 +263,13 @@ def summary(results: dict, costing: str) -> dict:
         gains = np.array([u[costing][i]["gain"] for u in results.values()])
         gains = gains[~np.isnan(gains)]
         oracle = np.array([u[costing][i]["oracle_gain"] for u in results.values()])
+        bias = np.array([u[costing][i]["mean_bias_gain"] for u in results.values()])
         out[str(ratio)] = {"units": len(gains), "wins": int((gains >= MARGIN).sum()),
                            "median_gain": float(np.median(gains)) if len(gains) else float("nan"),
                            "max_gain": float(np.max(gains)) if len(gains) else float("nan"),
-                           "oracle_wins": int((oracle >= MARGIN).sum())}
+                           "oracle_wins": int((oracle >= MARGIN).sum()),
+                           "mean_bias_median_gain": float(np.median(bias)), "mean_bias_max_gain": float(np.max(bias)),
+                           "mean_bias_wins": int((bias >= MARGIN).sum())}
     return out
 
 
@@ -275,7 +297,38 @@ def markdown(report: dict) -> str:
         lines += [markdown_table([{cols[0]: r, cols[1]: f"{v['wins']} / {v['units']}",
                                    cols[2]: f"{100 * v['median_gain']:.1f}%", cols[3]: f"{100 * v['max_gain']:.1f}%",
                                    cols[4]: f"{v['oracle_wins']} / {v['units']}"} for r, v in s.items()], cols), ""]
+    lines += why(report)
+    lines += ["## Neuron adapter plus the mean bias W E[d] (no FLOPs per token)", "",
+              "Gain of the bias over the plain neuron adapter at each FLOP ratio (held-out error):", ""]
+    rows = [{"unit": path.removeprefix("model.layers."), **{str(c["ratio"]): f"{100 * c['mean_bias_gain']:+.0f}%"
+                                                          for c in u["full"]}} for path, u in report["units"].items()]
+    lines += [markdown_table(rows, ["unit"] + [str(r) for r in RATIOS]), ""]
+    s = report["summary"]["full"]
+    cols = ["ratio", "units with >= 15% lower error", "median gain", "largest gain"]
+    lines += [markdown_table([{cols[0]: r, cols[1]: f"{v['mean_bias_wins']} / {v['units']}",
+                               cols[2]: f"{100 * v['mean_bias_median_gain']:.1f}%",
+                               cols[3]: f"{100 * v['mean_bias_max_gain']:.1f}%"} for r, v in s.items()], cols), ""]
     return "\n".join(lines)
+
+
+def why(report: dict, kept: float = 0.6) -> list[str]:
+    """Lines of the table that explains the result: what a rank buys against what it costs, at one kept fraction."""
+    i = int(np.argmin(np.abs(np.array(report["keep_grid"]) - kept)))
+    j = int(np.argmin(np.abs(np.array(report["keep_grid"]) - (kept - 0.1))))
+    cols = ["unit", "one rank costs (inputs)", "dropped error removed by r 4 / 32 / 128",
+            "neuron error x when 10 points fewer kept"]
+    rows = []
+    for path, u in report["units"].items():
+        columns = [tuple(c) for c in u["columns"]]
+        err = np.array(u["curves"]["err_held"])
+        removed = [f"{100 * (1 - err[i, columns.index(('plain', r))] / err[i, 0]):.0f}%"
+                   for r in (4, 32, 128) if ("plain", r) in columns]
+        rows.append({cols[0]: path.removeprefix("model.layers."), cols[1]: f"{(u['n'] + u['m']) / u['m']:.2f}",
+                     cols[2]: " / ".join(removed), cols[3]: f"{err[j, 0] / err[i, 0]:.2f}"})
+    return [f"## What a rank buys, at {report['keep_grid'][i]:.2f} of the inputs kept (held-out)", "",
+            "A rank costs 2(n + m) FLOPs per token, the price of (n + m) / m kept inputs; the low-rank term removes "
+            "the share shown of the error the dropped inputs leave; keeping 10 points fewer inputs multiplies the "
+            "neuron adapter's error by the last column.", "", markdown_table(rows, cols), ""]
 
 
 def write_atomic(path: Path, text: str) -> None:
