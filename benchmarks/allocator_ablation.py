@@ -10,7 +10,7 @@ Each plan is scored on the protocol's 32 Python-docs windows and 16 Debian-handb
 FLOP ratio measured from the real masks; every row is compared with the default by paired per-window
 differences (``quality.paired``), and the default with dense::
 
-    python benchmarks/allocator_ablation.py [--out DIR] [--cache DIR]    # about 1 hour on 2 idle cores
+    python benchmarks/allocator_ablation.py [--out DIR] [--cache DIR] [--methods ...] [--budgets ...]
 
 ``--cache DIR`` keeps the uncalibrated profile there (``ranapass.profile(cache=DIR)``) and reuses it on a
 rerun. Writes ``allocator_ablation.json`` (every window's loss, timings) and ``allocator_ablation.md`` (the
