@@ -2,8 +2,8 @@
 
 SmolLM2-135M-Instruct on CPU. One profile of 32 calibration windows without loss calibration, then its
 curves calibrated to the loss (``ranapass.loss_calibration``) with the probes at 50% kept only (the
-previous default) and at 50% and 85% kept (the default, scales interpolated by each candidate's FLOP
-fraction): both come from one set of probes, the 50% rows reading only its first level. Plans at each
+default) and at 50% and 85% kept (scales interpolated by each candidate's FLOP fraction): both come from
+one set of probes, the 50% rows reading only its first level. Plans at each
 budget with the default error exponent (2); TEAL-style uniform input sparsity (``ranapass.baselines.teal``)
 and TEAL's greedy per-block allocation (``ranapass.baselines_greedy.teal_greedy``) at the same budgets.
 Each plan is scored on the protocol's 32 Python-docs windows and 16 Debian-handbook windows (512 tokens),
@@ -37,17 +37,19 @@ from quality import evaluate, paired  # noqa: E402
 
 import ranapass  # noqa: E402
 from ranapass import baselines, baselines_greedy  # noqa: E402
-from ranapass.loss_calibration import PROBE_KEPT, LossScale, loss_scales, rescaled  # noqa: E402
+from ranapass.loss_calibration import LossScale, loss_scales, rescaled  # noqa: E402
 from ranapass.profiling import Profile, ProfileOptions  # noqa: E402
 
 BUDGETS = (0.8, 0.7, 0.9, 0.56, 0.4)
 """Measured in this order (the mild budgets first); the table lists them rising."""
-DEFAULT = "ranapass (probes at 50% and 85%, default)"
-ONE_LEVEL = "ranapass (probes at 50% only)"
+DEFAULT = "ranapass (probes at 50%, default)"
+TWO_LEVELS = "ranapass (probes at 50% and 85%)"
 UNCALIBRATED = "ranapass (no loss calibration)"
 TEAL = "TEAL-style"
 TEAL_GREEDY = "TEAL-style (greedy per block)"
-METHODS = (DEFAULT, ONE_LEVEL, UNCALIBRATED, TEAL, TEAL_GREEDY)
+METHODS = (DEFAULT, TWO_LEVELS, UNCALIBRATED, TEAL, TEAL_GREEDY)
+PROBE_LEVELS = (0.5, 0.85)
+"""The probe levels of the two-level row; the default (``PROBE_KEPT``, 50%) reads only the first."""
 GREEDY = {"greedy_windows": 2, "step": 0.02, "max_sparsity": 0.7}
 """TEAL-greedy's search, as benchmarks/quality.py runs it."""
 
@@ -78,10 +80,10 @@ def main(argv: list[str] | None = None) -> dict:
     seconds["profile without loss calibration (wall, this run)"] = time.perf_counter() - start
     seconds["profile without loss calibration (its own record)"] = plain.meta["profile_seconds"]
     start = time.perf_counter()
-    scales, facts = loss_scales(model, plain.sites, plain.holdout, ProfileOptions().batch_size, PROBE_KEPT)
-    seconds[f"loss calibration, probes at {list(PROBE_KEPT)}"] = time.perf_counter() - start
+    scales, facts = loss_scales(model, plain.sites, plain.holdout, ProfileOptions().batch_size, PROBE_LEVELS)
+    seconds[f"loss calibration, probes at {list(PROBE_LEVELS)}"] = time.perf_counter() - start
     first = {name: LossScale(s.at[:1], s.scale[:1]) for name, s in scales.items()}
-    profiles = {DEFAULT: calibrated(plain, scales, facts), ONE_LEVEL: calibrated(plain, first, facts), UNCALIBRATED: plain}
+    profiles = {DEFAULT: calibrated(plain, first, facts), TWO_LEVELS: calibrated(plain, scales, facts), UNCALIBRATED: plain}
     data = torch.cat([calibration[:16], calibration[-2:]])
     sparsity = {}
     if TEAL in methods:

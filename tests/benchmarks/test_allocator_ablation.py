@@ -11,7 +11,7 @@ def ablation():
 
 def test_measures_every_budget_from_0_4_to_0_9_and_both_teal_rows(ablation):
     assert sorted(ablation.BUDGETS) == [0.4, 0.56, 0.7, 0.8, 0.9]
-    assert {ablation.TEAL, ablation.TEAL_GREEDY, ablation.DEFAULT, ablation.ONE_LEVEL} <= set(ablation.METHODS)
+    assert {ablation.TEAL, ablation.TEAL_GREEDY, ablation.DEFAULT, ablation.TWO_LEVELS} <= set(ablation.METHODS)
 
 
 def test_report_shows_the_paired_differences(ablation):

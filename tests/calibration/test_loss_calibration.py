@@ -14,7 +14,7 @@ from ranapass.loss_calibration import PROBE_KEPT, LossScale, _probe_index, probe
 from ranapass.profiling import Profile, ProfileOptions, profile
 from tiny_models import tiny_llama, token_windows
 
-OPTIONS = ProfileOptions(sample_tokens=512, holdout_windows=4, gradient_windows=4)
+OPTIONS = ProfileOptions(sample_tokens=512, holdout_windows=4, gradient_windows=4, loss_probe_kept=(0.5, 0.85))
 ONE_LEVEL = dataclasses.replace(OPTIONS, loss_probe_kept=(0.5,))
 
 
@@ -121,7 +121,8 @@ def test_a_block_probe_predicts_the_measured_kl(model, profiles, level):
 def test_meta_timings_and_off_switch(profiles):
     on, off = profiles
     assert on.meta["loss_calibration"]["probes"] == 2 * (2 + 7)  # two levels of two blocks and seven roles
-    assert on.meta["loss_calibration"]["probe_kept"] == list(PROBE_KEPT) == list(OPTIONS.loss_probe_kept)
+    assert on.meta["loss_calibration"]["probe_kept"] == list(OPTIONS.loss_probe_kept)
+    assert ProfileOptions().loss_probe_kept == PROBE_KEPT == (0.5,)
     assert on.meta["loss_calibration"]["windows"] == OPTIONS.holdout_windows
     assert on.meta["timings"]["loss_calibration"] > 0
     assert off.meta["loss_calibration"] == "off"
