@@ -7,15 +7,20 @@ costs differs between projections of a block and between blocks (benchmarks/RESU
 measured spread on SmolLM2).
 
 Measured once in ``profile``, on the held-out calibration windows: with every unit of one *block*
-adapted at one probe point (its neuron candidate nearest ``PROBE_KEPT`` of its inputs kept), then
-with every unit of one *role*, the mean KL divergence of the model's next-token distribution from
-the dense model's. KL rather than a difference of NLLs: it is never negative and has no first-order
-term, whose noise swamps a one-block change on a few windows. A unit's block is its module path up
-to its first index (``model.layers.3``), its role the path with every index replaced by ``*``
-(``model.layers.*.mlp.down_proj``). The model ``scale(unit) = s[block] * t[role]`` is fitted to the
-probes' sums by iterative proportional fitting, and every curve of a unit (rank and neuron) is
-multiplied by its scale; a stacked unit takes its members' scales averaged with their probe proxies
-as weights. The calibrated errors are in nats of KL (additive estimates).
+adapted at one probe point (its neuron candidate nearest a kept fraction of its inputs, one of
+``probe_kept``), then with every unit of one *role*, the mean KL divergence of the model's next-token
+distribution from the dense model's. KL rather than a difference of NLLs: it is never negative and has
+no first-order term, whose noise swamps a one-block change on a few windows. A unit's block is its
+module path up to its first index (``model.layers.3``), its role the path with every index replaced by
+``*`` (``model.layers.*.mlp.down_proj``). At each probe level the model ``scale(unit) = s[block] * t[role]``
+is fitted to the probes' sums by iterative proportional fitting.
+
+How much KL a unit of proxy costs depends on how hard the unit is cut, not only on where it sits (a
+unit's loss does not grow in proportion to its output error; see docs/quality.md), so with several
+probe levels a candidate's scale is interpolated between them, in log scale, by its FLOP fraction
+(adapted / dense FLOPs of the unit, the common axis of rank and neuron candidates), and held constant
+beyond the outermost probes. A stacked unit takes its members' scales averaged with their probe
+proxies as weights, level by level. The calibrated errors are in nats of KL (additive estimates).
 """
 
 from __future__ import annotations
@@ -37,12 +42,25 @@ from ranapass.linear_match import linear_module
 from ranapass.offload import onloaded
 from ranapass.plan import Plan, UnitPlan
 
-__all__ = ["PROBE_KEPT", "block_of", "role_of", "loss_scales", "rescaled"]
+__all__ = ["PROBE_KEPT", "LossScale", "block_of", "role_of", "probe_groups", "probe_plan", "loss_scales", "rescaled"]
 
-PROBE_KEPT = 0.5
-"""Kept fraction of a unit's inputs at its probe point."""
+PROBE_KEPT = (0.5,)
+"""Default kept fractions of a unit's inputs at its probe points, one set of probes per level (a second
+level at 85% made SmolLM2 worse at 0.8: docs/quality.md)."""
 
 _FIT_ROUNDS = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class LossScale:
+    """A unit's loss scale at each probe level: ``scale[i]`` at FLOP fraction ``at[i]`` (rising)."""
+
+    at: np.ndarray
+    scale: np.ndarray
+
+    def __call__(self, fraction: np.ndarray) -> np.ndarray:
+        """The scale at each FLOP fraction: log-linear between the probes, constant beyond them."""
+        return np.exp(np.interp(fraction, self.at, np.log(self.scale)))
 
 
 def block_of(name: str) -> str:
@@ -56,21 +74,35 @@ def role_of(name: str) -> str:
     return re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", name)
 
 
-def _probe_index(unit: UnitCandidates) -> int:
+def probe_groups(units: list[UnitCandidates]) -> dict[str, list[UnitCandidates]]:
+    """The probes' unit groups by label: every block's units, then every role's (a group met twice, once)."""
+    groups: dict[str, list[UnitCandidates]] = {}
+    seen: set[frozenset[str]] = set()
+    for key in (block_of, role_of):
+        for label in dict.fromkeys(key(u.name) for u in units):
+            members = [u for u in units if key(u.name) == label]
+            if frozenset(u.name for u in members) not in seen:
+                seen.add(frozenset(u.name for u in members))
+                groups[label] = members
+    return groups
+
+
+def _probe_index(unit: UnitCandidates, kept: float) -> int:
     curve = unit.curves["neuron"]
-    return int(np.argmin(np.abs(curve.kept / curve.rank - PROBE_KEPT)))
+    return int(np.argmin(np.abs(curve.kept / curve.rank - kept)))
 
 
-def _probe_plan(model: torch.nn.Module, probed: list[UnitCandidates]) -> Plan:
-    """Each of ``probed`` as a neuron adapter at its probe point; every other linear stays as it is."""
+def probe_plan(model: torch.nn.Module, probed: list[UnitCandidates], kept: float) -> Plan:
+    """Each of ``probed`` as a neuron adapter at its probe point for ``kept``; every other linear stays as it is."""
     units = []
     for unit in probed:
         modules = [model.get_submodule(m) for m in unit.members]
         with onloaded(modules):
             weight = torch.cat([linear_module(m).weight.detach().float() for m in modules])
-        adapter = ADAPTER_KINDS["neuron"].from_candidate(unit, _probe_index(unit), weight)
+        i = _probe_index(unit, kept)
+        adapter = ADAPTER_KINDS["neuron"].from_candidate(unit, i, weight)
         units.append(UnitPlan(unit.name, unit.members, unit.out_features, unit.in_features, adapter,
-                              float(unit.curves["neuron"].kept[_probe_index(unit)])))
+                              float(unit.curves["neuron"].kept[i])))
     return Plan(units, 1.0, "loss-calibration probe", "", {})
 
 
@@ -90,30 +122,40 @@ def _mean_kl(model: torch.nn.Module, windows: torch.Tensor, dense: list[torch.Te
     return total / count
 
 
-def loss_scales(model: torch.nn.Module, sites: list[Site], holdout: torch.Tensor,
-                batch_size: int) -> tuple[dict[str, float], dict[str, Any]]:
-    """Per unit with a neuron curve (member units), its loss scale; and the facts of the probes.
+def loss_scales(model: torch.nn.Module, sites: list[Site], holdout: torch.Tensor, batch_size: int,
+                probe_kept: tuple[float, ...] = PROBE_KEPT) -> tuple[dict[str, LossScale], dict[str, Any]]:
+    """Per unit with a neuron curve (member units), its loss scales at the ``probe_kept`` levels; and the
+    facts of the probes.
 
     Processes of a group share the probes and all get the same scales.
     """
     units = [u for s in sites for u in s.separate if "neuron" in u.curves]
-    groups: dict[frozenset[str], list[UnitCandidates]] = {}
-    for key in (block_of, role_of):
-        for label in dict.fromkeys(key(u.name) for u in units):
-            members = [u for u in units if key(u.name) == label]
-            groups.setdefault(frozenset(u.name for u in members), members)
-    probes = list(groups.values())
+    probes = list(probe_groups(units).values())
+    levels = sorted(set(probe_kept))
     dense = _log_probs(model, holdout, batch_size)
+    tasks = [(kept, probed) for kept in levels for probed in probes]
     measured = []
-    for i, probed in distributed.shard(probes):
-        with temporarily_attached(model, _probe_plan(model, probed)):
+    for i, (kept, probed) in distributed.shard(tasks):
+        with temporarily_attached(model, probe_plan(model, probed, kept)):
             measured.append((i, _mean_kl(model, holdout, dense, batch_size)))
-    kl = np.array(distributed.gather_ordered(measured, "loss-calibration probes"))
-    proxy = np.array([float(u.curves["neuron"].error[_probe_index(u)]) for u in units])
-    scales = _fit(units, probes, kl, proxy)
-    facts = {"probes": len(probes), "probe_kept": PROBE_KEPT, "windows": int(holdout.shape[0]),
-             "scale_range": [float(scales.min()), float(scales.max())] if len(scales) else []}
-    return {u.name: float(s) for u, s in zip(units, scales)}, facts
+    kl = np.array(distributed.gather_ordered(measured, "loss-calibration probes")).reshape(len(levels), len(probes))
+    per_level, at = [], []
+    for k, kept in enumerate(levels):
+        idx = [_probe_index(u, kept) for u in units]
+        proxy = np.array([float(u.curves["neuron"].error[i]) for u, i in zip(units, idx)])
+        per_level.append(_fit(units, probes, kl[k], proxy))
+        at.append([float(u.curves["neuron"].flops[i]) / u.dense_flops for u, i in zip(units, idx)])
+    scales, fractions = np.array(per_level), np.array(at)
+    out = {u.name: _scale(fractions[:, j], scales[:, j]) for j, u in enumerate(units)}
+    facts = {"probes": len(tasks), "probe_kept": levels, "windows": int(holdout.shape[0]),
+             "scale_range": [[float(s.min()), float(s.max())] for s in scales] if len(units) else []}
+    return out, facts
+
+
+def _scale(at: np.ndarray, scale: np.ndarray) -> LossScale:
+    """A unit's ``LossScale`` from its probes' FLOP fractions and scales (levels sorted by fraction)."""
+    order = np.argsort(at, kind="stable")
+    return LossScale(at[order], scale[order])
 
 
 def _fit(units: list[UnitCandidates], probes: list[list[UnitCandidates]], kl: np.ndarray,
@@ -143,10 +185,28 @@ def _fit(units: list[UnitCandidates], probes: list[list[UnitCandidates]], kl: np
     return s[block] * t[role]
 
 
-def rescaled(sites: list[Site], scales: dict[str, float]) -> list[Site]:
-    """The sites with every curve's error multiplied by its unit's scale (units without one unchanged)."""
-    def unit(u: UnitCandidates, scale: float) -> UnitCandidates:
-        return dataclasses.replace(u, curves={k: dataclasses.replace(c, error=c.error * scale)
+def _stacked_scale(site: Site, scales: dict[str, LossScale]) -> LossScale:
+    """A stacked unit's scale: its members', level by level, averaged with their probe proxies as weights."""
+    members = [u for u in site.separate if u.name in site.stacked.members]
+    at, scale = [], []
+    for k in range(len(scales[members[0].name].scale)):
+        weights = []
+        for u in members:
+            curve, frac = u.curves["neuron"], scales[u.name].at[k]
+            i = int(np.argmin(np.abs(curve.flops / u.dense_flops - frac)))
+            weights.append(float(curve.error[i]))
+        values = [scales[u.name].scale[k] for u in members]
+        total = sum(weights)
+        scale.append(sum(v * w for v, w in zip(values, weights)) / total if total > 0 else float(np.mean(values)))
+        at.append(float(np.mean([scales[u.name].at[k] for u in members])))
+    return _scale(np.array(at), np.array(scale))
+
+
+def rescaled(sites: list[Site], scales: dict[str, LossScale]) -> list[Site]:
+    """The sites with every candidate's error multiplied by its unit's scale at the candidate's FLOP fraction
+    (units without one unchanged)."""
+    def unit(u: UnitCandidates, scale: LossScale) -> UnitCandidates:
+        return dataclasses.replace(u, curves={k: dataclasses.replace(c, error=c.error * scale(c.flops / u.dense_flops))
                                               for k, c in u.curves.items()})
 
     out = []
@@ -154,10 +214,6 @@ def rescaled(sites: list[Site], scales: dict[str, float]) -> list[Site]:
         separate = [unit(u, scales[u.name]) if u.name in scales else u for u in site.separate]
         stacked = site.stacked
         if stacked is not None and all(m in scales for m in stacked.members):
-            weights = {u.name: float(u.curves["neuron"].error[_probe_index(u)]) for u in site.separate}
-            total = sum(weights[m] for m in stacked.members)
-            scale = (sum(scales[m] * weights[m] for m in stacked.members) / total if total > 0
-                     else float(np.mean([scales[m] for m in stacked.members])))
-            stacked = unit(stacked, scale)
+            stacked = unit(stacked, _stacked_scale(site, scales))
         out.append(Site(site.members, stacked, separate))
     return out

@@ -32,7 +32,7 @@ from ranapass.errors import RanapassError
 from ranapass.experts import model_experts
 from ranapass.fingerprint import weights_fingerprint
 from ranapass.linear_match import linear_modules
-from ranapass.loss_calibration import loss_scales, rescaled
+from ranapass.loss_calibration import PROBE_KEPT, loss_scales, rescaled
 from ranapass.plan import Plan, PlanMismatchError
 from ranapass.rewrite_report import EXPERTS_WHY
 from ranapass.planning import Planner, PlanOptions
@@ -60,7 +60,9 @@ class ProfileOptions:
         rank_min_aspect: offer rank adapters only for units with out >= aspect * in (0: everywhere).
         loss_calibration: rescale every unit's error curve so that it predicts the loss, from probes
             of the held-out windows (``ranapass.loss_calibration``; needs them; one forward pass of them
-            per block and per role).
+            per block and per role at each level of ``loss_probe_kept``).
+        loss_probe_kept: the kept fractions of the loss-calibration probes; a candidate's scale is
+            interpolated between them by its FLOP fraction (docs/quality.md has the ablation behind the default).
         seed: seed of the sampling.
     """
 
@@ -72,6 +74,7 @@ class ProfileOptions:
     exclude: tuple[str, ...] = ()
     rank_min_aspect: float = RANK_MIN_ASPECT
     loss_calibration: bool = True
+    loss_probe_kept: tuple[float, ...] = PROBE_KEPT
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -83,6 +86,10 @@ class ProfileOptions:
         if self.holdout_windows < 0 or self.gradient_windows < 0:
             raise RanapassError("holdout_windows and gradient_windows must be >= 0")
         object.__setattr__(self, "exclude", tuple(self.exclude))
+        kept = tuple(self.loss_probe_kept)
+        if not kept or any(isinstance(k, bool) or not isinstance(k, (int, float)) or not 0.0 < k < 1.0 for k in kept):
+            raise RanapassError(f"loss_probe_kept must be one or more kept fractions in (0, 1), got {self.loss_probe_kept!r}")
+        object.__setattr__(self, "loss_probe_kept", tuple(sorted(set(float(k) for k in kept))))
 
 
 class Profile:
@@ -263,7 +270,7 @@ def _calibrate_to_loss(model, sites: list[Site], holdout: torch.Tensor | None, o
     if not hasattr(model, "config"):
         return f"skipped: {type(model).__name__} is not a language model (the probes compare next-token logits)"
     with stopwatch.stage("loss_calibration"):
-        scales, facts = loss_scales(model, sites, holdout, options.batch_size)
+        scales, facts = loss_scales(model, sites, holdout, options.batch_size, options.loss_probe_kept)
         sites[:] = rescaled(sites, scales)
     return facts
 

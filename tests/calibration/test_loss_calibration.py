@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from ranapass.attach import temporarily_attached
-from ranapass.loss_calibration import _probe_index, _probe_plan, block_of, role_of
+from ranapass.loss_calibration import PROBE_KEPT, LossScale, _probe_index, probe_plan, block_of, role_of
 from ranapass.profiling import Profile, ProfileOptions, profile
 from tiny_models import tiny_llama, token_windows
 
-OPTIONS = ProfileOptions(sample_tokens=512, holdout_windows=4, gradient_windows=4)
+OPTIONS = ProfileOptions(sample_tokens=512, holdout_windows=4, gradient_windows=4, loss_probe_kept=(0.5, 0.85))
+ONE_LEVEL = dataclasses.replace(OPTIONS, loss_probe_kept=(0.5,))
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +29,11 @@ def profiles(model):
     on = profile(model, data, options=OPTIONS, cache=False)
     off = profile(model, data, options=dataclasses.replace(OPTIONS, loss_calibration=False), cache=False)
     return on, off
+
+
+@pytest.fixture(scope="module")
+def one_level(model):
+    return profile(model, token_windows(24), options=ONE_LEVEL, cache=False)
 
 
 def _units(prof):
@@ -51,8 +57,8 @@ def test_block_and_role_of_a_path():
     assert role_of("h.0.attn.c_attn") == "h.*.attn.c_attn" and block_of("x2.proj") == "x2.proj"
 
 
-def test_every_curve_of_a_unit_is_scaled_by_one_positive_factor(profiles):
-    on, off = map(_units, profiles)
+def test_one_probe_level_scales_every_curve_of_a_unit_by_one_positive_factor(profiles, one_level):
+    on, off = _units(one_level), _units(profiles[1])
     assert on.keys() == off.keys()
     factors = {}
     for name, unit in on.items():
@@ -67,28 +73,56 @@ def test_every_curve_of_a_unit_is_scaled_by_one_positive_factor(profiles):
         assert r.min() > 0 and r.max() == pytest.approx(r.min(), rel=1e-9)
         factors[name] = float(r[0])
     assert max(factors.values()) / min(factors.values()) > 1.05  # the calibration did change the ranking
-    for site in profiles[0].sites:
+    for site in one_level.sites:
         if site.stacked is not None:  # a stacked unit's factor lies within its members'
             members = [factors[m] for m in site.members]
             assert min(members) * (1 - 1e-9) <= factors[site.stacked.name] <= max(members) * (1 + 1e-9)
 
 
-def test_a_block_probe_predicts_the_measured_kl(model, profiles):
-    """Each block's calibrated errors at the probe points sum to the KL that block's probe measures."""
+def test_with_two_probe_levels_a_candidate_is_scaled_between_them_by_its_flop_fraction(profiles):
+    on, off = map(_units, profiles)
+    changed = 0
+    for name, unit in off.items():
+        if "neuron" not in unit.curves or "{" in name:
+            continue
+        curve = unit.curves["neuron"]
+        probes = [_probe_index(unit, k) for k in OPTIONS.loss_probe_kept]
+        at = curve.flops[probes] / unit.dense_flops
+        mask = curve.error > 0
+        ratio = on[name].curves["neuron"].error[mask] / curve.error[mask]
+        ends = on[name].curves["neuron"].error[probes] / curve.error[probes]
+        assert ratio.min() >= ends.min() * (1 - 1e-9) and ratio.max() <= ends.max() * (1 + 1e-9)
+        scale = LossScale(at, ends)
+        np.testing.assert_allclose(ratio, scale(curve.flops[mask] / unit.dense_flops), rtol=1e-9)
+        changed += abs(ends[1] / ends[0] - 1) > 0.05
+    assert changed  # the levels do differ
+
+
+def test_loss_scale_is_log_linear_between_probes_and_flat_beyond():
+    scale = LossScale(np.array([0.5, 0.9]), np.array([1.0, 4.0]))
+    np.testing.assert_allclose(scale(np.array([0.1, 0.5, 0.7, 0.9, 1.2])), [1.0, 1.0, 2.0, 4.0, 4.0])
+
+
+@pytest.mark.parametrize("level", range(len(OPTIONS.loss_probe_kept)))
+def test_a_block_probe_predicts_the_measured_kl(model, profiles, level):
+    """At each probe level, each block's calibrated errors at the probe points sum to the KL its probe measures."""
     on, off = profiles
+    kept = OPTIONS.loss_probe_kept[level]
     units = [u for s in off.sites for u in s.separate]
     calibrated = _units(on)
     for block in ("model.layers.0", "model.layers.1"):
         probed = [u for u in units if block_of(u.name) == block]
-        measured = _kl(model, on.holdout, _probe_plan(model, probed))
-        predicted = sum(float(calibrated[u.name].curves["neuron"].error[_probe_index(u)]) for u in probed)
+        measured = _kl(model, on.holdout, probe_plan(model, probed, kept))
+        predicted = sum(float(calibrated[u.name].curves["neuron"].error[_probe_index(u, kept)]) for u in probed)
         assert measured > 0
         assert predicted == pytest.approx(measured, rel=1e-3)
 
 
 def test_meta_timings_and_off_switch(profiles):
     on, off = profiles
-    assert on.meta["loss_calibration"]["probes"] == 2 + 7  # two blocks, seven roles
+    assert on.meta["loss_calibration"]["probes"] == 2 * (2 + 7)  # two levels of two blocks and seven roles
+    assert on.meta["loss_calibration"]["probe_kept"] == list(OPTIONS.loss_probe_kept)
+    assert ProfileOptions().loss_probe_kept == PROBE_KEPT == (0.5,)
     assert on.meta["loss_calibration"]["windows"] == OPTIONS.holdout_windows
     assert on.meta["timings"]["loss_calibration"] > 0
     assert off.meta["loss_calibration"] == "off"
@@ -129,3 +163,9 @@ def test_a_higher_error_exponent_spreads_the_error(profiles, budget):
 def test_error_exponent_must_be_positive(profiles, bad):
     with pytest.raises(ValueError, match="error_exponent"):
         profiles[0].plan(0.6, error_exponent=bad)
+
+
+@pytest.mark.parametrize("bad", [(), (0.0,), (1.0,), (0.5, 1.2), (True,), ("0.5",)])
+def test_probe_levels_must_be_kept_fractions(bad):
+    with pytest.raises(ValueError, match="loss_probe_kept"):
+        ProfileOptions(loss_probe_kept=bad)
