@@ -4,7 +4,8 @@ SmolLM2-135M-Instruct on CPU. One profile of 32 calibration windows without loss
 curves calibrated to the loss (``ranapass.loss_calibration``) with the probes at 50% kept only (the
 default) and at 50% and 85% kept (scales interpolated by each candidate's FLOP fraction): both come from
 one set of probes, the 50% rows reading only its first level. Plans at each
-budget with the default error exponent (2); TEAL-style uniform input sparsity (``ranapass.baselines.teal``)
+budget with the default error exponent (2), with and without the first-order loss term
+(``PlanOptions.first_order``); TEAL-style uniform input sparsity (``ranapass.baselines.teal``)
 and TEAL's greedy per-block allocation (``ranapass.baselines_greedy.teal_greedy``) at the same budgets.
 Each plan is scored on the protocol's 32 Python-docs windows and 16 Debian-handbook windows (512 tokens),
 FLOP ratio measured from the real masks; every row is compared with the default by paired per-window
@@ -44,10 +45,11 @@ BUDGETS = (0.8, 0.7, 0.9, 0.56, 0.4)
 """Measured in this order (the mild budgets first); the table lists them rising."""
 DEFAULT = "ranapass (probes at 50%, default)"
 TWO_LEVELS = "ranapass (probes at 50% and 85%)"
+NO_FIRST_ORDER = "ranapass (no first-order term)"
 UNCALIBRATED = "ranapass (no loss calibration)"
 TEAL = "TEAL-style"
 TEAL_GREEDY = "TEAL-style (greedy per block)"
-METHODS = (DEFAULT, TWO_LEVELS, UNCALIBRATED, TEAL, TEAL_GREEDY)
+METHODS = (DEFAULT, NO_FIRST_ORDER, TWO_LEVELS, UNCALIBRATED, TEAL, TEAL_GREEDY)
 PROBE_LEVELS = (0.5, 0.85)
 """The probe levels of the two-level row; the default (``PROBE_KEPT``, 50%) reads only the first."""
 GREEDY = {"greedy_windows": 2, "step": 0.02, "max_sparsity": 0.7}
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
     seconds[f"loss calibration, probes at {list(PROBE_LEVELS)}"] = time.perf_counter() - start
     first = {name: LossScale(s.at[:1], s.scale[:1]) for name, s in scales.items()}
     profiles = {DEFAULT: calibrated(plain, first, facts), TWO_LEVELS: calibrated(plain, scales, facts), UNCALIBRATED: plain}
+    profiles[NO_FIRST_ORDER] = profiles[DEFAULT]
+    overrides = {NO_FIRST_ORDER: {"first_order": False}}
     data = torch.cat([calibration[:16], calibration[-2:]])
     sparsity = {}
     if TEAL in methods:
@@ -102,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
         rows = {}
         for name in methods:
             start = time.perf_counter()
-            plan = profiles[name].plan(budget) if name in profiles else sparsity[name].plan(budget)
+            plan = profiles[name].plan(budget, **overrides.get(name, {})) if name in profiles else \
+                sparsity[name].plan(budget)
             rows[name] = {"plan_seconds": time.perf_counter() - start, **evaluate(model, plan, texts)}
         for name, row in rows.items():
             for text in texts:

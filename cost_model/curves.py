@@ -7,7 +7,9 @@ adapter. Both come from a sample of calibration inputs:
   drops, so sorting all (token, rank) scores once and taking cumulative sums of their energies gives
   the kept count and the error of *every* threshold for every nB (no brute-force search);
 - neuron adapter: the kept count comes from sorted input scores; the error ``||W (drop * x)||^2`` is
-  evaluated exactly (with the output weights) on a sub-sample at each threshold of the grid.
+  evaluated exactly (with the output weights) on a sub-sample at each threshold of the grid. Its
+  thresholds depend only on the sample and the weight (``neuron_thresholds``), so the gradient pass of
+  calibration can measure each one's first-order loss change before the curve is built.
 
 Errors are weighted per output channel (``out_weight``) so that units are comparable: relative
 (``1 / E||y||^2``) or output-gradient (Fisher) weights; see ``ranapass.profile``.
@@ -25,7 +27,8 @@ import torch
 
 from ranapass.cost_model import flops
 
-__all__ = ["Curve", "KEEP_FRACTIONS", "rank_grid", "rank_curve", "neuron_curve", "static_rank_curve"]
+__all__ = ["Curve", "KEEP_FRACTIONS", "rank_grid", "rank_curve", "neuron_thresholds", "neuron_curve",
+           "static_rank_curve"]
 
 KEEP_FRACTIONS = np.array([0.03, 0.06, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65,
                            0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0])
@@ -43,7 +46,11 @@ class Curve:
         kept: expected kept ranks/inputs per token on the calibration sample.
         flops: expected FLOPs per token (cost_model/flops.py).
         error: expected weighted squared output error per token.
+        first_order: expected first-order change of the loss per token, in nats, signed (the gradient
+            of the loss against the output change; zeros where it was not measured).
     """
+
+    FIELDS = ("rank", "tau", "kept", "flops", "error", "first_order")
 
     kind: str
     rank: np.ndarray
@@ -51,15 +58,20 @@ class Curve:
     kept: np.ndarray
     flops: np.ndarray
     error: np.ndarray
+    first_order: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.first_order is None:
+            self.first_order = np.zeros(len(self.flops))
 
     def __len__(self) -> int:
         return len(self.flops)
 
     def select(self, mask: np.ndarray) -> Curve:
-        return Curve(self.kind, *(getattr(self, f)[mask] for f in ("rank", "tau", "kept", "flops", "error")))
+        return Curve(self.kind, *(getattr(self, f)[mask] for f in self.FIELDS))
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {f: getattr(self, f) for f in ("rank", "tau", "kept", "flops", "error")}
+        return {f: getattr(self, f) for f in self.FIELDS}
 
 
 def rank_grid(r: int, steps: int = 16) -> list[int]:
@@ -144,8 +156,33 @@ def static_rank_curve(energy: torch.Tensor, rank_weight: torch.Tensor, m: int, n
 
 
 @torch.no_grad()
+def neuron_thresholds(x: torch.Tensor, weight: torch.Tensor,
+                      fractions: np.ndarray = KEEP_FRACTIONS) -> tuple[list[float], list[int]]:
+    """A neuron adapter's score thresholds on sample inputs ``x`` ``[N, n]``, one per kept fraction, and
+    the number of (row, input) entries each keeps.
+
+    The score of input j is ``|x_j| * ||W[:, j]||``; a threshold keeps the scores at or above it. 0
+    keeps everything (fraction 1).
+    """
+    scores = x.float().abs() * weight.detach().float().norm(dim=0)
+    flat = scores.reshape(-1)
+    sorted_scores = torch.sort(flat, descending=True).values
+    ks = [int(round(f * flat.numel())) for f in fractions]
+    # The k-th largest score of each fraction (k = 0: the largest, which its threshold will drop).
+    picked = sorted_scores[torch.tensor([max(k - 1, 0) for k in ks], device=flat.device)].tolist()
+    taus = []
+    for f, k, s_k in zip(fractions, ks, picked):
+        tau = 0.0 if (f >= 1.0 or k >= flat.numel()) else s_k
+        if f < 1.0 and k == 0:
+            tau = s_k * 1.0001 + 1e-30
+        taus.append(tau)
+    return taus, ks
+
+
+@torch.no_grad()
 def neuron_curve(x: torch.Tensor, weight: torch.Tensor, out_weight: torch.Tensor, *,
-                 fractions: np.ndarray = KEEP_FRACTIONS, exact_tokens: int = 256) -> Curve:
+                 fractions: np.ndarray = KEEP_FRACTIONS, exact_tokens: int = 256,
+                 first_order: np.ndarray | None = None) -> Curve:
     """Candidates of a neuron adapter from sample inputs.
 
     Args:
@@ -154,31 +191,27 @@ def neuron_curve(x: torch.Tensor, weight: torch.Tensor, out_weight: torch.Tensor
         out_weight: ``[m]`` error weight of each output channel.
         fractions: kept fractions of the n inputs at which thresholds are placed.
         exact_tokens: sample rows on which the error is computed exactly at every threshold.
+        first_order: the first-order loss change at each threshold of ``neuron_thresholds(x, weight,
+            fractions)`` (calibration's gradient pass), or None.
     """
     x = x.float()
     w = weight.detach().float()
     N, n = x.shape
     m = w.shape[0]
-    col_norm = w.norm(dim=0)
-    scores = x.abs() * col_norm
-    flat = scores.reshape(-1)
-    sorted_scores = torch.sort(flat, descending=True).values
-    xe, se = x[:exact_tokens], scores[:exact_tokens]
+    taus, ks = neuron_thresholds(x, w, fractions)
+    if first_order is not None and len(first_order) != len(taus):
+        raise ValueError(f"first_order has {len(first_order)} entries for {len(taus)} thresholds")
+    scores = x[:exact_tokens].abs() * w.norm(dim=0)
+    xe = x[:exact_tokens]
     wo = out_weight.float().sqrt()
-    ks = [int(round(f * flat.numel())) for f in fractions]
-    # The k-th largest score of each fraction (k = 0: the largest, which its threshold will drop).
-    picked = sorted_scores[torch.tensor([max(k - 1, 0) for k in ks], device=flat.device)].tolist()
-    taus, kept, errors = [], [], []
-    for f, k, s_k in zip(fractions, ks, picked):
-        tau = 0.0 if (f >= 1.0 or k >= flat.numel()) else s_k
-        if f < 1.0 and k == 0:
-            tau = s_k * 1.0001 + 1e-30
-        dropped = torch.where(se >= tau, 0.0, xe)
+    kept, errors = [], []
+    for tau, k in zip(taus, ks):
+        dropped = torch.where(scores >= tau, 0.0, xe)
         err = ((dropped @ w.t()) * wo).square().sum(1).mean() if tau > 0 else torch.zeros((), device=x.device)
-        taus.append(tau)
         kept.append(k / N if tau > 0 else float(n))
         errors.append(err)
     errors = torch.stack(errors).tolist()
     kept_a = np.array(kept)
     cost = np.asarray(flops.neuron_adapter_per_token(m, n, kept_a), dtype=np.float64)
-    return Curve("neuron", np.full(len(kept_a), n), np.array(taus), kept_a, cost, np.array(errors))
+    return Curve("neuron", np.full(len(kept_a), n), np.array(taus), kept_a, cost, np.array(errors),
+                 None if first_order is None else np.asarray(first_order, dtype=np.float64))

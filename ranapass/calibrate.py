@@ -7,9 +7,17 @@ tensor object* in a forward (q/k/v, gate/up) share an input *site*; each site ac
 - a small random sample of its input rows, for the candidate curves (cost_model/curves.py);
 - the token count, and a finite check (NaN/inf activations are an error, not a statistic).
 
-An optional second pass runs backward through the language-model loss and accumulates the squared
-gradient of every linear's output per channel (Fisher weights that make errors comparable across
-layers). Nothing is stored per token beyond the sample, so memory stays bounded.
+An optional second pass runs backward through the language-model loss and accumulates, per linear:
+
+- the squared gradient of its output per channel (Fisher weights that make errors comparable across
+  layers);
+- the first-order loss change of dropping its small inputs at each neuron-adapter threshold
+  (``cost_model.curves.neuron_thresholds`` on the site's sample): ``-sum_j h_j x_j`` over the dropped
+  inputs j, with ``h`` the gradient of the loss w.r.t. the linear's input through this linear alone.
+  The loss calibration measures KL, which has no first-order term; this is the signed part that
+  mild input sparsity can have (docs/quality.md).
+
+Nothing is stored per token beyond the sample, so memory stays bounded.
 
 Every statistic stays on the device of the linear it describes (no copy to the host per batch). Only
 the sampled row indices come from a CPU generator, so the sample depends on the seed alone, whatever
@@ -32,10 +40,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ranapass import distributed
+from ranapass.cost_model.curves import neuron_thresholds
 from ranapass.errors import RanapassError
 from ranapass.hooks import forward_hooks
 from ranapass.linear_match import LinearModule, linear_modules
-from ranapass.offload import execution_device
+from ranapass.offload import execution_device, onloaded
 from ranapass.timing import Stopwatch
 
 __all__ = ["SiteStats", "CalibrationStats", "candidate_linears", "shared_linears", "collect", "run_model"]
@@ -87,6 +96,8 @@ class CalibrationStats:
     grad_sq: dict[str, torch.Tensor]   # member path -> mean squared output gradient per channel (float64)
     windows: int
     tokens: int
+    # member path -> mean first-order loss change per token at each of its neuron thresholds (float64)
+    first_order: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 def candidate_linears(model: torch.nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, LinearModule]:
@@ -261,11 +272,11 @@ def collect(model: torch.nn.Module, data: Any, *, linears: dict[str, LinearModul
             run_model(model, batch)
     _combine_processes(sites, sample_batch)
 
-    grad_sq = {}
+    grad_sq, first_order = {}, {}
     if gradient_data is not None:
         with stopwatch.stage("gradients"):
-            grad_sq = _gradient_weights(model, linears, sites, gradient_data, loss_fn, device)
-    return CalibrationStats(sites, grad_sq, examples, tokens)
+            grad_sq, first_order = _gradient_statistics(model, linears, sites, gradient_data, loss_fn, device)
+    return CalibrationStats(sites, grad_sq, examples, tokens, first_order)
 
 
 def _batch_seed(seed: int, index: int) -> int:
@@ -296,41 +307,97 @@ def _lm_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
                                              reduction="sum")
 
 
-def _gradient_weights(model, linears, sites, data, loss_fn, device) -> dict[str, torch.Tensor]:
-    """Mean squared gradient of the summed loss w.r.t. each member's output, per output channel."""
+@dataclasses.dataclass
+class _DropGrid:
+    """One member's neuron thresholds (rising) and the input scores' scale, for the first-order sums."""
+
+    taus: torch.Tensor       # [K] rising score thresholds, on the member's device
+    order: torch.Tensor      # [K] position of each rising threshold in neuron_thresholds' order
+    col_norm: torch.Tensor   # [n] ||W[:, j]||
+    sums: torch.Tensor       # [K] float64 running sums of h_j x_j over the inputs each threshold drops
+
+    @classmethod
+    def of(cls, sample: torch.Tensor, linear: LinearModule) -> _DropGrid:
+        with onloaded([linear.module]):
+            weight = linear.weight.detach().float()
+            taus, _ = neuron_thresholds(sample.to(weight.device), weight)
+            col_norm = weight.norm(dim=0)
+        taus = torch.tensor(taus, dtype=torch.float32, device=col_norm.device)
+        rising, order = torch.sort(taus, stable=True)
+        return cls(rising, order, col_norm, torch.zeros(len(taus), dtype=torch.float64, device=col_norm.device))
+
+    def add(self, x: torch.Tensor, h: torch.Tensor) -> None:
+        """Accumulate one batch: inputs ``x`` and input gradients ``h``, both ``[T, n]``."""
+        x = x.float()
+        scores = (x.abs() * self.col_norm).reshape(-1)
+        # A threshold drops the scores below it: bucket b = the number of thresholds <= score, and the
+        # entry is dropped by the thresholds at rising positions >= b.
+        bucket = torch.bucketize(scores, self.taus, right=True)
+        per_bucket = torch.zeros(len(self.taus) + 1, dtype=torch.float64, device=x.device)
+        per_bucket.index_add_(0, bucket, (x * h.float()).reshape(-1).double())
+        self.sums[self.order] += torch.cumsum(per_bucket, 0)[:-1]
+
+
+def _gradient_statistics(model, linears, sites, data, loss_fn,
+                         device) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per member: the mean squared gradient of the summed loss w.r.t. its output, per output channel; and
+    the mean first-order loss change per token at each of its neuron thresholds (see the module docstring)."""
     loss_fn = loss_fn or _lm_loss
     members = [m for s in sites for m in s.members]
     sums = {m: torch.zeros(linears[m].out_features, dtype=torch.float64,
                            device=execution_device(linears[m].module))
             for m in members}
     counts = dict.fromkeys(members, 0)
-    captured: list[tuple[str, torch.Tensor]] = []
+    grids = {m: _DropGrid.of(s.sample, linears[m]) for s in sites if s.samples for m in s.members}
+    outputs: list[tuple[str, torch.Tensor]] = []
+    inputs: list[tuple[str, torch.Tensor]] = []
 
-    def hook(name):
-        def fwd(module, args, out):
+    def pre(name):
+        def hook(module, args):
+            # A view per linear: its gradient is the input gradient through this linear alone (the
+            # members of a site read one tensor, whose gradient sums theirs).
+            x = args[0].view_as(args[0])
+            if not x.requires_grad:
+                x.requires_grad_()
+            inputs.append((name, x))
+            return (x, *args[1:])
+        return hook
+
+    def fwd(name):
+        def hook(module, args, out):
             if not out.requires_grad:
                 out.requires_grad_()
-            captured.append((name, out))
-        return fwd
+            outputs.append((name, out))
+        return hook
 
     try:
-        with forward_hooks([(linears[m].module, hook(m)) for m in members]):
+        with forward_hooks([(linears[m].module, pre(m)) for m in grids], pre=True), \
+                forward_hooks([(linears[m].module, fwd(m)) for m in members]):
             # One window per backward: the autograd graph of a batch is the memory peak of calibration.
             for _, batch in tqdm(distributed.shard(list(_batches(data, 1, device))), desc="output gradients",
                                  unit="window"):
-                captured.clear()
+                outputs.clear()
+                inputs.clear()
                 with torch.enable_grad():
                     loss = loss_fn(model, batch)
-                    grads = torch.autograd.grad(loss, [t for _, t in captured], allow_unused=True)
-                for (name, _), g in zip(captured, grads):
+                    grads = torch.autograd.grad(loss, [t for _, t in outputs + inputs], allow_unused=True)
+                for (name, _), g in zip(outputs, grads[:len(outputs)]):
                     if g is None:
                         continue
                     g = g.detach().reshape(-1, g.shape[-1]).float()
                     sums[name] += g.square().sum(0).double().to(sums[name].device)
                     counts[name] += g.shape[0]
+                for (name, x), h in zip(inputs, grads[len(outputs):]):
+                    if h is not None:
+                        n = x.shape[-1]
+                        grids[name].add(x.detach().reshape(-1, n), h.detach().reshape(-1, n))
     finally:
-        captured.clear()
+        outputs.clear()
+        inputs.clear()
     totals = torch.tensor([counts[m] for m in members], dtype=torch.int64)
-    distributed.all_reduce_sum([sums[m] for m in members] + [totals], "output-gradient statistics")
+    distributed.all_reduce_sum([sums[m] for m in members] + [g.sums for g in grids.values()] + [totals],
+                               "output-gradient statistics")
     counts = dict(zip(members, totals.tolist()))
-    return {m: sums[m] / counts[m] for m in members if counts[m]}
+    grad_sq = {m: sums[m] / counts[m] for m in members if counts[m]}
+    first_order = {m: -grid.sums.cpu() / counts[m] for m, grid in grids.items() if counts[m]}
+    return grad_sq, first_order

@@ -41,8 +41,6 @@ __all__ = ["KINDS", "UnitCandidates", "Site", "stack_name", "calibrated_sites", 
 KINDS = ("rank", "lowrank", "neuron")
 """Candidate families: rank adapters (masked or not), static low rank only (no mask), neuron adapters."""
 
-_CURVE_FIELDS = ("rank", "tau", "kept", "flops", "error")
-
 
 @dataclasses.dataclass
 class UnitCandidates:
@@ -87,6 +85,11 @@ class UnitCandidates:
         c = self.curves[kind]
         return Candidate(float(c.flops[i]), float(c.error[i]))
 
+    def first_order(self, option: tuple[str, int]) -> float:
+        """The first-order loss change of one option (0 for dense and where it was not measured)."""
+        kind, i = option
+        return 0.0 if kind == "dense" else float(self.curves[kind].first_order[i])
+
     def saved(self, uid: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         """The JSON entry of this unit; its arrays go into ``tensors`` under ``<uid>.``."""
         for kind, curve in self.curves.items():
@@ -101,7 +104,7 @@ class UnitCandidates:
     def from_saved(cls, entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> UnitCandidates:
         """The unit ``saved`` wrote."""
         uid = entry["uid"]
-        curves = {k: Curve(k, *(tensors[f"{uid}.{k}.{f}"].numpy() for f in _CURVE_FIELDS)) for k in entry["curves"]}
+        curves = {k: Curve(k, *(tensors[f"{uid}.{k}.{f}"].numpy() for f in Curve.FIELDS)) for k in entry["curves"]}
         return cls(entry["name"], tuple(entry["members"]), tuple(entry["out_features"]), entry["in_features"],
                    curves, tensors.get(f"{uid}.basis"))
 
@@ -159,7 +162,8 @@ def _output_weights(stats: CalibrationStats, site: SiteStats, sample: torch.Tens
 
 
 def _unit_candidates(name, members, linears, sample: torch.Tensor, factor, out_w: dict[str, torch.Tensor],
-                     with_neuron: bool, rank_min_aspect: float, stopwatch: Stopwatch) -> UnitCandidates:
+                     with_neuron: bool, rank_min_aspect: float, stopwatch: Stopwatch,
+                     first_order: torch.Tensor | None = None) -> UnitCandidates:
     weight = torch.cat([linears[m].weight.detach().float() for m in members])
     m, n = weight.shape
     g2 = torch.cat([out_w[x] for x in members])
@@ -175,7 +179,8 @@ def _unit_candidates(name, members, linears, sample: torch.Tensor, factor, out_w
         basis = basis.cpu()
     if with_neuron:
         with stopwatch.stage("neuron_curves"):
-            curves["neuron"] = neuron_curve(sample, weight, g2)
+            curves["neuron"] = neuron_curve(sample, weight, g2,
+                                            first_order=None if first_order is None else first_order.numpy())
     return UnitCandidates(name, tuple(members), tuple(linears[x].out_features for x in members), n, curves, basis)
 
 
@@ -199,7 +204,7 @@ def calibrated_sites(stats: CalibrationStats, linears: dict[str, LinearModule], 
             out_w = _output_weights(stats, s, sample, linears, error_weighting, factor)
             unit = functools.partial(_unit_candidates, linears=linears, sample=sample, factor=factor, out_w=out_w,
                                      rank_min_aspect=rank_min_aspect, stopwatch=stopwatch)
-            separate = [unit(m, [m], with_neuron=True) for m in s.members]
+            separate = [unit(m, [m], with_neuron=True, first_order=stats.first_order.get(m)) for m in s.members]
             stacked = None
             if len(s.members) > 1 and factor is not None:
                 stacked = unit(stack_name(s.members), s.members, with_neuron=False)

@@ -27,9 +27,15 @@ from ranapass.offload import onloaded
 from ranapass.plan import Plan, UnitPlan
 from ranapass.thresholds import fit_thresholds
 
-__all__ = ["PlanOptions", "Planner", "ALLOCATIONS", "check_budget"]
+__all__ = ["PlanOptions", "Planner", "ALLOCATIONS", "FIRST_ORDER_MAX_KL", "check_budget"]
 
 log = logging.getLogger(__name__)
+
+FIRST_ORDER_MAX_KL = 0.1
+"""The first-order term is a small-perturbation estimate: it is counted only for plans whose summed calibrated
+error without it (nats of KL) is at most this. On SmolLM2 its additive sum overstates the gain 2-5 times at
+0.8-0.9 and misleads the allocation at 0.4-0.56 (summed errors 0.2-0.6), where it made perplexity worse
+(docs/quality.md)."""
 
 Chosen = list[tuple[UnitCandidates, tuple[str, int]]]
 """Per unit, its chosen option ``(curve kind, index)`` (see ``UnitCandidates.options``)."""
@@ -52,6 +58,12 @@ class PlanOptions:
             it charges concentrated error more than the additive sum does (the loss of several adapted
             units grows faster than the sum of their errors), spreading sparsity more evenly. 1 is the
             plain additive objective; benchmarks/RESULTS.md has the ablation behind the default.
+        first_order: add each neuron candidate's first-order loss change (signed, measured by the
+            profile's gradient pass) to its objective, converted to the objective's units at the mean
+            error of the adapted units of the plan without it (one more allocation). The loss
+            calibration's KL has no first-order term, and mild input sparsity can lower the loss
+            (docs/quality.md). Used only on loss-calibrated profiles, whose errors are in nats too,
+            and only at mild budgets: where the plan without it predicts at most ``FIRST_ORDER_MAX_KL``.
     """
 
     allocation: str = "global"
@@ -60,6 +72,7 @@ class PlanOptions:
     fit: bool = True
     count_mask_cost: bool = True
     error_exponent: float = 2.0
+    first_order: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kinds", (self.kinds,) if isinstance(self.kinds, str) else tuple(self.kinds))
@@ -131,7 +144,7 @@ class Planner:
             plan.meta["thresholds"] = "calibration statistics"
         plan.meta.update({"allocation_seconds": round(t_alloc, 3), "kinds": list(options.kinds),
                           "grouping": options.grouping, "count_mask_cost": options.count_mask_cost,
-                          "error_exponent": options.error_exponent})
+                          "error_exponent": options.error_exponent, "first_order": options.first_order})
         log.info("planned budget %.3f (%s): expected ratio %.4f, %d/%d units adapted, %.2fs", budget,
                  options.allocation, plan.expected_ratio(), len(plan.adapted), len(plan.units),
                  time.perf_counter() - t0)
@@ -145,20 +158,42 @@ class Planner:
         err = sum(u.candidate(o).error for u, o in chosen)
         return {"budget": budget, "expected_ratio": cost / self.dense_flops(), "predicted_error": err}
 
-    def _allocator(self, kinds, grouping, count_mask_cost, exponent) -> tuple[Allocator, list]:
-        """The allocation problem for these settings (hulls computed once per profile and settings): candidates'
-        errors raised to ``exponent`` (``PlanOptions.error_exponent``)."""
+    def _allocator(self, kinds, grouping, count_mask_cost, exponent: float,
+                   first_order_weight: float = 0.0) -> tuple[Allocator, list]:
+        """The allocation problem for these settings: each candidate's objective is its error raised to
+        ``exponent`` plus ``first_order_weight`` times its first-order loss change. The hulls are computed once
+        per profile and settings when the weight is 0 (the weight changes with the budget)."""
         key = (kinds, grouping, count_mask_cost, exponent)
-        if key not in self._allocators:
-            choices, index = [], []
-            for site in self.sites:
-                alts = site.alternatives(grouping)
-                found = [[u.options(kinds, count_mask_cost=count_mask_cost) for u in alt] for alt in alts]
-                choices.append(Choice([[[Candidate(c.cost, c.error ** exponent) for c in cands] for _, cands in alt]
-                                       for alt in found]))
-                index.append((alts, [[opts for opts, _ in alt] for alt in found]))
+        if first_order_weight == 0.0 and key in self._allocators:
+            return self._allocators[key]
+        choices, index = [], []
+        for site in self.sites:
+            alts = site.alternatives(grouping)
+            found = [[(u, *u.options(kinds, count_mask_cost=count_mask_cost)) for u in alt] for alt in alts]
+            choices.append(Choice([[[Candidate(c.cost, c.error ** exponent + first_order_weight * u.first_order(o))
+                                     for o, c in zip(opts, cands)] for u, opts, cands in alt]
+                                   for alt in found]))
+            index.append((alts, [[opts for _, opts, _ in alt] for alt in found]))
+        if first_order_weight == 0.0:
             self._allocators[key] = (Allocator(choices), index)
-        return self._allocators[key]
+            return self._allocators[key]
+        return Allocator(choices), index
+
+    def first_order_weight(self, chosen: Chosen, options: PlanOptions) -> float:
+        """The weight of the first-order term for ``options.first_order``: the objective's derivative at the mean
+        error of the adapted units of ``chosen`` (``p * mean ** (p - 1)`` for exponent p), so that one nat of
+        first-order change counts as one nat of error there. 0 when off, when the profile's errors are not
+        in nats (no loss calibration), when no candidate has a first-order term, or when ``chosen``'s summed
+        error is above ``FIRST_ORDER_MAX_KL``."""
+        if not (options.first_order and isinstance(self.meta.get("loss_calibration"), dict)):
+            return 0.0
+        if not any(np.any(c.first_order) for s in self.sites for u in s.separate for c in u.curves.values()):
+            return 0.0
+        errors = [u.candidate(o).error for u, o in chosen if o[0] != "dense"]
+        if not errors or sum(errors) > FIRST_ORDER_MAX_KL:
+            return 0.0
+        p = float(options.error_exponent)
+        return p * float(np.mean(errors)) ** (p - 1)
 
     def _weights(self, unit: UnitCandidates) -> torch.Tensor:
         """The unit's stacked weight, (out, in) float32 whatever each member's layout, on the weights' device
@@ -184,9 +219,17 @@ class Planner:
 
 # ---------------------------------------------------------------------------------------- strategies
 def _allocate_global(planner: Planner, target: float, options: PlanOptions) -> Chosen:
-    """One knapsack over every unit (cost_model/allocate.py), each site grouped or not as it fits best."""
-    allocator, index = planner._allocator(options.kinds, options.grouping, options.count_mask_cost,
-                                          float(options.error_exponent))
+    """One knapsack over every unit (cost_model/allocate.py), each site grouped or not as it fits best; with
+    ``options.first_order``, solved again with the first-order term weighted at the first solution's errors."""
+    setting = (options.kinds, options.grouping, options.count_mask_cost, float(options.error_exponent))
+    chosen = _solve(*planner._allocator(*setting), target, planner, options)
+    weight = planner.first_order_weight(chosen, options)
+    if weight:
+        chosen = _solve(*planner._allocator(*setting, weight), target, planner, options)
+    return chosen
+
+
+def _solve(allocator: Allocator, index: list, target: float, planner: Planner, options: PlanOptions) -> Chosen:
     try:
         result = allocator.solve(target)
     except InfeasibleBudgetError as e:

@@ -42,7 +42,7 @@ __all__ = ["ProfileOptions", "Profile", "profile"]
 
 log = logging.getLogger(__name__)
 
-PROFILE_FORMAT = storage.Format("ranapass.Profile", 1, "profile.json", "profile.safetensors", "profile again")
+PROFILE_FORMAT = storage.Format("ranapass.Profile", 2, "profile.json", "profile.safetensors", "profile again")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -115,21 +115,29 @@ def add_profile_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_plan_args(parser: argparse.ArgumentParser, budget_required: bool = False) -> None:
-    """``--budget``, ``--allocation``, ``--kinds``, ``--error-exponent``."""
+    """``--budget``, ``--allocation``, ``--kinds``, ``--error-exponent``, ``--no-first-order``."""
     parser.add_argument("--budget", type=float, required=budget_required, default=None if budget_required else 0.56,
                         help="adapted / dense FLOPs of the block linears, in (0, 1]")
     parser.add_argument("--allocation", choices=("global", "uniform"), default="global",
                         help="global (one allocation over all layers) or uniform (the reference's recipe)")
     parser.add_argument("--kinds", default="rank,neuron",
                         help="candidate families for global allocation: rank, lowrank, neuron (comma-separated)")
-    add_error_exponent_arg(parser)
+    add_objective_args(parser)
 
 
-def add_error_exponent_arg(parser: argparse.ArgumentParser) -> None:
-    """``--error-exponent`` (``PlanOptions.error_exponent``)."""
+def add_objective_args(parser: argparse.ArgumentParser) -> None:
+    """``--error-exponent`` and ``--no-first-order`` (``PlanOptions.error_exponent``, ``PlanOptions.first_order``)."""
     parser.add_argument("--error-exponent", type=float, default=PlanOptions.error_exponent,
                         help="global allocation minimises the sum of unit errors to this power "
                              f"(default {PlanOptions.error_exponent:g}; 1: the additive proxy)")
+    parser.add_argument("--no-first-order", action="store_true",
+                        help="leave the measured first-order loss change of input sparsity out of the allocation "
+                             "(default: counted, on loss-calibrated profiles)")
+
+
+def objective_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``PlanOptions`` fields that ``add_objective_args`` set."""
+    return {"error_exponent": args.error_exponent, "first_order": not args.no_first_order}
 
 
 def load_profile(args: argparse.Namespace, model: torch.nn.Module, tokenizer) -> tuple[Profile, float]:
@@ -145,7 +153,7 @@ def load_profile(args: argparse.Namespace, model: torch.nn.Module, tokenizer) ->
 
 def plan_from_args(args: argparse.Namespace, prof: Profile):
     return prof.plan(args.budget, allocation=args.allocation, kinds=tuple(k for k in args.kinds.split(",") if k),
-                     error_exponent=args.error_exponent)
+                     **objective_options(args))
 
 
 _POSITIVE = {"windows": 1, "window_len": 2, "calib_windows": 1, "calib_window_len": 2, "batch_size": 1, "tokens": 1}

@@ -15,7 +15,7 @@ import torch
 from ranapass.cost_model import dense_flops, per_token_at
 from ranapass.data import load_texts, token_windows
 from ranapass.cli._shared import (
-    add_error_exponent_arg,
+    add_objective_args,
     add_json_flag,
     add_model_args,
     add_profile_args,
@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--allocation", choices=("global", "uniform"), default="global",
                         help="global (one allocation over all layers) or uniform (the reference's recipe)")
     parser.add_argument("--kinds", default="rank,neuron", help="candidate families (rank, lowrank, neuron)")
-    add_error_exponent_arg(parser)
+    add_objective_args(parser)
     parser.add_argument("--plan", default=None, help="evaluate a saved plan (directory) instead of --budget")
     parser.add_argument("--calib-text", default="python-docs", help="calibration source for --budget")
     add_profile_args(parser)

@@ -12,6 +12,7 @@ from ranapass.cli._shared import (
     emit,
     load_profile,
     model_from_args,
+    objective_options,
     plan_from_args,
 )
 
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if args.plot and not budgets:
         budgets = [round(0.3 + 0.05 * i, 2) for i in range(15)]
     curve = prof.curve(budgets, allocation=args.allocation, kinds=tuple(k for k in args.kinds.split(",") if k),
-                       error_exponent=args.error_exponent) if budgets else []
+                       **objective_options(args)) if budgets else []
     if args.plot:
         _plot(curve, args.plot, args.allocation)
     payload = {"budget": plan.budget, "allocation": plan.allocation, "expected_ratio": plan.expected_ratio(),

@@ -51,7 +51,10 @@ def test_budget_one_reproduces_dense(model, prof):
 @pytest.mark.parametrize("allocation", ["global", "uniform"])
 @pytest.mark.parametrize("budget", [0.4, 0.7])
 def test_plans_meet_the_budget(model, prof, budget, allocation):
-    plan = prof.plan(budget, allocation=allocation)
+    # The first-order term may leave FLOPs unspent where cutting deeper is predicted to lower the loss (on
+    # random weights its signs are noise), never spend more; without it the plan fills the budget.
+    assert prof.plan(budget, allocation=allocation).expected_ratio() <= budget + 1e-9
+    plan = prof.plan(budget, allocation=allocation, first_order=False)
     assert plan.expected_ratio() <= budget + 1e-9
     assert plan.expected_ratio() > budget - 0.05
     att = ranapass.attach(model, plan)

@@ -20,6 +20,7 @@ from ranapass.errors import RanapassError
 from ranapass.lora import load_lora
 from ranapass.manifest import MANIFEST, DamagedFileError
 from ranapass.plan import PLAN_FORMAT, Plan
+from ranapass.profiling import PROFILE_FORMAT
 from plan_damage import bad_shape, drop_key, drop_tensor, first_adapted, nan_thresholds, resave, swap_kinds
 from save_child import fake_gguf, prose_root, tiny_lora, tiny_plan, tiny_profile
 
@@ -115,7 +116,7 @@ def test_flipped_bit_in_cached_profile_is_reported_and_rebuilt(tmp_path, caplog)
     (record,) = [r for r in caplog.records if "damaged" in r.getMessage()]
     assert "profile.safetensors does not match its manifest" in record.getMessage()
     assert again.plan(0.6, fit=False).summary() == first.plan(0.6, fit=False).summary()
-    storage.read(entry, storage.Format("ranapass.Profile", 1, "profile.json", "profile.safetensors", ""))
+    storage.read(entry, PROFILE_FORMAT)
 
 
 def test_no_cache_repairs_a_damaged_profile_entry(tmp_path):
@@ -128,7 +129,7 @@ def test_no_cache_repairs_a_damaged_profile_entry(tmp_path):
     (entry / "profile.json").write_text("{trunc")
     profile(tiny_llama(), token_windows(8, length=32), options=ProfileOptions(**PROFILE_OPTIONS),
             cache=tmp_path / "cache", refresh=True)
-    storage.read(entry, storage.Format("ranapass.Profile", 1, "profile.json", "profile.safetensors", ""))
+    storage.read(entry, PROFILE_FORMAT)
 
 
 @pytest.mark.parametrize("damage", ["changed weight", "truncated"])
@@ -206,4 +207,4 @@ def test_a_fresh_cache_entry_is_not_reported_damaged(tmp_path, monkeypatch, capl
         profile(tiny_llama(), token_windows(8, length=32), options=ProfileOptions(**PROFILE_OPTIONS))
     assert not [r for r in caplog.records if "damaged" in r.getMessage()]
     (entry,) = (tmp_path / "cache" / "profiles").iterdir()
-    storage.read(entry, storage.Format("ranapass.Profile", 1, "profile.json", "profile.safetensors", ""))
+    storage.read(entry, PROFILE_FORMAT)
