@@ -348,7 +348,8 @@ def _gradient_statistics(model, linears, sites, data, loss_fn,
                            device=execution_device(linears[m].module))
             for m in members}
     counts = dict.fromkeys(members, 0)
-    grids = {m: _DropGrid.of(s.sample, linears[m]) for s in sites if s.samples for m in s.members}
+    sampled = [(s, s.sample) for s in sites if s.samples]
+    grids = {m: _DropGrid.of(x, linears[m]) for s, x in sampled if x.shape[0] for m in s.members}
     outputs: list[tuple[str, torch.Tensor]] = []
     inputs: list[tuple[str, torch.Tensor]] = []
 
