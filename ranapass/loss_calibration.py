@@ -10,7 +10,8 @@ Measured once in ``profile``, on the held-out calibration windows: with every un
 adapted at one probe point (its neuron candidate nearest a kept fraction of its inputs, one of
 ``probe_kept``), then with every unit of one *role*, the mean KL divergence of the model's next-token
 distribution from the dense model's. KL rather than a difference of NLLs: it is never negative and has
-no first-order term, whose noise swamps a one-block change on a few windows. A unit's block is its
+no first-order term, whose noise swamps a one-block change on a few windows (the first-order term is
+measured per candidate by calibration's gradient pass instead, ``ranapass.calibrate``). A unit's block is its
 module path up to its first index (``model.layers.3``), its role the path with every index replaced by
 ``*`` (``model.layers.*.mlp.down_proj``). At each probe level the model ``scale(unit) = s[block] * t[role]``
 is fitted to the probes' sums by iterative proportional fitting.
