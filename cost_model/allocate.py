@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["Candidate", "Choice", "Allocation", "Allocator", "allocate", "InfeasibleBudgetError"]
+__all__ = ["Candidate", "Candidates", "Choice", "Allocation", "Allocator", "allocate", "InfeasibleBudgetError"]
 
 
 class InfeasibleBudgetError(ValueError):
@@ -40,17 +40,41 @@ class Candidate:
     error: float
 
 
-@dataclasses.dataclass
-class Choice:
-    """One decision of the allocator: one or more alternatives, each a list of parts, each a list of
-    candidates. The allocator picks one alternative, then one candidate for each of its parts."""
+@dataclasses.dataclass(frozen=True)
+class Candidates:
+    """A part's candidates as two parallel arrays: what large problems pass instead of ``Candidate`` lists
+    (building hundreds of thousands of small objects costs more than solving)."""
 
-    alternatives: list[list[list[Candidate]]]
+    cost: np.ndarray
+    error: np.ndarray
 
     @classmethod
-    def simple(cls, candidates: Sequence[Candidate]) -> Choice:
+    def of(cls, part: Candidates | Sequence[Candidate]) -> Candidates:
+        """``part`` as arrays (float64, one entry per candidate)."""
+        if isinstance(part, Candidates):
+            return cls(np.asarray(part.cost, dtype=np.float64), np.asarray(part.error, dtype=np.float64))
+        return cls(np.array([x.cost for x in part], dtype=np.float64),
+                   np.array([x.error for x in part], dtype=np.float64))
+
+    def __len__(self) -> int:
+        return len(self.cost)
+
+
+Part = Candidates | Sequence[Candidate]
+"""One part's candidates: a list of ``Candidate`` or their arrays."""
+
+
+@dataclasses.dataclass
+class Choice:
+    """One decision of the allocator: one or more alternatives, each a list of parts, each holding
+    candidates. The allocator picks one alternative, then one candidate for each of its parts."""
+
+    alternatives: list[list[Part]]
+
+    @classmethod
+    def simple(cls, candidates: Part) -> Choice:
         """A choice with a single alternative of a single part: pick one of ``candidates``."""
-        return cls([[list(candidates)]])
+        return cls([[candidates if isinstance(candidates, Candidates) else list(candidates)]])
 
 
 @dataclasses.dataclass
@@ -94,10 +118,13 @@ class Allocator:
                 raise ValueError("every choice needs at least one alternative")
             for alt in choice.alternatives:
                 for part in alt:
-                    if not part:
+                    if not len(part):
                         raise ValueError("every part needs at least one candidate")
-                    c = np.array([x.cost for x in part], dtype=np.float64)
-                    e = np.array([x.error for x in part], dtype=np.float64)
+                    arrays = Candidates.of(part)
+                    c, e = arrays.cost, arrays.error
+                    if c.shape != e.shape or c.ndim != 1:
+                        raise ValueError(f"a part's costs and errors must be 1-d and equally long, got {c.shape} "
+                                         f"and {e.shape}")
                     if not (np.isfinite(c).all() and np.isfinite(e).all()):
                         raise ValueError("candidate costs and errors must be finite")
                     h = _lower_hull(c, e)

@@ -16,7 +16,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ranapass.cost_model.allocate import Candidate, Choice, InfeasibleBudgetError, allocate
+from ranapass.cost_model.allocate import Candidates, Choice, InfeasibleBudgetError, allocate
 
 if TYPE_CHECKING:
     from ranapass.candidates import Site, UnitCandidates
@@ -31,7 +31,7 @@ class UniformGroup:
     Each entry of ``units`` is one unit's candidates; ``dense_cost`` is the group's dense FLOPs.
     """
 
-    units: list[list[Candidate]]
+    units: list[Candidates]
     dense_cost: float
 
 
@@ -111,7 +111,7 @@ def allocate_reference(sites: Sequence[Site], target: float, kinds: tuple[str, .
             for u in site.separate:
                 m, n = sum(u.out_features), u.in_features
                 unit_kinds = rank_kinds if m > n else narrow
-                if m == n or not u.options(unit_kinds, dense=False)[1]:  # no candidate of these kinds
+                if m == n or not u.options(unit_kinds, dense=False).keys:  # no candidate of these kinds
                     fixed += u.dense_flops
                     dense_chosen.append(u)
                 elif i == 0:
@@ -121,8 +121,8 @@ def allocate_reference(sites: Sequence[Site], target: float, kinds: tuple[str, .
         for group in (attention, mlp):
             if group:
                 found = [u.options(k, dense=False, count_mask_cost=count_mask_cost) for u, k in group]
-                opts = [o for o, _ in found]
-                groups.append(UniformGroup([c for _, c in found], sum(u.dense_flops for u, _ in group)))
+                opts = [o.keys for o in found]
+                groups.append(UniformGroup([o.candidates() for o in found], sum(u.dense_flops for u, _ in group)))
                 members.append([(u, uo) for (u, _), uo in zip(group, opts)])
     rho, picks = allocate_uniform(groups, fixed, target)
     chosen = [(u, ("dense", -1)) for u in dense_chosen]

@@ -29,17 +29,32 @@ from tqdm.auto import tqdm
 
 from ranapass.calibrate import CalibrationStats, SiteStats
 from ranapass.cost_model import flops
-from ranapass.cost_model.allocate import Candidate
+from ranapass.cost_model.allocate import Candidate, Candidates
 from ranapass.cost_model.curves import Curve, neuron_curve, rank_curve, static_rank_curve
 from ranapass.decompose import gram_factor, output_pca, weight_svd
 from ranapass.linear_match import LinearModule
 from ranapass.offload import onloaded
 from ranapass.timing import Stopwatch
 
-__all__ = ["KINDS", "UnitCandidates", "Site", "stack_name", "calibrated_sites", "data_free_sites"]
+__all__ = ["KINDS", "UnitCandidates", "UnitOptions", "Site", "stack_name", "calibrated_sites", "data_free_sites"]
 
 KINDS = ("rank", "lowrank", "neuron")
 """Candidate families: rank adapters (masked or not), static low rank only (no mask), neuron adapters."""
+
+
+@dataclasses.dataclass
+class UnitOptions:
+    """A unit's allowed candidates: ``keys[i]`` is ``(curve kind, index)`` (``("dense", -1)`` for dense), with
+    its cost (FLOPs per token, masks included unless left out), error and first-order loss change."""
+
+    keys: list[tuple[str, int]]
+    cost: np.ndarray
+    error: np.ndarray
+    first_order: np.ndarray
+
+    def candidates(self) -> Candidates:
+        """Costs and errors as the allocator takes them."""
+        return Candidates(self.cost, self.error)
 
 
 @dataclasses.dataclass
@@ -57,15 +72,14 @@ class UnitCandidates:
     def dense_flops(self) -> float:
         return flops.per_token(flops.dense_linear(sum(self.out_features), self.in_features))
 
-    def options(self, kinds: Sequence[str], dense: bool = True,
-                count_mask_cost: bool = True) -> tuple[list[tuple[str, int]], list[Candidate]]:
-        """The allowed candidates: their ``(curve kind, index)`` ("dense", -1 first when allowed) and costs.
+    def options(self, kinds: Sequence[str], dense: bool = True, count_mask_cost: bool = True) -> UnitOptions:
+        """The allowed candidates ("dense" first when allowed) with their costs, errors and first-order terms.
 
         "rank" allows every rank-adapter candidate (masked or not), "lowrank" only the unmasked ones.
         ``count_mask_cost=False`` leaves the masks' FLOPs out of the costs (an ablation).
         """
-        options = [("dense", -1)] if dense else []
-        cands = [Candidate(self.dense_flops, 0.0)] if dense else []
+        keys = [("dense", -1)] if dense else []
+        parts = [(np.array([self.dense_flops]), np.zeros(1), np.zeros(1))] if dense else []
         for kind in ("rank", "neuron"):
             curve = self.curves.get(kind)
             wanted = [k for k in kinds if (k == "lowrank" and kind == "rank") or k == kind]
@@ -73,9 +87,11 @@ class UnitCandidates:
                 continue
             idx = np.arange(len(curve)) if kind in wanted else np.flatnonzero(curve.tau == 0)
             cost = curve.flops[idx] - (0.0 if count_mask_cost else flops.MASK_FLOPS_PER_SCORE * curve.rank[idx])
-            options += [(kind, i) for i in idx.tolist()]
-            cands += [Candidate(c, e) for c, e in zip(cost.tolist(), curve.error[idx].tolist())]
-        return options, cands
+            keys += [(kind, i) for i in idx.tolist()]
+            parts.append((cost, curve.error[idx], curve.first_order[idx]))
+        if not parts:
+            return UnitOptions([], np.zeros(0), np.zeros(0), np.zeros(0))
+        return UnitOptions(keys, *(np.concatenate(arrays).astype(np.float64) for arrays in zip(*parts)))
 
     def candidate(self, option: tuple[str, int]) -> Candidate:
         """Cost (FLOPs per token, masks included) and error of one option."""
@@ -84,11 +100,6 @@ class UnitCandidates:
             return Candidate(self.dense_flops, 0.0)
         c = self.curves[kind]
         return Candidate(float(c.flops[i]), float(c.error[i]))
-
-    def first_order(self, option: tuple[str, int]) -> float:
-        """The first-order loss change of one option (0 for dense and where it was not measured)."""
-        kind, i = option
-        return 0.0 if kind == "dense" else float(self.curves[kind].first_order[i])
 
     def saved(self, uid: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         """The JSON entry of this unit; its arrays go into ``tensors`` under ``<uid>.``."""

@@ -19,7 +19,7 @@ import torch
 
 from ranapass.adapters import ADAPTER_KINDS
 from ranapass.candidates import KINDS, Site, UnitCandidates
-from ranapass.cost_model.allocate import Allocator, Candidate, Choice, InfeasibleBudgetError
+from ranapass.cost_model.allocate import Allocator, Candidates, Choice, InfeasibleBudgetError
 from ranapass.cost_model.uniform import allocate_reference
 from ranapass.errors import RanapassError
 from ranapass.linear_match import linear_module
@@ -169,11 +169,10 @@ class Planner:
         choices, index = [], []
         for site in self.sites:
             alts = site.alternatives(grouping)
-            found = [[(u, *u.options(kinds, count_mask_cost=count_mask_cost)) for u in alt] for alt in alts]
-            choices.append(Choice([[[Candidate(c.cost, c.error ** exponent + first_order_weight * u.first_order(o))
-                                     for o, c in zip(opts, cands)] for u, opts, cands in alt]
-                                   for alt in found]))
-            index.append((alts, [[opts for _, opts, _ in alt] for alt in found]))
+            found = [[u.options(kinds, count_mask_cost=count_mask_cost) for u in alt] for alt in alts]
+            choices.append(Choice([[Candidates(o.cost, o.error ** exponent + first_order_weight * o.first_order)
+                                    for o in alt] for alt in found]))
+            index.append((alts, [[o.keys for o in alt] for alt in found]))
         if first_order_weight == 0.0:
             self._allocators[key] = (Allocator(choices), index)
             return self._allocators[key]

@@ -5,7 +5,9 @@ import random
 
 import pytest
 
-from ranapass.cost_model.allocate import Candidate, Choice, InfeasibleBudgetError, _lower_hull, allocate
+import numpy as np
+
+from ranapass.cost_model.allocate import Candidate, Candidates, Choice, InfeasibleBudgetError, _lower_hull, allocate
 from ranapass.cost_model.uniform import UniformGroup, allocate_uniform
 
 
@@ -25,7 +27,6 @@ def _convex_units(rng, count):
 
 
 def _largest_hull_step(cands):
-    import numpy as np
     costs, errors = np.array([c.cost for c in cands]), np.array([c.error for c in cands])
     hull = errors[_lower_hull(costs, errors)]
     return float(max(hull[:-1] - hull[1:], default=0.0))
@@ -67,7 +68,6 @@ def test_spends_budget_on_the_steepest_units():
 
 
 def test_lower_hull_drops_dominated_and_concave_points():
-    import numpy as np
     costs = np.array([0, 1, 2, 3, 3, 5.0])
     errors = np.array([10, 9.5, 5, 4, 6, 3.9])
     assert list(_lower_hull(costs, errors)) == [0, 2, 3, 5]
@@ -83,6 +83,17 @@ def test_alternatives_pick_the_better_split():
     assert result.alternative == [0] and result.choice == [[1]]
     result = allocate([qkv], 0)
     assert result.error == 2.0
+
+
+def test_array_parts_allocate_as_candidate_lists():
+    rng = random.Random(3)
+    units = _convex_units(rng, 12)
+    as_arrays = [Choice.simple(Candidates.of(u.alternatives[0][0])) for u in units]
+    for budget in (3.0, 8.0, 15.0):
+        lists, arrays = allocate(units, budget), allocate(as_arrays, budget)
+        assert (lists.choice, lists.cost, lists.error) == (arrays.choice, arrays.cost, arrays.error)
+    with pytest.raises(ValueError, match="equally long"):
+        allocate([Choice.simple(Candidates(np.zeros(3), np.zeros(2)))], 4)
 
 
 def test_infeasible_budget_is_an_error():
