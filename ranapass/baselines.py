@@ -37,6 +37,7 @@ from ranapass.adapters.gated_mask import gate_magnitudes
 from ranapass.attach import FlopMeter, temporarily_attached
 from ranapass.calibrate import candidate_linears, collect, run_model
 from ranapass.candidates import stack_name
+from ranapass.cost_model.curves import sorted_values
 from ranapass.fingerprint import weights_fingerprint
 from ranapass.hooks import forward_hooks
 from ranapass.kernels.activations import ACTIVATIONS
@@ -127,7 +128,7 @@ class _Quantiles:
 
     @classmethod
     def of(cls, scores: torch.Tensor) -> _Quantiles:
-        flat = torch.sort(scores.reshape(-1).float()).values
+        flat = sorted_values(scores.float())
         idx = torch.linspace(0, flat.numel() - 1, QUANTILE_POINTS).round().long()
         return cls(flat[idx.to(flat.device)].double().cpu().numpy())
 

@@ -142,7 +142,8 @@ class Planner:
             plan.meta["thresholds"] = f"fitted on {holdout.shape[0]} held-out calibration windows"
         else:
             plan.meta["thresholds"] = "calibration statistics"
-        plan.meta.update({"allocation_seconds": round(t_alloc, 3), "kinds": list(options.kinds),
+        plan.meta.update({"allocation_seconds": round(t_alloc, 3),
+                          "plan_seconds": round(time.perf_counter() - t0, 3), "kinds": list(options.kinds),
                           "grouping": options.grouping, "count_mask_cost": options.count_mask_cost,
                           "error_exponent": options.error_exponent, "first_order": options.first_order})
         log.info("planned budget %.3f (%s): expected ratio %.4f, %d/%d units adapted, %.2fs", budget,

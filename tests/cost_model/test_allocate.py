@@ -89,7 +89,9 @@ def test_array_parts_allocate_as_candidate_lists():
     rng = random.Random(3)
     units = _convex_units(rng, 12)
     as_arrays = [Choice.simple(Candidates.of(u.alternatives[0][0])) for u in units]
-    for budget in (3.0, 8.0, 15.0):
+    cheapest = sum(u.alternatives[0][0][0].cost for u in units)
+    dearest = sum(u.alternatives[0][0][-1].cost for u in units)
+    for budget in np.linspace(cheapest, dearest, 5):
         lists, arrays = allocate(units, budget), allocate(as_arrays, budget)
         assert (lists.choice, lists.cost, lists.error) == (arrays.choice, arrays.cost, arrays.error)
     with pytest.raises(ValueError, match="equally long"):
