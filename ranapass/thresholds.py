@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 _MAX_SCORES = 1 << 16
 
 
-def _quantile_threshold(scores: torch.Tensor, keep_fraction: float) -> float:
+def _quantile_threshold(scores: torch.Tensor, keep_fraction: float, seed: int = 0) -> float:
     """Smallest tau with ``mean(scores >= tau) ~= keep_fraction`` (0 keeps everything).
 
     Above 2^16 scores, the quantile is taken on a fixed random subset of that size: its standard error in
@@ -38,7 +38,7 @@ def _quantile_threshold(scores: torch.Tensor, keep_fraction: float) -> float:
     """
     flat = scores.reshape(-1).float()
     if flat.numel() > _MAX_SCORES:
-        g = torch.Generator(device=flat.device).manual_seed(0)
+        g = torch.Generator(device=flat.device).manual_seed(seed)
         flat = flat[torch.randint(flat.numel(), (_MAX_SCORES,), generator=g, device=flat.device)]
     keep = int(round(keep_fraction * flat.numel()))
     if keep >= flat.numel():
@@ -50,13 +50,15 @@ def _quantile_threshold(scores: torch.Tensor, keep_fraction: float) -> float:
 
 
 @torch.no_grad()
-def fit_thresholds(model: torch.nn.Module, plan: Plan, windows: Any) -> dict[str, float]:
+def fit_thresholds(model: torch.nn.Module, plan: Plan, windows: Any, *, seed: int = 0) -> dict[str, float]:
     """Set every adapter's threshold so it keeps its planned count on ``windows``. Mutates ``plan``.
 
     Args:
         model: the model ``plan`` was made for.
         plan: its adapters' ``tau``/``thresholds`` are replaced in place.
         windows: one batch of held-out inputs (token windows ``[N, L]`` or a model input).
+        seed: seed of the score subsample each quantile is taken on (``benchmarks/fit_noise.py`` measures
+            how much perplexity moves with it).
 
     Returns:
         ``{unit name: fitted tau}``.
@@ -69,7 +71,7 @@ def fit_thresholds(model: torch.nn.Module, plan: Plan, windows: Any) -> dict[str
             spec, buffers = unit.adapter, bound.buffers
             norms = spec.entry_norms(buffers)
             scores = spec.magnitudes(args[0].detach(), buffers) * norms
-            tau = _quantile_threshold(scores, unit.expected_kept / spec.width)
+            tau = _quantile_threshold(scores, unit.expected_kept / spec.width, seed)
             thresholds = per_entry_thresholds(tau, norms)
             buffers["thresholds"].copy_(thresholds)
             spec.thresholds = thresholds.cpu()

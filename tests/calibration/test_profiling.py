@@ -4,9 +4,11 @@ import pytest
 import torch
 
 import ranapass
+from ranapass import thresholds
 from ranapass.attach import temporarily_attached
 from ranapass.errors import RanapassError
 from ranapass.profiling import Profile, ProfileOptions, profile
+from ranapass.thresholds import fit_thresholds
 from tiny_models import tiny_llama, token_windows
 
 OPTIONS = ProfileOptions(sample_tokens=512, holdout_windows=4, gradient_windows=4)
@@ -48,6 +50,14 @@ def test_budget_one_reproduces_dense(model, prof):
     assert torch.equal(_logits(model, plan), _logits(model))
 
 
+def _measured_ratio(model, plan, windows) -> float:
+    att = ranapass.attach(model, plan)
+    with att.eager(), ranapass.FlopMeter() as meter:
+        model(windows)
+    att.detach()
+    return meter.ratio(plan)
+
+
 @pytest.mark.parametrize("allocation", ["global", "uniform"])
 @pytest.mark.parametrize("budget", [0.4, 0.7])
 def test_plans_meet_the_budget(model, prof, budget, allocation):
@@ -57,12 +67,25 @@ def test_plans_meet_the_budget(model, prof, budget, allocation):
     plan = prof.plan(budget, allocation=allocation, first_order=False)
     assert plan.expected_ratio() <= budget + 1e-9
     assert plan.expected_ratio() > budget - 0.05
-    att = ranapass.attach(model, plan)
-    with att.eager(), ranapass.FlopMeter() as meter:
-        model(prof.holdout)
-    att.detach()
     # thresholds were fitted on these very windows: the measured ratio is the planned one
-    assert meter.ratio(plan) == pytest.approx(plan.expected_ratio(), rel=0.02)
+    assert _measured_ratio(model, plan, prof.holdout) == pytest.approx(plan.expected_ratio(), rel=0.02)
+
+
+def test_the_fit_seed_only_picks_the_quantiles_subsample(model, prof, monkeypatch):
+    """plan() fits with seed 0; another seed draws another score subsample (forced here by a small cap),
+    whose thresholds differ and still keep the planned counts."""
+    default = prof.plan(0.5, first_order=False)
+    again = prof.plan(0.5, first_order=False, fit=False)
+    fit_thresholds(model, again, prof.holdout, seed=0)
+    assert all(torch.equal(a.adapter.thresholds, b.adapter.thresholds) for a, b in zip(default.adapted, again.adapted))
+    monkeypatch.setattr(thresholds, "_MAX_SCORES", 512)
+    fits = []
+    for seed in (0, 1):
+        plan = prof.plan(0.5, first_order=False, fit=False)
+        fit_thresholds(model, plan, prof.holdout, seed=seed)
+        assert _measured_ratio(model, plan, prof.holdout) == pytest.approx(plan.expected_ratio(), rel=0.05)
+        fits.append(plan)
+    assert any(not torch.equal(a.adapter.thresholds, b.adapter.thresholds) for a, b in zip(*(p.adapted for p in fits)))
 
 
 def test_global_predicts_less_error_than_uniform(prof):
