@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import sys
 import time
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from ranapass.attach import attach, detach
+from ranapass.backend import COMPILERS, RanaBackend, rana_backend
 from ranapass.cli._shared import (add_json_flag, add_model_calibration_args, add_plan_args, check_args, emit,
                                   load_profile, model_from_args, plan_from_args)
 from ranapass.errors import RanapassError
@@ -42,6 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(budget=None)
     parser.add_argument("--plan", default=None, help="a saved plan (directory) instead of --budget")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (fewer at end of text)")
+    parser.add_argument("--compiler", choices=COMPILERS, default="inductor",
+                        help="what compiles both models' graphs: inductor (the product, default), or aot_eager / "
+                             "eager, which check the rewrite and the completions without Inductor's compile time "
+                             "(and without CUDA graphs); their tokens per second are not the product's")
     add_json_flag(parser)
     parser.set_defaults(func=run)
 
@@ -63,14 +69,15 @@ def run(args: argparse.Namespace) -> int:
         args.budget = DEFAULT_BUDGET if args.budget is None else args.budget
         plan = plan_from_args(args, load_profile(args, model, tokenizer)[0])
     detach(model)
-    dense = _generate(model, tokenizer, ids, args.max_new_tokens, "dense")
+    backend = dataclasses.replace(rana_backend, compiler=args.compiler)
+    dense = _generate(model, tokenizer, ids, args.max_new_tokens, "dense", backend)
     attach(model, plan)
-    adapted = _generate(model, tokenizer, ids, args.max_new_tokens, "adapted")
+    adapted = _generate(model, tokenizer, ids, args.max_new_tokens, "adapted", backend)
     detach(model)
     kinds = collections.Counter(u.kind for u in plan.units)
     payload = {
         "model": args.model, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-        "prompt": args.prompt, "prompt_tokens": ids.shape[1], "max_new_tokens": args.max_new_tokens,
+        "compiler": args.compiler, "prompt": args.prompt, "prompt_tokens": ids.shape[1], "max_new_tokens": args.max_new_tokens,
         "plan": {"source": args.plan or "profile", "budget": plan.budget, "allocation": plan.allocation,
                  "expected_ratio": plan.expected_ratio(), "units_adapted": len(plan.adapted),
                  "units": len(plan.units), "kinds": dict(kinds)},
@@ -81,9 +88,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(model: torch.nn.Module, tokenizer, ids: torch.Tensor, max_new_tokens: int, label: str) -> dict[str, Any]:
+def _generate(model: torch.nn.Module, tokenizer, ids: torch.Tensor, max_new_tokens: int, label: str,
+              backend: RanaBackend) -> dict[str, Any]:
     """Warm up (compile) then time one greedy completion of ``ids``: the completion and its figures."""
-    gen = CompiledGenerator(model, max_cache_len=ids.shape[1] + max_new_tokens)
+    gen = CompiledGenerator(model, max_cache_len=ids.shape[1] + max_new_tokens, backend=backend,
+                            decode_mode="auto" if backend.compiler == "inductor" else None)
     start = time.perf_counter()
     gen.generate(ids, min(WARMUP_TOKENS, max_new_tokens))
     compile_seconds = time.perf_counter() - start
@@ -123,9 +132,9 @@ class _Progress:
 
 def _format(p: dict[str, Any]) -> str:
     plan = p["plan"]
-    lines = [f"ranapass generate: {p['model']} on {p['device']} ({p['dtype']}); plan at budget {plan['budget']} "
-             f"({plan['allocation']}): {plan['units_adapted']}/{plan['units']} units adapted, expected FLOP ratio "
-             f"{plan['expected_ratio']:.4f}",
+    lines = [f"ranapass generate: {p['model']} on {p['device']} ({p['dtype']}, {p['compiler']}); plan at budget "
+             f"{plan['budget']} ({plan['allocation']}): {plan['units_adapted']}/{plan['units']} units adapted, "
+             f"expected FLOP ratio {plan['expected_ratio']:.4f}",
              f"prompt ({p['prompt_tokens']} tokens): {p['prompt']}", "",
              f"{'':8} {'new tokens':>10} {'tok/s':>9} {'decode tok/s':>13} {'prefill s':>10} {'compile s':>10}"]
     for label in ("dense", "adapted"):

@@ -50,7 +50,7 @@ def test_json_gives_both_completions_equal_to_eager_generation(capsys, tiny_llam
     assert main(["generate", PROMPT, "--model", str(tiny_llama_dir), "--plan", str(saved_plan),
                  "--max-new-tokens", "6", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)  # exactly one JSON object on stdout
-    assert (rep["device"], rep["dtype"], rep["prompt"]) == ("cpu", "float32", PROMPT)
+    assert (rep["device"], rep["dtype"], rep["compiler"], rep["prompt"]) == ("cpu", "float32", "inductor", PROMPT)
     assert rep["plan"]["source"] == str(saved_plan) and 0 < rep["plan"]["units_adapted"] <= rep["plan"]["units"]
     tokenizer = ranapass.load_model(str(tiny_llama_dir))[1]
     for label, plan in (("dense", None), ("adapted", saved_plan)):
@@ -97,10 +97,12 @@ def test_cuda_without_a_gpu_and_a_plan_for_other_weights_are_refused(capsys, tmp
 
 @pytest.mark.slow
 def test_smollm2_generates_on_cpu(capsys, tmp_path, smollm2, smollm2_profile):
+    """The real model through the CLI; aot_eager keeps the four compiles (two phases, dense and adapted) short:
+    the tiny-model tests above run Inductor, tests/compile runs it on SmolLM2."""
     smollm2_profile.plan(0.56).save(tmp_path / "plan")
     assert main(["generate", "The Python interpreter", "--plan", str(tmp_path / "plan"), "--max-new-tokens", "4",
-                 "--device", "cpu", "--json"]) == 0
+                 "--device", "cpu", "--compiler", "aot_eager", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
-    assert rep["plan"]["units_adapted"] > 0 and rep["dtype"] == "float32"
+    assert rep["plan"]["units_adapted"] > 0 and rep["dtype"] == "float32" and rep["compiler"] == "aot_eager"
     for label in ("dense", "adapted"):
         assert rep[label]["completion"].strip() and 1 <= rep[label]["new_tokens"] <= 4
