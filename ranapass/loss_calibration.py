@@ -27,6 +27,7 @@ proxies as weights, level by level. The calibrated errors are in nats of KL (add
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 from typing import Any
 
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from ranapass import distributed
 from ranapass.adapters import ADAPTER_KINDS
 from ranapass.attach import temporarily_attached
+from ranapass.block_replay import BlockReplay
 from ranapass.candidates import Site, UnitCandidates
 from ranapass.evaluate import model_logits
 from ranapass.linear_match import linear_module
@@ -107,17 +109,25 @@ def probe_plan(model: torch.nn.Module, probed: list[UnitCandidates], kept: float
     return Plan(units, 1.0, "loss-calibration probe", "", {})
 
 
-@torch.no_grad()
-def _log_probs(model: torch.nn.Module, windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    device = next(model.parameters()).device
-    return [F.log_softmax(model_logits(model(b.to(device))).float(), -1) for b in windows.split(batch_size)]
+def _forward_kwargs(model: torch.nn.Module) -> dict[str, Any]:
+    """``use_cache=False`` where the forward takes it: a probe needs no KV cache, and block replay needs a
+    forward whose blocks only pass hidden states on."""
+    return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
 
 
 @torch.no_grad()
-def _mean_kl(model: torch.nn.Module, windows: torch.Tensor, dense: list[torch.Tensor], batch_size: int) -> float:
-    """Mean KL(dense || model) per position over ``windows``."""
+def _log_probs(model: torch.nn.Module, batch: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    return F.log_softmax(model_logits(model(batch, **kwargs)).float(), -1)
+
+
+@torch.no_grad()
+def _mean_kl(model: torch.nn.Module, batches: list[torch.Tensor], dense: list[torch.Tensor], kwargs: dict[str, Any],
+             replay: BlockReplay, skip: list[str]) -> float:
+    """Mean KL(dense || model) per position over ``batches``, replaying the blocks ``skip``."""
     total, count = 0.0, 0
-    for ref, lp in zip(dense, _log_probs(model, windows, batch_size), strict=True):
+    for i, (batch, ref) in enumerate(zip(batches, dense, strict=True)):
+        with replay.replaying(i, skip):
+            lp = _log_probs(model, batch, kwargs)
         total += float((ref.exp() * (ref - lp)).sum(-1).double().sum())
         count += ref.shape[0] * ref.shape[1]
     return total / count
@@ -128,17 +138,27 @@ def loss_scales(model: torch.nn.Module, sites: list[Site], holdout: torch.Tensor
     """Per unit with a neuron curve (member units), its loss scales at the ``probe_kept`` levels; and the
     facts of the probes.
 
-    Processes of a group share the probes and all get the same scales.
+    Processes of a group share the probes and all get the same scales. A probe does not rerun the blocks
+    that return before its first adapted linear runs: they return their dense outputs
+    (``ranapass.block_replay``; without a ``use_cache`` argument the model is run whole).
     """
     units = [u for s in sites for u in s.separate if "neuron" in u.curves]
     probes = list(probe_groups(units).values())
     levels = sorted(set(probe_kept))
-    dense = _log_probs(model, holdout, batch_size)
-    tasks = [(kept, probed) for kept in levels for probed in probes]
+    device = next(model.parameters()).device
+    batches = [b.to(device) for b in holdout.split(batch_size)]
+    kwargs = _forward_kwargs(model)
+    blocks = [block_of(u.name) for u in units] if kwargs else []
+    replay = BlockReplay(model, blocks, [u.name for u in units])
+    dense = []
+    for i, batch in enumerate(batches):
+        with replay.recording(i):
+            dense.append(_log_probs(model, batch, kwargs))
+    tasks = [(kept, probed, replay.before(u.name for u in probed)) for kept in levels for probed in probes]
     measured = []
-    for i, (kept, probed) in distributed.shard(tasks):
+    for i, (kept, probed, skip) in distributed.shard(tasks):
         with temporarily_attached(model, probe_plan(model, probed, kept)):
-            measured.append((i, _mean_kl(model, holdout, dense, batch_size)))
+            measured.append((i, _mean_kl(model, batches, dense, kwargs, replay, skip)))
     kl = np.array(distributed.gather_ordered(measured, "loss-calibration probes")).reshape(len(levels), len(probes))
     per_level, at = [], []
     for k, kept in enumerate(levels):
@@ -149,6 +169,7 @@ def loss_scales(model: torch.nn.Module, sites: list[Site], holdout: torch.Tensor
     scales, fractions = np.array(per_level), np.array(at)
     out = {u.name: _scale(fractions[:, j], scales[:, j]) for j, u in enumerate(units)}
     facts = {"probes": len(tasks), "probe_kept": levels, "windows": int(holdout.shape[0]),
+             "replayed_blocks": sum(len(skip) for _, _, skip in tasks),
              "scale_range": [[float(s.min()), float(s.max())] for s in scales] if len(units) else []}
     return out, facts
 
