@@ -14,8 +14,8 @@ adapter. Both come from a sample of calibration inputs:
 Errors are weighted per output channel (``out_weight``) so that units are comparable: relative
 (``1 / E||y||^2``) or output-gradient (Fisher) weights; see ``ranapass.profile``.
 
-The sorts and sums run on the device of the inputs; the values a curve needs are gathered and read
-back once per static rank (rank adapter) or once per curve (neuron adapter), not one by one.
+The sorts and sums run on the device of the inputs (the sorts themselves in NumPy on the CPU, where it is
+several times faster); the values a curve needs are gathered and read back once per curve, not one by one.
 """
 
 from __future__ import annotations
@@ -95,36 +95,44 @@ def rank_curve(z: torch.Tensor, rank_weight: torch.Tensor, m: int, n: int, *, ra
         z: ``[N, r]`` coordinates of N sample tokens on the orthonormal output basis (score = |z|).
         rank_weight: ``[r]`` error weight of each rank (``sum_c w_c A_ci^2``).
         m, n: the unit's output and input widths (for FLOPs).
-        ranks: static ranks to try (default ``rank_grid(r)``).
+        ranks: static ranks to try (default ``rank_grid(r)``); the curve lists them rising.
         fractions: kept fractions of nB at which thresholds are placed.
     """
     z = z.float()
     N, r = z.shape
-    ranks = ranks or rank_grid(r)
+    ranks = sorted(set(ranks)) if ranks else rank_grid(r)
     scores = z.abs().reshape(-1)
     energy = (z.square() * rank_weight.float()).reshape(-1).double()
     total = float(energy.sum()) / N
-    order = torch.argsort(scores, descending=True)
-    s_sorted = scores[order]
-    e_sorted = energy[order]
-    r_sorted = order % r
+    order = _falling_order(scores)
+    # Group g holds the entries of ranks [ranks[g-1], ranks[g]): static rank ranks[j] keeps groups 0..j.
+    # Per group, the entries' positions in score order (rising) and the cumulative sums of their energies.
+    of_rank = torch.bucketize(torch.arange(r, device=z.device), torch.tensor(ranks, device=z.device), right=True)
+    group = of_rank.to(torch.int16)[order % r]
+    by_group = _grouping_order(group)
+    sizes = torch.bincount(group, minlength=len(ranks) + 1).tolist()   # the last: ranks >= max(ranks), never kept
+    positions = by_group.split(sizes)[:-1]
+    cumulative = [torch.cat([e.new_zeros(1), torch.cumsum(e, 0)])
+                  for e in energy[order[by_group]].split(sizes)[:-1]]
+    # The k-th kept entry of each (static rank, fraction) (k = 0: the first, which its threshold will drop).
+    counts = [N * nb for nb in ranks]
+    ks = [[int(round(f * c)) for f in fractions] for c in counts]
+    static = torch.arange(len(ranks), device=z.device).repeat_interleave(len(fractions))
+    wanted = torch.tensor([max(k, 1) for row in ks for k in row], device=z.device)
+    at = _kth_position(positions, static, wanted, scores.numel())
+    taken = torch.stack([torch.searchsorted(p, at, right=True) for p in positions])   # [groups, queries]
+    inside = torch.arange(len(ranks), device=z.device)[:, None] <= static[None, :]
+    kept_energy = sum(torch.where(inside[g], c[taken[g]], 0.0) for g, c in enumerate(cumulative))
+    all_energy = torch.cumsum(torch.stack([c[-1] for c in cumulative]), 0).tolist()
+    tau_at, energy_at = scores[order[at]].double().tolist(), kept_energy.tolist()
     out = {"rank": [], "tau": [], "kept": [], "error": []}
-    for nb in ranks:
-        # Entries of ranks < nb, in score order, without materialising the selection:
-        # position[i] = how many of them come at or before sorted entry i.
-        inside = r_sorted < nb
-        position = torch.cumsum(inside, 0)
-        kept_energy = torch.cumsum(torch.where(inside, e_sorted, 0.0), 0)
-        count = N * nb  # every token has one entry per rank
-        ks = [int(round(f * count)) for f in fractions]
-        # The k-th kept entry of each fraction (k = 0: the first, which its threshold will drop).
-        wanted = torch.tensor([max(k, 1) for k in ks], device=position.device)
-        at = torch.searchsorted(position, wanted)
-        tau_at, energy_at = torch.stack([s_sorted[at].double(), kept_energy[at]]).tolist()
-        all_energy = float(kept_energy[-1])
-        for f, k, s_i, e_i in zip(fractions, ks, tau_at, energy_at):
+    q = 0
+    for j, (nb, count) in enumerate(zip(ranks, counts)):
+        for f, k in zip(fractions, ks[j]):
+            s_i, e_i = tau_at[q], energy_at[q]
+            q += 1
             if f >= 1.0 or k >= count:
-                tau, kept_e, k = 0.0, all_energy, count
+                tau, kept_e, k = 0.0, all_energy[j], count
             elif k == 0:
                 tau, kept_e = s_i * 1.0001 + 1e-30, 0.0
             else:
@@ -136,6 +144,41 @@ def rank_curve(z: torch.Tensor, rank_weight: torch.Tensor, m: int, n: int, *, ra
     rank = np.array(out["rank"])
     kept = np.array(out["kept"])
     return Curve("rank", rank, np.array(out["tau"]), kept, _rank_flops(m, n, rank, kept), np.array(out["error"]))
+
+
+def _falling_order(scores: torch.Tensor) -> torch.Tensor:
+    """Indices that sort the non-negative finite ``scores`` (float32) falling, on their device. On the CPU
+    NumPy sorts int64 keys (a score's bits, which rise with it, above its index), ~3x faster there than
+    ``torch.argsort`` (benchmarks/RESULTS.md, profile speed)."""
+    if scores.device.type != "cpu":
+        return torch.argsort(scores, descending=True)
+    flat = scores.numpy()
+    keys = (flat.view(np.int32).astype(np.int64) << 32) | np.arange(flat.size, dtype=np.int64)
+    keys.sort()
+    return torch.from_numpy(keys[::-1] & 0xFFFFFFFF)
+
+
+def _grouping_order(group: torch.Tensor) -> torch.Tensor:
+    """Indices that sort the int16 ``group`` rising, stably (so rising within a group), on its device;
+    NumPy's radix sort on the CPU (~5x faster there than a stable ``torch.sort``)."""
+    if group.device.type != "cpu":
+        return torch.sort(group, stable=True).indices
+    return torch.from_numpy(np.argsort(group.numpy(), kind="stable"))
+
+
+def _kth_position(positions: list[torch.Tensor], static: torch.Tensor, wanted: torch.Tensor, size: int) -> torch.Tensor:
+    """Per query q, the first position p (in score order) at which ``wanted[q]`` entries of the groups
+    ``0..static[q]`` lie at or before p: a bisection over p, all queries at once."""
+    below = torch.arange(len(positions), device=static.device)[:, None] <= static[None, :]
+    lo = torch.zeros_like(wanted)
+    hi = torch.full_like(wanted, size - 1)
+    for _ in range(max(size - 1, 1).bit_length()):
+        mid = (lo + hi) // 2
+        seen = (torch.stack([torch.searchsorted(p, mid, right=True) for p in positions]) * below).sum(0)
+        enough = seen >= wanted
+        hi = torch.where(enough, mid, hi)
+        lo = torch.where(enough, lo, mid + 1)
+    return lo
 
 
 def static_rank_curve(energy: torch.Tensor, rank_weight: torch.Tensor, m: int, n: int,

@@ -1,6 +1,7 @@
 """Candidate curves: predicted kept counts and errors equal what the adapters do on the sample."""
 
 import numpy as np
+import pytest
 import torch
 
 from ranapass.cost_model.curves import neuron_curve, rank_curve, rank_grid, static_rank_curve
@@ -47,6 +48,29 @@ def test_rank_curve_errors_are_measured_errors():
         j = int(np.flatnonzero(np.isclose(flat.tau, tau))[0])
         assert abs(flat.error[j] - float(err_uniform)) <= 1e-3 * float(y.square().sum(1).mean())
     assert curve.flops.min() < 2 * m * n < curve.flops.max()
+
+
+def test_rank_curve_thresholds_and_errors_are_the_sorted_scores_of_each_static_rank():
+    """Brute force per static rank: the k-th largest |z| among its ranks, and the energy of the rest."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(97, 30, generator=g) * torch.linspace(2, 0.2, 30)
+    rank_weight = torch.rand(30, generator=g) + 0.1
+    ranks = [1, 4, 13, 30]
+    curve = rank_curve(z, rank_weight, 50, 30, ranks=ranks)
+    energy = (z.square() * rank_weight).double()
+    total = float(energy.sum()) / 97
+    for i in range(len(curve)):
+        nb, kept = int(curve.rank[i]), curve.kept[i]
+        k = int(round(kept * 97))
+        scores, order = z[:, :nb].abs().reshape(-1).sort(descending=True)
+        if curve.tau[i] == 0:
+            assert k == 97 * nb and curve.error[i] == pytest.approx(total - float(energy[:, :nb].sum()) / 97, abs=1e-9)
+        elif k == 0:
+            assert curve.tau[i] > float(scores[0]) and curve.error[i] == pytest.approx(total, rel=1e-12)
+        else:
+            assert curve.tau[i] == pytest.approx(float(scores[k - 1]), rel=1e-7)
+            top = float(energy[:, :nb].reshape(-1)[order[:k]].sum())
+            assert curve.error[i] == pytest.approx(total - top / 97, rel=1e-9, abs=1e-9)
 
 
 def test_neuron_curve_errors_are_measured_errors():
