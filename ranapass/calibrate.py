@@ -250,13 +250,18 @@ def collect(model: torch.nn.Module, data: Any, *, linears: dict[str, LinearModul
                 return
             rows = args[0].detach().to(on)
             rows = rows.reshape(-1, rows.shape[-1])
-            if not torch.isfinite(rows).all():
-                raise FloatingPointError(f"non-finite activation at the input of {name!r} during calibration: "
-                                         "check the model's dtype (fp16 overflow?) and the calibration data")
+            product = None
             if site.gram is not None:
                 # float32 products (float64 for a float64 model), summed over batches in float64.
                 flat = rows.to(torch.promote_types(rows.dtype, torch.float32))
-                site.gram += (flat.t() @ flat).double()
+                product = flat.t() @ flat
+            # One number per input (sum of squares) or one in all (the sum) is finite iff every entry is,
+            # short of overflow: a check that costs a pass over the rows at most.
+            if not torch.isfinite(product.diagonal() if product is not None else rows.sum()).all():
+                raise FloatingPointError(f"non-finite activation at the input of {name!r} during calibration: "
+                                         "check the model's dtype (fp16 overflow?) and the calibration data")
+            if product is not None:
+                site.gram += product.double()
             site.tokens += rows.shape[0]
             k = min(per_batch, rows.shape[0])
             idx = torch.randperm(rows.shape[0], generator=gen)[:k]

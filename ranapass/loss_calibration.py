@@ -134,13 +134,15 @@ def _mean_kl(model: torch.nn.Module, batches: list[torch.Tensor], dense: list[to
 
 
 def loss_scales(model: torch.nn.Module, sites: list[Site], holdout: torch.Tensor, batch_size: int,
-                probe_kept: tuple[float, ...] = PROBE_KEPT) -> tuple[dict[str, LossScale], dict[str, Any]]:
+                probe_kept: tuple[float, ...] = PROBE_KEPT, *,
+                replay: bool = True) -> tuple[dict[str, LossScale], dict[str, Any]]:
     """Per unit with a neuron curve (member units), its loss scales at the ``probe_kept`` levels; and the
     facts of the probes.
 
-    Processes of a group share the probes and all get the same scales. A probe does not rerun the blocks
-    that return before its first adapted linear runs: they return their dense outputs
-    (``ranapass.block_replay``; without a ``use_cache`` argument the model is run whole).
+    Processes of a group share the probes and all get the same scales. With ``replay`` a probe does not
+    rerun the blocks that return before its first adapted linear runs: they return their dense outputs
+    (``ranapass.block_replay``; the same scales, less work; a model whose forward takes no ``use_cache``
+    is run whole).
     """
     units = [u for s in sites for u in s.separate if "neuron" in u.curves]
     probes = list(probe_groups(units).values())
@@ -148,17 +150,17 @@ def loss_scales(model: torch.nn.Module, sites: list[Site], holdout: torch.Tensor
     device = next(model.parameters()).device
     batches = [b.to(device) for b in holdout.split(batch_size)]
     kwargs = _forward_kwargs(model)
-    blocks = [block_of(u.name) for u in units] if kwargs else []
-    replay = BlockReplay(model, blocks, [u.name for u in units])
+    blocks = [block_of(u.name) for u in units] if replay and kwargs else []
+    recorded = BlockReplay(model, blocks, [u.name for u in units])
     dense = []
     for i, batch in enumerate(batches):
-        with replay.recording(i):
+        with recorded.recording(i):
             dense.append(_log_probs(model, batch, kwargs))
-    tasks = [(kept, probed, replay.before(u.name for u in probed)) for kept in levels for probed in probes]
+    tasks = [(kept, probed, recorded.before(u.name for u in probed)) for kept in levels for probed in probes]
     measured = []
     for i, (kept, probed, skip) in distributed.shard(tasks):
         with temporarily_attached(model, probe_plan(model, probed, kept)):
-            measured.append((i, _mean_kl(model, batches, dense, kwargs, replay, skip)))
+            measured.append((i, _mean_kl(model, batches, dense, kwargs, recorded, skip)))
     kl = np.array(distributed.gather_ordered(measured, "loss-calibration probes")).reshape(len(levels), len(probes))
     per_level, at = [], []
     for k, kept in enumerate(levels):

@@ -1,11 +1,14 @@
 """Profiling and planning on tiny random models: budgets, exactness at 1.0, persistence, bad input."""
 
+import dataclasses
+
 import pytest
 import torch
 
 import ranapass
 from ranapass import thresholds
 from ranapass.attach import temporarily_attached
+from ranapass.calibrate import RANK_MIN_ASPECT
 from ranapass.errors import RanapassError
 from ranapass.profiling import Profile, ProfileOptions, profile
 from ranapass.thresholds import fit_thresholds
@@ -189,12 +192,16 @@ def test_too_little_text_is_an_error(model):
         profile(model, token_windows(6, length=8), options=OPTIONS, cache=False)
 
 
-def test_nan_activations_are_an_error(tmp_path):
+@pytest.mark.parametrize("where, value, aspect", [
+    ("model.layers.0.mlp.up_proj", float("nan"), RANK_MIN_ASPECT),          # down_proj's input, a Gram site
+    ("model.layers.1.self_attn.o_proj", float("inf"), RANK_MIN_ASPECT),     # the next block's q/k/v input
+    ("model.layers.0.mlp.up_proj", float("-inf"), 1e9)])                    # no Gram anywhere: the rows' sum
+def test_non_finite_activations_are_an_error(where, value, aspect):
     bad = tiny_llama()
     with torch.no_grad():
-        bad.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+        bad.get_submodule(where).weight[0, 0] = value
     with pytest.raises(FloatingPointError, match="non-finite activation"):
-        profile(bad, token_windows(24), options=OPTIONS, cache=False)
+        profile(bad, token_windows(24), options=dataclasses.replace(OPTIONS, rank_min_aspect=aspect), cache=False)
 
 
 def test_data_free_profile_gives_static_low_rank(model):
