@@ -10,7 +10,7 @@ def ablation():
 
 
 def test_measures_every_budget_from_0_4_to_0_9_and_both_teal_rows(ablation):
-    assert sorted(ablation.BUDGETS) == [0.4, 0.56, 0.7, 0.8, 0.9]
+    assert sorted(ablation.BUDGETS) == [0.4, 0.5, 0.56, 0.6, 0.7, 0.8, 0.9]
     assert {ablation.TEAL, ablation.TEAL_GREEDY, ablation.DEFAULT, ablation.TWO_LEVELS} <= set(ablation.METHODS)
 
 
@@ -45,3 +45,9 @@ def test_results_are_written_whole(ablation, tmp_path):
     res = {"dense": {"docs": {"ppl": 9.0}}, "rows": {}}
     ablation.write(tmp_path, res)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["allocator_ablation.json", "allocator_ablation.md"]
+
+
+def test_help_lists_the_methods(ablation, capsys):
+    with pytest.raises(SystemExit):
+        ablation.main(["--help"])
+    assert "ranapass (probes at 50%, default)" in capsys.readouterr().out
