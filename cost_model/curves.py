@@ -119,9 +119,9 @@ def rank_curve(z: torch.Tensor, rank_weight: torch.Tensor, m: int, n: int, *, ra
     ks = [[int(round(f * c)) for f in fractions] for c in counts]
     static = torch.arange(len(ranks), device=z.device).repeat_interleave(len(fractions))
     wanted = torch.tensor([max(k, 1) for row in ks for k in row], device=z.device)
-    at = _kth_position(positions, static, wanted, scores.numel())
-    taken = torch.stack([torch.searchsorted(p, at, right=True) for p in positions])   # [groups, queries]
-    inside = torch.arange(len(ranks), device=z.device)[:, None] <= static[None, :]
+    inside = torch.arange(len(ranks), device=z.device)[:, None] <= static[None, :]   # [groups, queries]
+    at = _kth_position(positions, inside, wanted, scores.numel())
+    taken = torch.stack([torch.searchsorted(p, at, right=True) for p in positions])
     kept_energy = sum(torch.where(inside[g], c[taken[g]], 0.0) for g, c in enumerate(cumulative))
     all_energy = torch.cumsum(torch.stack([c[-1] for c in cumulative]), 0).tolist()
     tau_at, energy_at = scores[order[at]].double().tolist(), kept_energy.tolist()
@@ -166,15 +166,14 @@ def _grouping_order(group: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.argsort(group.numpy(), kind="stable"))
 
 
-def _kth_position(positions: list[torch.Tensor], static: torch.Tensor, wanted: torch.Tensor, size: int) -> torch.Tensor:
-    """Per query q, the first position p (in score order) at which ``wanted[q]`` entries of the groups
-    ``0..static[q]`` lie at or before p: a bisection over p, all queries at once."""
-    below = torch.arange(len(positions), device=static.device)[:, None] <= static[None, :]
+def _kth_position(positions: list[torch.Tensor], inside: torch.Tensor, wanted: torch.Tensor, size: int) -> torch.Tensor:
+    """Per query q, the first position p (in score order) at which ``wanted[q]`` entries of the groups with
+    ``inside[:, q]`` lie at or before p: a bisection over p, all queries at once."""
     lo = torch.zeros_like(wanted)
     hi = torch.full_like(wanted, size - 1)
     for _ in range(max(size - 1, 1).bit_length()):
         mid = (lo + hi) // 2
-        seen = (torch.stack([torch.searchsorted(p, mid, right=True) for p in positions]) * below).sum(0)
+        seen = (torch.stack([torch.searchsorted(p, mid, right=True) for p in positions]) * inside).sum(0)
         enough = seen >= wanted
         hi = torch.where(enough, mid, hi)
         lo = torch.where(enough, lo, mid + 1)
