@@ -336,10 +336,14 @@ class _DropGrid:
         x = x.float()
         scores = (x.abs() * self.col_norm).reshape(-1)
         # A threshold drops the scores below it: bucket b = the number of thresholds <= score, and the
-        # entry is dropped by the thresholds at rising positions >= b.
-        bucket = torch.bucketize(scores, self.taus, right=True)
-        per_bucket = torch.zeros(len(self.taus) + 1, dtype=torch.float64, device=x.device)
-        per_bucket.index_add_(0, bucket, (x * h.float()).reshape(-1).double())
+        # entry is dropped by the thresholds at rising positions >= b. One compare per threshold: about
+        # twice as fast on the CPU as bucketize's binary search for the ~20 thresholds of a curve.
+        bucket = torch.zeros(scores.shape, dtype=torch.uint8 if len(self.taus) < 256 else torch.int32,
+                             device=x.device)
+        for tau in self.taus.tolist():
+            bucket += scores >= tau
+        per_bucket = torch.bincount(bucket.long(), weights=(x * h.float()).reshape(-1).double(),
+                                    minlength=len(self.taus) + 1)
         self.sums[self.order] += torch.cumsum(per_bucket, 0)[:-1]
 
 

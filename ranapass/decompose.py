@@ -16,11 +16,21 @@ __all__ = ["gram_factor", "output_pca", "weight_svd"]
 
 @torch.no_grad()
 def gram_factor(gram: torch.Tensor, tokens: int) -> torch.Tensor:
-    """``L`` with ``L L^T = gram / tokens`` (float64), shared by every linear reading that input."""
+    """``L`` with ``L L^T = gram / tokens`` (float64), shared by every linear reading that input.
+
+    The Cholesky factor where the second moment is positive definite (an order of magnitude faster than
+    an eigendecomposition); a singular one (an input that never varies) falls back to ``V sqrt(diag(e))``
+    of its eigendecomposition, negative rounding clamped to 0. Any ``L`` with ``L L^T = C`` serves
+    ``output_pca``.
+    """
     if tokens <= 0:
         raise ValueError("gram_factor needs at least one calibration token")
     c = gram.to(torch.float64) / tokens
-    evals, evecs = torch.linalg.eigh(0.5 * (c + c.t()))
+    c = 0.5 * (c + c.t())
+    factor, info = torch.linalg.cholesky_ex(c)
+    if int(info) == 0:
+        return factor
+    evals, evecs = torch.linalg.eigh(c)
     return evecs * evals.clamp_min(0.0).sqrt()
 
 

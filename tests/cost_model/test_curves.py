@@ -26,6 +26,22 @@ def test_output_pca_reproduces_weight_and_energies():
     assert torch.all(energy[:-1] >= energy[1:])
 
 
+@pytest.mark.parametrize("dead_inputs", [0, 3])
+def test_gram_factor_reproduces_the_second_moment(dead_inputs):
+    """Cholesky where the moment is positive definite; inputs that are always 0 make it singular, and the
+    eigendecomposition's factor serves instead."""
+    x, w = _data()
+    x[:, :dead_inputs] = 0.0
+    gram = x.t().double() @ x.double()
+    factor = gram_factor(gram, x.shape[0])
+    assert torch.allclose(factor @ factor.t(), gram / x.shape[0], rtol=1e-9, atol=1e-9)
+    assert torch.isfinite(factor).all()
+    a, energy = output_pca(w, factor)
+    live = w[:, dead_inputs:]   # the axes of zero energy may be any completion: dead inputs' columns aside
+    assert torch.allclose(a @ (a.t() @ live), live, atol=1e-4)
+    assert torch.allclose((x @ (a.t() @ w).t()).square().mean(0).double(), energy, rtol=1e-4, atol=1e-6)
+
+
 def test_rank_curve_errors_are_measured_errors():
     x, w = _data()
     m, n = w.shape
