@@ -18,7 +18,7 @@ demo: install
 # $(BIN)/pytest, not python -m pytest: the checkout's root stays off sys.path, so the folders
 # kernels/ and cost_model/ are only importable as ranapass.kernels and ranapass.cost_model.
 test: install
-	$(BIN)/pytest -q -rs
+	$(BIN)/pytest -q -rs --durations=20
 
 # the fast suite runs the fixed kernel cases under TRITON_INTERPRET=1 (tests/kernels), not the GPU checks
 test-fast: install

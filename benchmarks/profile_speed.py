@@ -1,7 +1,7 @@
 """Where ``ranapass.profile`` spends its time with the default options, how long ``plan`` takes, and what
 block replay saves in the loss calibration.
 
-SmolLM2 on the CPU by default (128 calibration windows of 512 tokens, as ``ranapass profile``); with
+SmolLM2 on the CPU by default (32 calibration windows of 512 tokens, as ``ranapass profile``); with
 ``--model llama2-7b`` (or llama3-8b, tiny) random weights of those shapes, on the GPU when there is one, with the
 token windows of a bench_pipeline.py ``--inputs`` folder (written where SmolLM2's tokenizer is)::
 
@@ -39,6 +39,7 @@ from bench_decode import build_model  # noqa: E402
 from bench_pipeline import MODELS  # noqa: E402
 
 import ranapass  # noqa: E402
+from ranapass.cli._shared import DEFAULT_CALIBRATION_WINDOWS  # noqa: E402
 from ranapass.loss_calibration import loss_scales  # noqa: E402
 from ranapass.profiling import ProfileOptions  # noqa: E402
 
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", choices=("smollm2", *sorted(MODELS)), default="smollm2",
                     help="smollm2, or random weights of bench_pipeline.py's shapes")
     ap.add_argument("--layers", type=int, default=0, help="decoder layers of a random-weight model (0: its own)")
-    ap.add_argument("--windows", type=int, default=128, help="calibration windows (512 tokens for smollm2)")
+    ap.add_argument("--windows", type=int, default=DEFAULT_CALIBRATION_WINDOWS,
+                    help="calibration windows (512 tokens for smollm2; default: ranapass profile's)")
     ap.add_argument("--inputs", help="bench_pipeline.py's --inputs folder (random-weight models)")
     ap.add_argument("--compare-replay", action="store_true",
                     help="also time the loss calibration with and without block replay")

@@ -22,7 +22,7 @@ from ranapass.plan import Plan
 from ranapass.planning import PlanOptions, check_budget
 from ranapass.profiling import Profile, ProfileOptions, profile
 
-DEFAULT_CALIBRATION_WINDOWS = 128
+DEFAULT_CALIBRATION_WINDOWS = 32
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
