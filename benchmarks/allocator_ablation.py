@@ -89,15 +89,15 @@ def main(argv: list[str] | None = None) -> dict:
     profiles = {DEFAULT: calibrated(plain, first, facts), TWO_LEVELS: calibrated(plain, scales, facts), UNCALIBRATED: plain}
     profiles[NO_FIRST_ORDER] = profiles[DEFAULT]
     overrides = {NO_FIRST_ORDER: {"first_order": False}}
-    data = torch.cat([calibration[:16], calibration[-2:]])
+    held = ProfileOptions().holdout_windows   # the baselines hold out the profile's held-out windows
     sparsity = {}
     if TEAL in methods:
         start = time.perf_counter()
-        sparsity[TEAL] = baselines.teal(model, data, holdout_windows=2)
+        sparsity[TEAL] = baselines.teal(model, calibration, holdout_windows=held)
         seconds["calibrate TEAL-style"] = time.perf_counter() - start
     if TEAL_GREEDY in methods:
         start = time.perf_counter()
-        sparsity[TEAL_GREEDY] = baselines_greedy.teal_greedy(model, data, holdout_windows=2, **GREEDY)
+        sparsity[TEAL_GREEDY] = baselines_greedy.teal_greedy(model, calibration, holdout_windows=held, **GREEDY)
         seconds["calibrate TEAL-style (greedy per block)"] = time.perf_counter() - start
     texts = {"python-docs": ranapass.evaluation_windows(tokenizer, "python-docs", num_windows=32, window=512),
              "debian-handbook": ranapass.evaluation_windows(tokenizer, "debian-handbook", num_windows=16, window=512)}

@@ -75,7 +75,6 @@ class Settings:
     budgets: tuple[float, ...] = BUDGETS
     ablation_budgets: tuple[float, ...] = ABLATION_BUDGETS
     calibration_windows: int = 32
-    baseline_windows: int = 16
     greedy_windows: int = 2
     greedy_step: float = 0.02
     greedy_max_sparsity: float = 0.7
@@ -86,7 +85,7 @@ class Settings:
 
     @classmethod
     def quick(cls) -> Settings:
-        return cls(budgets=(0.56, 0.8), ablation_budgets=(0.56,), calibration_windows=12, baseline_windows=6,
+        return cls(budgets=(0.56, 0.8), ablation_budgets=(0.56,), calibration_windows=12,
                    greedy_step=0.1, greedy_max_sparsity=0.9, eval_windows=3, window=256,
                    profile_options=ProfileOptions(sample_tokens=512, holdout_windows=2, gradient_windows=2))
 
@@ -242,10 +241,10 @@ class Run:
                 m, self.calibration, options=dataclasses.replace(opts, loss_calibration=False), cache=False))
         if "data-free" in needs:
             self.profiles["data-free"] = t("profile (data-free)", lambda: ranapass.profile(m, None, cache=False))
-        # TEAL and CATS: dense activations of the first calibration windows, the profile's held-out
-        # windows (the last ones) to search the sparsity that meets each budget.
+        # TEAL and CATS: the profile's calibration windows, the same ones held out (to search the sparsity
+        # that meets each budget), the dense activations of the others.
         holdout = opts.holdout_windows
-        data = torch.cat([self.calibration[:s.baseline_windows], self.calibration[-holdout:]])
+        data = self.calibration
         if "teal" in needs:
             self.sparsity["teal"] = t("calibrate TEAL-style", lambda: baselines.teal(
                 m, data, holdout_windows=holdout, batch_size=opts.batch_size))
@@ -357,8 +356,8 @@ class Run:
             "protocol": {
                 "texts": self.texts(),
                 "calibration": f"python-docs calibration split, {s.calibration_windows} windows of {s.window} "
-                               f"tokens (the last {s.profile_options.holdout_windows} held out for threshold "
-                               f"fitting); TEAL/CATS statistics on the first {s.baseline_windows}, TEAL's greedy "
+                               f"tokens ({s.profile_options.holdout_windows} spread over them held out for threshold "
+                               f"fitting, the same for TEAL and CATS, whose statistics read the others); TEAL's greedy "
                                f"search on the first {s.greedy_windows} (step {s.greedy_step:g} of block sparsity, "
                                f"up to {s.greedy_max_sparsity:g})",
                 "paired": f"each method against {METHODS[REFERENCE]} at the same budget on the same windows: "

@@ -38,6 +38,7 @@ from ranapass.attach import FlopMeter, temporarily_attached
 from ranapass.calibrate import candidate_linears, collect, run_model
 from ranapass.candidates import stack_name
 from ranapass.cost_model.curves import sorted_values
+from ranapass.data import split_holdout
 from ranapass.fingerprint import weights_fingerprint
 from ranapass.hooks import forward_hooks
 from ranapass.kernels.activations import ACTIVATIONS
@@ -255,9 +256,7 @@ def _split(windows: torch.Tensor, holdout_windows: int) -> tuple[torch.Tensor, t
     if windows.dim() < 2:
         raise ValueError(f"calibration data must be windows [N, L] (or inputs [N, ...]), got shape "
                          f"{tuple(windows.shape)}")
-    if holdout_windows and windows.shape[0] > holdout_windows:
-        return windows[:-holdout_windows], windows[-holdout_windows:].clone()
-    return windows, None
+    return split_holdout(windows, holdout_windows)
 
 
 def _dense_unit(path: str, linear: LinearModule) -> UnitPlan:
@@ -271,8 +270,8 @@ def teal(model: torch.nn.Module, windows: torch.Tensor, *, holdout_windows: int 
     Args:
         model: an HF causal LM or any module with ``nn.Linear`` layers (not modified).
         windows: calibration token windows ``[N, L]`` (or float inputs ``[N, ..., n]`` for a module
-            that takes them); the last ``holdout_windows`` are kept out of the
-            statistics and used by ``plan(budget)`` to measure FLOPs.
+            that takes them); ``holdout_windows`` of them (``ranapass.data.split_holdout``) are kept out of
+            the statistics and used by ``plan(budget)`` to measure FLOPs.
         sample_tokens: input rows sampled per site for the quantiles.
 
     Example::

@@ -32,6 +32,7 @@ import torch
 from ranapass.adapters import NeuronAdapterSpec
 from ranapass.baselines import SparsityBaseline, teal
 from ranapass.calibrate import candidate_linears, run_model
+from ranapass.data import split_holdout
 from ranapass.errors import RanapassError
 from ranapass.hooks import forward_hooks
 from ranapass.linear_match import LinearModule
@@ -247,7 +248,7 @@ def teal_greedy(model: torch.nn.Module, windows: torch.Tensor, *, holdout_window
 
     Args:
         model: an HF causal LM whose linears sit in repeated blocks (not modified).
-        windows: calibration token windows ``[N, L]``; the last ``holdout_windows`` are kept out (``plan``
+        windows: calibration token windows ``[N, L]``; ``holdout_windows`` of them are kept out (``plan``
             measures FLOPs on them), the quantiles come from the rest, the greedy search from the first
             ``greedy_windows``.
         sample_tokens: input rows sampled per site for the quantiles.
@@ -273,7 +274,7 @@ def teal_greedy(model: torch.nn.Module, windows: torch.Tensor, *, holdout_window
     blocks = transformer_blocks(model, [m for m, _, _ in sites])
     block_of = {p: b for b, paths in blocks.items() for p in paths}
     projections = [Projection(m, block_of[m], linears[m].in_features, o, u.quantiles) for m, o, u in sites]
-    greedy_data = windows[:min(greedy_windows, max(len(windows) - holdout_windows, 1))]
+    greedy_data = split_holdout(windows, holdout_windows)[0][:greedy_windows]
     io = _block_io(model, list(blocks), greedy_data, batch_size)
     modules = dict(model.named_modules())
     paths = {}

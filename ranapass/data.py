@@ -52,6 +52,7 @@ __all__ = [
     "calibration_windows",
     "evaluation_windows",
     "window_starts",
+    "split_holdout",
     "tokenize_stream",
     "extract_prose",
     "find_python_docs",
@@ -381,6 +382,22 @@ def token_windows(tokenizer, texts: Sequence[str], window: int = 512, num_window
     stream = tokenize_stream(tokenizer, texts, separator)
     starts = window_starts(len(stream), window, num_windows)
     return torch.stack([stream[s:s + window] for s in starts])
+
+
+def split_holdout(windows: torch.Tensor, held: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``windows`` less ``held`` of them, and those (None when ``held`` is 0 or leaves nothing).
+
+    The held-out windows are spread over the data (the middle window of each of ``held`` equal parts), not
+    its tail: windows follow the order of the text, and thresholds fitted on its last pages missed the
+    planned FLOPs on every other text (benchmarks/RESULTS.md, profile and plan time).
+    """
+    count = windows.shape[0]
+    if not held or count <= held:
+        return windows, None
+    positions = [int((i + 0.5) * count / held) for i in range(held)]
+    keep = torch.ones(count, dtype=torch.bool)
+    keep[positions] = False
+    return windows[keep], windows[positions].clone()
 
 
 def calibration_windows(tokenizer, source: str | os.PathLike = "python-docs", *, num_windows: int = 256,

@@ -27,7 +27,7 @@ from ranapass.cache import CacheError, cache_dir, discard, usable_entry
 from ranapass.calibrate import RANK_MIN_ASPECT, candidate_linears, collect, shared_linears
 from ranapass.candidates import Site, UnitCandidates, calibrated_sites, data_free_sites
 from ranapass.cost_model import flops
-from ranapass.data import check_token_ids
+from ranapass.data import check_token_ids, split_holdout
 from ranapass.errors import RanapassError
 from ranapass.experts import model_experts
 from ranapass.fingerprint import weights_fingerprint
@@ -43,6 +43,9 @@ __all__ = ["ProfileOptions", "Profile", "profile"]
 log = logging.getLogger(__name__)
 
 PROFILE_FORMAT = storage.Format("ranapass.Profile", 2, "profile.json", "profile.safetensors", "profile again")
+CALIBRATION_RULES = 2
+"""Part of a cached profile's key: raised when the same data and options calibrate differently (a saved
+profile stays readable; only the cache stops matching it)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +55,8 @@ class ProfileOptions:
     Args:
         batch_size: windows per forward pass.
         sample_tokens: input rows sampled per site for the candidate curves.
-        holdout_windows: calibration windows kept out of the statistics, used to fit thresholds.
+        holdout_windows: calibration windows kept out of the statistics, used to fit thresholds (spread over
+            the data: ``ranapass.data.split_holdout``).
         error_weighting: "fisher" (output-gradient weighted error, needs a loss) or "relative"
             (each unit's error relative to its output energy).
         gradient_windows: windows of the backward pass for "fisher".
@@ -209,7 +213,8 @@ def profile(model: torch.nn.Module, data: Any = None, *, options: ProfileOptions
     key = None
     if cache and under is None and (data is None or isinstance(data, torch.Tensor)):
         key = hashlib.blake2b((fingerprint + _data_key(data) + json.dumps(dataclasses.asdict(options)) +
-                               f"v{PROFILE_FORMAT.version}").encode(), digest_size=12).hexdigest()
+                               f"v{PROFILE_FORMAT.version}.{CALIBRATION_RULES}").encode(),
+                              digest_size=12).hexdigest()
         try:
             folder = (Path(cache) if not isinstance(cache, bool) else cache_dir("profiles")) / key
         except CacheError as e:
@@ -300,9 +305,7 @@ def _profile_with_data(model, data, linears, options: ProfileOptions, loss_fn, s
     if isinstance(data, torch.Tensor):
         if data.dim() != 2:
             raise RanapassError(f"token windows must be [N, L], got shape {tuple(data.shape)}")
-        if options.holdout_windows and data.shape[0] > options.holdout_windows:
-            holdout = data[-options.holdout_windows:].clone()
-            data = data[: -options.holdout_windows]
+        data, holdout = split_holdout(data, options.holdout_windows)
         grad_data = data[: options.gradient_windows] if options.error_weighting == "fisher" else None
     else:
         data = list(data)

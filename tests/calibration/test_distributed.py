@@ -16,6 +16,7 @@ import torch
 
 from ranapass import distributed
 from ranapass.calibrate import candidate_linears, collect
+from ranapass.data import split_holdout
 from ranapass.profiling import Profile, ProfileOptions, profile
 from tiny_models import tiny_llama, token_windows
 
@@ -34,7 +35,7 @@ def _free_port() -> int:
 
 def _stats(model, windows):
     """The calibration statistics ``profile`` collects with ``OPTIONS``."""
-    data = windows[:-OPTIONS.holdout_windows]
+    data, _ = split_holdout(windows, OPTIONS.holdout_windows)
     return collect(model, data, linears=candidate_linears(model), batch_size=OPTIONS.batch_size,
                    sample_tokens=OPTIONS.sample_tokens, gradient_data=data[:OPTIONS.gradient_windows], seed=OPTIONS.seed)
 

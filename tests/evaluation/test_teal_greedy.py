@@ -9,11 +9,13 @@ import ranapass
 from ranapass.backend import RanaBackend
 from ranapass.baselines import measured_ratio, teal
 from ranapass.baselines_greedy import teal_greedy, transformer_blocks
+from ranapass.data import split_holdout
 from ranapass.errors import RanapassError
 from ranapass.hooks import forward_hooks
 from tiny_models import tiny_llama, token_windows
 
 GREEDY_WINDOWS = 2
+HOLDOUT_WINDOWS = 4
 LAST_FRACTION = 0.25
 
 
@@ -29,7 +31,8 @@ def windows():
 
 @pytest.fixture(scope="module")
 def greedy(model, windows):
-    return teal_greedy(model, windows, sample_tokens=512, greedy_windows=GREEDY_WINDOWS, step=0.05,
+    return teal_greedy(model, windows, holdout_windows=HOLDOUT_WINDOWS, sample_tokens=512,
+                       greedy_windows=GREEDY_WINDOWS, step=0.05,
                        max_sparsity=0.8, last_fraction=LAST_FRACTION)
 
 
@@ -90,7 +93,7 @@ def _first_block_error(model, plan, data):
 def test_block_error_is_the_adapters_and_no_worse_than_uniform(model, windows, greedy, uniform):
     """On the greedy windows, the attached plan's block error is the one the search recorded, and it is no
     larger than uniform TEAL-style's at the same sparsity (block 0 reads the embeddings: dense in both)."""
-    data = windows[:GREEDY_WINDOWS]
+    data = split_holdout(windows, HOLDOUT_WINDOWS)[0][:GREEDY_WINDOWS]   # the windows it searched on
     path = greedy.paths["model.layers.0"]
     checked = 0
     for i in range(2, len(path.states), 3):

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ranapass import data
-from ranapass.data import TextSourceError, load_texts, token_windows, tokenize_stream, window_starts
+from ranapass.data import (TextSourceError, load_texts, split_holdout, token_windows, tokenize_stream,
+                           window_starts)
 
 from conftest import synthetic_text
 
@@ -218,3 +219,20 @@ def test_real_debian_handbook():
     docs = load_texts("debian-handbook", "evaluation")
     assert len(docs) > 100 and sum(len(d) for d in docs) > 500_000
     assert load_texts("debian-handbook", "calibration") == docs
+
+
+@pytest.mark.parametrize("count, held, positions", [(32, 2, [8, 24]), (10, 2, [2, 7]), (5, 1, [2]), (7, 3, [1, 3, 5])])
+def test_held_out_windows_are_spread_over_the_data(count, held, positions):
+    windows = torch.arange(count)[:, None].repeat(1, 4)
+    rest, holdout = split_holdout(windows, held)
+    assert holdout[:, 0].tolist() == positions
+    assert rest[:, 0].tolist() == [i for i in range(count) if i not in positions]
+    holdout[0, 0] = -1   # a copy: the caller's windows stay as they were
+    assert windows[positions[0], 0] == positions[0]
+
+
+@pytest.mark.parametrize("count, held", [(4, 0), (2, 2), (1, 3)])
+def test_nothing_is_held_out_when_it_would_leave_nothing(count, held):
+    windows = torch.zeros(count, 4, dtype=torch.long)
+    rest, holdout = split_holdout(windows, held)
+    assert holdout is None and rest is windows
