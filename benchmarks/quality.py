@@ -244,18 +244,17 @@ class Run:
         # TEAL and CATS: the profile's calibration windows, the same ones held out (to search the sparsity
         # that meets each budget), the dense activations of the others.
         holdout = opts.holdout_windows
-        data = self.calibration
         if "teal" in needs:
             self.sparsity["teal"] = t("calibrate TEAL-style", lambda: baselines.teal(
-                m, data, holdout_windows=holdout, batch_size=opts.batch_size))
+                m, self.calibration, holdout_windows=holdout, batch_size=opts.batch_size))
         if "teal-greedy" in needs:
             self.sparsity["teal-greedy"] = t("calibrate TEAL-style (greedy per block)", lambda: (
-                baselines_greedy.teal_greedy(m, data, holdout_windows=holdout, batch_size=opts.batch_size,
+                baselines_greedy.teal_greedy(m, self.calibration, holdout_windows=holdout, batch_size=opts.batch_size,
                                              greedy_windows=s.greedy_windows, step=s.greedy_step,
                                              max_sparsity=s.greedy_max_sparsity)))
         if "cats" in needs:
             self.sparsity["cats"] = t("calibrate CATS-style", lambda: baselines.cats(
-                m, data, holdout_windows=holdout, batch_size=opts.batch_size))
+                m, self.calibration, holdout_windows=holdout, batch_size=opts.batch_size))
 
     def plan(self, method: str, budget: float) -> Plan:
         fisher = self.profiles["fisher"]

@@ -397,7 +397,7 @@ def split_holdout(windows: torch.Tensor, held: int) -> tuple[torch.Tensor, torch
     positions = [int((i + 0.5) * count / held) for i in range(held)]
     keep = torch.ones(count, dtype=torch.bool)
     keep[positions] = False
-    return windows[keep], windows[positions].clone()
+    return windows[keep], windows[positions]   # index lists copy
 
 
 def calibration_windows(tokenizer, source: str | os.PathLike = "python-docs", *, num_windows: int = 256,
