@@ -15,7 +15,8 @@ An optional second pass runs backward through the language-model loss and accumu
   (``cost_model.curves.neuron_thresholds`` on the site's sample): ``-sum_j h_j x_j`` over the dropped
   inputs j, with ``h`` the gradient of the loss w.r.t. the linear's input through this linear alone.
   The loss calibration measures KL, which has no first-order term; this is the signed part that
-  mild input sparsity can have (docs/quality.md).
+  mild input sparsity can have (docs/quality.md). With it, its standard error across the gradient
+  windows (``ranapass.candidates`` shrinks each term by it).
 
 Nothing is stored per token beyond the sample, so memory stays bounded.
 
@@ -98,6 +99,9 @@ class CalibrationStats:
     tokens: int
     # member path -> mean first-order loss change per token at each of its neuron thresholds (float64)
     first_order: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    # member path -> the standard error of each first-order term across the gradient windows (float64; NaN
+    # with fewer than 2 windows)
+    first_order_se: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 def candidate_linears(model: torch.nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, LinearModule]:
@@ -277,11 +281,12 @@ def collect(model: torch.nn.Module, data: Any, *, linears: dict[str, LinearModul
             run_model(model, batch)
     _combine_processes(sites, sample_batch)
 
-    grad_sq, first_order = {}, {}
+    grad_sq, first_order, first_order_se = {}, {}, {}
     if gradient_data is not None:
         with stopwatch.stage("gradients"):
-            grad_sq, first_order = _gradient_statistics(model, linears, sites, gradient_data, loss_fn, device)
-    return CalibrationStats(sites, grad_sq, examples, tokens, first_order)
+            grad_sq, first_order, first_order_se = _gradient_statistics(model, linears, sites, gradient_data,
+                                                                        loss_fn, device)
+    return CalibrationStats(sites, grad_sq, examples, tokens, first_order, first_order_se)
 
 
 def _batch_seed(seed: int, index: int) -> int:
@@ -320,6 +325,7 @@ class _DropGrid:
     order: torch.Tensor      # [K] position of each rising threshold in neuron_thresholds' order
     col_norm: torch.Tensor   # [n] ||W[:, j]||
     sums: torch.Tensor       # [K] float64 running sums of h_j x_j over the inputs each threshold drops
+    squares: torch.Tensor    # [K] float64 running sums over windows of (the window's sum / its tokens)^2
 
     @classmethod
     def of(cls, sample: torch.Tensor, linear: LinearModule) -> _DropGrid:
@@ -329,10 +335,11 @@ class _DropGrid:
             col_norm = weight.norm(dim=0)
         taus = torch.tensor(taus, dtype=torch.float32, device=col_norm.device)
         rising, order = torch.sort(taus, stable=True)
-        return cls(rising, order, col_norm, torch.zeros(len(taus), dtype=torch.float64, device=col_norm.device))
+        zeros = torch.zeros(len(taus), dtype=torch.float64, device=col_norm.device)
+        return cls(rising, order, col_norm, zeros, zeros.clone())
 
     def add(self, x: torch.Tensor, h: torch.Tensor) -> None:
-        """Accumulate one batch: inputs ``x`` and input gradients ``h``, both ``[T, n]``."""
+        """Accumulate one window: inputs ``x`` and input gradients ``h``, both ``[T, n]``."""
         x = x.float()
         scores = (x.abs() * self.col_norm).reshape(-1)
         # A threshold drops the scores below it: bucket b = the number of thresholds <= score, and the
@@ -344,19 +351,31 @@ class _DropGrid:
             bucket += scores >= tau
         per_bucket = torch.bincount(bucket.long(), weights=(x * h.float()).reshape(-1).double(),
                                     minlength=len(self.taus) + 1)
-        self.sums[self.order] += torch.cumsum(per_bucket, 0)[:-1]
+        window = torch.cumsum(per_bucket, 0)[:-1]
+        self.sums[self.order] += window
+        self.squares[self.order] += (window / x.shape[0]).square()
 
 
-def _gradient_statistics(model, linears, sites, data, loss_fn,
-                         device) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Per member: the mean squared gradient of the summed loss w.r.t. its output, per output channel; and
-    the mean first-order loss change per token at each of its neuron thresholds (see the module docstring)."""
+def _standard_error(mean: torch.Tensor, squares: torch.Tensor, windows: int) -> torch.Tensor:
+    """The standard error of a mean over ``windows`` windows of equal length, from the sum of each window's
+    value squared (NaN with fewer than 2 windows)."""
+    if windows < 2:
+        return torch.full_like(mean, float("nan"))
+    variance = (squares - windows * mean.square()).clamp_min(0.0) / (windows - 1)
+    return (variance / windows).sqrt()
+
+
+def _gradient_statistics(model, linears, sites, data, loss_fn, device) -> tuple[dict[str, torch.Tensor], ...]:
+    """Per member: the mean squared gradient of the summed loss w.r.t. its output, per output channel; the
+    mean first-order loss change per token at each of its neuron thresholds (see the module docstring), and
+    its standard error across the windows."""
     loss_fn = loss_fn or _lm_loss
     members = [m for s in sites for m in s.members]
     sums = {m: torch.zeros(linears[m].out_features, dtype=torch.float64,
                            device=execution_device(linears[m].module))
             for m in members}
     counts = dict.fromkeys(members, 0)
+    windows = dict.fromkeys(members, 0)
     sampled = [(s, s.sample) for s in sites if s.samples]
     grids = {m: _DropGrid.of(x, linears[m]) for s, x in sampled if x.shape[0] for m in s.members}
     outputs: list[tuple[str, torch.Tensor]] = []
@@ -397,6 +416,7 @@ def _gradient_statistics(model, linears, sites, data, loss_fn,
                     g = g.detach().reshape(-1, g.shape[-1]).float()
                     sums[name] += g.square().sum(0).double().to(sums[name].device)
                     counts[name] += g.shape[0]
+                    windows[name] += 1
                 for (name, x), h in zip(inputs, grads[len(outputs):]):
                     if h is not None:
                         n = x.shape[-1]
@@ -404,10 +424,12 @@ def _gradient_statistics(model, linears, sites, data, loss_fn,
     finally:
         outputs.clear()
         inputs.clear()
-    totals = torch.tensor([counts[m] for m in members], dtype=torch.int64)
-    distributed.all_reduce_sum([sums[m] for m in members] + [g.sums for g in grids.values()] + [totals],
-                               "output-gradient statistics")
-    counts = dict(zip(members, totals.tolist()))
+    totals = torch.tensor([counts[m] for m in members] + [windows[m] for m in members], dtype=torch.int64)
+    distributed.all_reduce_sum([sums[m] for m in members] + [g.sums for g in grids.values()]
+                               + [g.squares for g in grids.values()] + [totals], "output-gradient statistics")
+    counts = dict(zip(members, totals[:len(members)].tolist()))
+    windows = dict(zip(members, totals[len(members):].tolist()))
     grad_sq = {m: sums[m] / counts[m] for m in members if counts[m]}
     first_order = {m: -grid.sums.cpu() / counts[m] for m, grid in grids.items() if counts[m]}
-    return grad_sq, first_order
+    first_order_se = {m: _standard_error(first_order[m], grids[m].squares.cpu(), windows[m]) for m in first_order}
+    return grad_sq, first_order, first_order_se

@@ -43,7 +43,7 @@ __all__ = ["ProfileOptions", "Profile", "profile"]
 log = logging.getLogger(__name__)
 
 PROFILE_FORMAT = storage.Format("ranapass.Profile", 2, "profile.json", "profile.safetensors", "profile again")
-CALIBRATION_RULES = 2
+CALIBRATION_RULES = 3
 """Part of a cached profile's key: raised when the same data and options calibrate differently (a saved
 profile stays readable; only the cache stops matching it)."""
 

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import ranapass
 from ranapass import planning
-from ranapass.calibrate import candidate_linears, collect
+from ranapass.calibrate import CalibrationStats, candidate_linears, collect
+from ranapass.candidates import shrunk
 from ranapass.cost_model.curves import KEEP_FRACTIONS, neuron_thresholds
 from ranapass.hooks import forward_hooks
 from ranapass.profiling import ProfileOptions
@@ -53,6 +54,31 @@ def test_first_order_matches_a_finite_difference(member):
     assert measured.dtype == torch.float64 and measured.shape == (len(taus),)
     assert float(measured[k]) == pytest.approx(slope, rel=2e-3)
     assert float(measured[-1]) == 0.0  # the last threshold keeps everything
+
+
+def test_standard_error_is_that_of_the_per_window_terms():
+    """The first-order terms of one window each, from separate passes: their mean is the term and their spread
+    over sqrt(windows) its standard error."""
+    model = tiny_llama().double()
+    windows = token_windows(3, length=64)
+    linears = candidate_linears(model)
+    stats = collect(model, windows, linears=linears, sample_tokens=64, gradient_data=windows)
+    single = [collect(model, windows, linears=linears, sample_tokens=64, gradient_data=windows[i:i + 1])
+              for i in range(3)]
+    for name, mean in stats.first_order.items():
+        per_window = torch.stack([s.first_order[name] for s in single])
+        torch.testing.assert_close(mean, per_window.mean(0))
+        torch.testing.assert_close(stats.first_order_se[name], per_window.std(0) / 3 ** 0.5, rtol=1e-5, atol=1e-12)
+        assert torch.isnan(single[0].first_order_se[name]).all()   # one window: no error estimate
+
+
+def test_shrinkage_keeps_clear_terms_and_drops_noise():
+    stats = CalibrationStats([], {}, 0, 0, first_order={"a": torch.tensor([1.0, 0.1, -2.0, 0.0], dtype=torch.float64)},
+                             first_order_se={"a": torch.tensor([0.5, 0.2, 0.0, 0.1], dtype=torch.float64)})
+    torch.testing.assert_close(shrunk(stats, "a"), torch.tensor([0.75, 0.0, -2.0, 0.0], dtype=torch.float64))
+    stats.first_order_se["a"] = torch.full((4,), float("nan"), dtype=torch.float64)
+    torch.testing.assert_close(shrunk(stats, "a"), stats.first_order["a"])
+    assert shrunk(stats, "b") is None
 
 
 def test_profile_curves_carry_the_first_order_term_and_plans_use_it(tmp_path):
