@@ -195,7 +195,7 @@ def _unit_candidates(name, members, linears, sample: torch.Tensor, factor, out_w
     return UnitCandidates(name, tuple(members), tuple(linears[x].out_features for x in members), n, curves, basis)
 
 
-def shrunk(stats: CalibrationStats, member: str) -> torch.Tensor | None:
+def shrunk_first_order(stats: CalibrationStats, member: str) -> torch.Tensor | None:
     """``member``'s first-order terms shrunk toward zero by their standard errors (positive-part James-Stein:
     ``f * max(0, 1 - se^2 / f^2)``), or None when not measured.
 
@@ -234,7 +234,7 @@ def calibrated_sites(stats: CalibrationStats, linears: dict[str, LinearModule], 
             out_w = _output_weights(stats, s, sample, linears, error_weighting, factor)
             unit = functools.partial(_unit_candidates, linears=linears, sample=sample, factor=factor, out_w=out_w,
                                      rank_min_aspect=rank_min_aspect, stopwatch=stopwatch)
-            separate = [unit(m, [m], with_neuron=True, first_order=shrunk(stats, m)) for m in s.members]
+            separate = [unit(m, [m], with_neuron=True, first_order=shrunk_first_order(stats, m)) for m in s.members]
             stacked = None
             if len(s.members) > 1 and factor is not None:
                 stacked = unit(stack_name(s.members), s.members, with_neuron=False)

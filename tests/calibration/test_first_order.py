@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import ranapass
 from ranapass import planning
 from ranapass.calibrate import CalibrationStats, candidate_linears, collect
-from ranapass.candidates import shrunk
+from ranapass.candidates import shrunk_first_order
 from ranapass.cost_model.curves import KEEP_FRACTIONS, neuron_thresholds
 from ranapass.hooks import forward_hooks
 from ranapass.profiling import ProfileOptions
@@ -75,10 +75,10 @@ def test_standard_error_is_that_of_the_per_window_terms():
 def test_shrinkage_keeps_clear_terms_and_drops_noise():
     stats = CalibrationStats([], {}, 0, 0, first_order={"a": torch.tensor([1.0, 0.1, -2.0, 0.0], dtype=torch.float64)},
                              first_order_se={"a": torch.tensor([0.5, 0.2, 0.0, 0.1], dtype=torch.float64)})
-    torch.testing.assert_close(shrunk(stats, "a"), torch.tensor([0.75, 0.0, -2.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(shrunk_first_order(stats, "a"), torch.tensor([0.75, 0.0, -2.0, 0.0], dtype=torch.float64))
     stats.first_order_se["a"] = torch.full((4,), float("nan"), dtype=torch.float64)
-    torch.testing.assert_close(shrunk(stats, "a"), stats.first_order["a"])
-    assert shrunk(stats, "b") is None
+    torch.testing.assert_close(shrunk_first_order(stats, "a"), stats.first_order["a"])
+    assert shrunk_first_order(stats, "b") is None
 
 
 def test_profile_curves_carry_the_first_order_term_and_plans_use_it(tmp_path):
