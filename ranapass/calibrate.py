@@ -339,7 +339,8 @@ class _DropGrid:
         return cls(rising, order, col_norm, zeros, zeros.clone())
 
     def add(self, x: torch.Tensor, h: torch.Tensor) -> None:
-        """Accumulate one window: inputs ``x`` and input gradients ``h``, both ``[T, n]``."""
+        """Accumulate one backward pass (one token window, or one batch as given): inputs ``x`` and input
+        gradients ``h``, both ``[T, n]``."""
         x = x.float()
         scores = (x.abs() * self.col_norm).reshape(-1)
         # A threshold drops the scores below it: bucket b = the number of thresholds <= score, and the
@@ -357,8 +358,9 @@ class _DropGrid:
 
 
 def _standard_error(mean: torch.Tensor, squares: torch.Tensor, windows: int) -> torch.Tensor:
-    """The standard error of a mean over ``windows`` windows of equal length, from the sum of each window's
-    value squared (NaN with fewer than 2 windows)."""
+    """The standard error of a mean over ``windows`` backward passes, from the sum of each pass's per-token
+    value squared (NaN with fewer than 2). Exact for passes of equal length (token windows); batches of
+    unequal length weigh alike in the spread."""
     if windows < 2:
         return torch.full_like(mean, float("nan"))
     variance = (squares - windows * mean.square()).clamp_min(0.0) / (windows - 1)
