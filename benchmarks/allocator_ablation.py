@@ -12,6 +12,11 @@ FLOP ratio measured from the real masks; every row is compared with the default 
 differences (``quality.paired``), and the default with dense::
 
     python benchmarks/allocator_ablation.py [--out DIR] [--cache DIR] [--methods ...] [--budgets ...]
+        [--prepared DIR --model M.gguf --device cuda]
+
+On a machine without the texts (the GPU machine), ``--prepared DIR`` reads the same token windows from
+``calibration_spread.py prepare --out DIR`` (the protocol's calibration windows and both texts' evaluation
+windows), and ``--model``/``--device`` say what to load where.
 
 ``--cache DIR`` keeps the uncalibrated profile there (``ranapass.profile(cache=DIR)``) and reuses it on a
 rerun. Writes ``allocator_ablation.json`` (every window's loss, timings) and ``allocator_ablation.md`` (the
@@ -31,9 +36,11 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from calibration_spread import PROTOCOL, TEXTS, WINDOWS_FILE  # noqa: E402
 from quality import evaluate, paired  # noqa: E402
 
 import ranapass  # noqa: E402
@@ -71,11 +78,15 @@ def main(argv: list[str] | None = None) -> dict:
                     help="rows to measure (default: all; the default is always measured): "
                     + "; ".join(METHODS).replace("%", "%%"))
     ap.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
+    ap.add_argument("--prepared", type=Path, default=None,
+                    help="token windows from `calibration_spread.py prepare` (default: made from the texts here)")
+    ap.add_argument("--model", default="smollm2", help="model name or path (ranapass.load_model)")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     methods = [DEFAULT] + [m for m in args.methods if m != DEFAULT]
     torch.set_num_threads(args.threads)
-    model, tokenizer = ranapass.load_model("smollm2")
-    calibration = ranapass.calibration_windows(tokenizer, num_windows=32, window=512)
+    model, tokenizer = ranapass.load_model(args.model, device=args.device)
+    calibration, texts = protocol_windows(tokenizer, args.prepared)
     seconds = {}
     start = time.perf_counter()
     plain = ranapass.profile(model, calibration, cache=args.cache or False,
@@ -99,10 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         sparsity[TEAL_GREEDY] = baselines_greedy.teal_greedy(model, calibration, holdout_windows=held, **GREEDY)
         seconds["calibrate TEAL-style (greedy per block)"] = time.perf_counter() - start
-    texts = {"python-docs": ranapass.evaluation_windows(tokenizer, "python-docs", num_windows=32, window=512),
-             "debian-handbook": ranapass.evaluation_windows(tokenizer, "debian-handbook", num_windows=16, window=512)}
     res = {"dense": evaluate(model, None, texts), "seconds": seconds, "loss_calibration": facts,
-           "greedy": GREEDY, "rows": {}}
+           "greedy": GREEDY, "device": str(args.device), "torch": torch.__version__, "rows": {}}
     for budget in args.budgets:
         rows = {}
         for name in methods:
@@ -120,6 +129,15 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"budget {budget} done", flush=True)
     print(report(res))
     return res
+
+
+def protocol_windows(tokenizer, prepared: Path | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The protocol's 32 calibration windows and each text's evaluation windows, from the texts or ``prepared``."""
+    if prepared is not None:
+        tensors = load_file(str(prepared / WINDOWS_FILE))
+        return tensors[PROTOCOL], {t: tensors[f"eval:{t}"] for t in TEXTS}
+    return (ranapass.calibration_windows(tokenizer, num_windows=32, window=512),
+            {t: ranapass.evaluation_windows(tokenizer, t, num_windows=n, window=512) for t, n in TEXTS.items()})
 
 
 def write(out: Path, res: dict) -> None:

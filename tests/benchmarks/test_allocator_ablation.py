@@ -51,3 +51,19 @@ def test_help_lists_the_methods(ablation, capsys):
     with pytest.raises(SystemExit):
         ablation.main(["--help"])
     assert "ranapass (probes at 50%, default)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_toy_run_from_prepared_windows(ablation, tiny_llama_dir, tmp_path, isolated_cache):
+    spread = load_benchmark("calibration_spread.py", "calibration_spread_benchmark")
+    prepared, out = tmp_path / "prepared", tmp_path / "out"
+    assert spread.main(["prepare", "--out", str(prepared), "--replicas", "1", "--windows", "6", "--window", "128",
+                        "--model", str(tiny_llama_dir)]) == 0
+    res = ablation.main(["--prepared", str(prepared), "--model", str(tiny_llama_dir), "--out", str(out),
+                         "--threads", "1", "--budgets", "0.7", "--methods", ablation.TEAL, ablation.TEAL_GREEDY])
+    rows = res["rows"]["0.7"]
+    assert set(rows) == {ablation.DEFAULT, ablation.TEAL, ablation.TEAL_GREEDY}
+    for name, row in rows.items():
+        for text, count in spread.TEXTS.items():
+            assert len(row[text]["window_nll"]) == count and 0 < row[text]["ratio"] <= 1 + 1e-6
+    assert res["device"] == "cpu" and (out / "allocator_ablation.md").is_file()
