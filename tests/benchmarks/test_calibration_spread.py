@@ -71,6 +71,8 @@ def test_specs_are_checked_before_any_work(spread):
 
     assert spread.parse_spec("g30:gradient_windows=30", ProfileOptions) == ("g30", {"gradient_windows": 30})
     assert spread.parse_spec("0.7:first_order=False", PlanOptions) == ("0.7", {"first_order": False})
+    assert spread.parse_spec("p:loss_probe_kept=(0.35,0.5),seed=1", ProfileOptions) == (
+        "p", {"loss_probe_kept": (0.35, 0.5), "seed": 1})
     with pytest.raises(SystemExit, match="field=value"):
         spread.parse_spec("x:seed=3", ProfileOptions, reserved=("seed",))
     with pytest.raises(SystemExit, match="field=value"):
