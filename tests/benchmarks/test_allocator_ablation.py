@@ -63,7 +63,7 @@ def test_toy_run_from_prepared_windows(ablation, tiny_llama_dir, tmp_path, isola
                          "--threads", "1", "--budgets", "0.7", "--methods", ablation.TEAL, ablation.TEAL_GREEDY])
     rows = res["rows"]["0.7"]
     assert set(rows) == {ablation.DEFAULT, ablation.TEAL, ablation.TEAL_GREEDY}
-    for name, row in rows.items():
+    for row in rows.values():
         for text, count in spread.TEXTS.items():
             assert len(row[text]["window_nll"]) == count and 0 < row[text]["ratio"] <= 1 + 1e-6
     assert res["device"] == "cpu" and (out / "allocator_ablation.md").is_file()
