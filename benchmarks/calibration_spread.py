@@ -170,8 +170,7 @@ def report(rows: list[dict[str, Any]]) -> str:
     """Per budget and text: each replica against dense, the mean and spread, and each variant against the first."""
     dense = {r["text"]: np.array(r["window_nll"]) for r in rows if r["kind"] == "dense"}
     plans = [r for r in rows if r["kind"] == "plan"]
-    nll = {(r["variant"], r["plan"], r["replica"], r["budget"], r["text"]): np.array(r["window_nll"]) for r in plans}
-    ratio = {(r["variant"], r["plan"], r["replica"], r["budget"], r["text"]): r["ratio"] for r in plans}
+    cells = {(r["variant"], r["plan"], r["replica"], r["budget"], r["text"]): r for r in plans}
     rows_of = list(dict.fromkeys((r["variant"], r["plan"]) for r in plans))
     reps = list(dict.fromkeys(r["replica"] for r in plans))
     lines = ["Perplexity against dense (paired per window; measured FLOP ratio) for each replica, the mean over "
@@ -184,13 +183,13 @@ def report(rows: list[dict[str, Any]]) -> str:
                       "|---|---|" + "---|" * (len(reps) + 3)]
             first = None
             for variant, plan in rows_of:
-                cell = {rep: nll.get((variant, plan, rep, budget, text)) for rep in reps}
-                have = {rep: d for rep, d in cell.items() if d is not None}
+                cell = {rep: cells.get((variant, plan, rep, budget, text)) for rep in reps}
+                have = {rep: np.array(c["window_nll"]) for rep, c in cell.items() if c is not None}
                 if not have:
                     continue
                 vs_dense = {rep: math.expm1(float((d - dense[text]).mean())) for rep, d in have.items()}
-                cols = [f"{100 * vs_dense[rep]:+.2f}% ({ratio[(variant, plan, rep, budget, text)]:.3f})"
-                        if rep in have else "" for rep in reps]
+                cols = [f"{100 * vs_dense[rep]:+.2f}% ({cell[rep]['ratio']:.3f})" if rep in have else ""
+                        for rep in reps]
                 values = np.array(list(vs_dense.values()))
                 sd = f"{100 * values.std(ddof=1):.2f}" if len(values) > 1 else ""
                 if first is None:
