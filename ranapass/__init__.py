@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from ranapass.plan import Plan, PlanMismatchError, UnitPlan
     from ranapass.planning import PlanOptions
     from ranapass.profiling import Profile, ProfileOptions, profile
+    from ranapass.recovery import recover
 
 _EXPORTS: dict[str, str] = {
     "AdaptedResult": "ranapass.evaluate",
@@ -66,6 +67,7 @@ _EXPORTS: dict[str, str] = {
     "perplexity": "ranapass.evaluate",
     "profile": "ranapass.profiling",
     "rana_backend": "ranapass.backend",
+    "recover": "ranapass.recovery",
     "register_adapter": "ranapass.adapters",
     "token_windows": "ranapass.data",
     "weights_fingerprint": "ranapass.fingerprint",

@@ -1,6 +1,7 @@
 """Bound adapters: a plan's adapter spec made runnable on one model's weights (the runtime side of a kind).
 
-``bind`` reads the kind's operands off the member weights (on their device and dtype), gives an op
+``bind`` reads the kind's operands off the member weights (on their device and dtype), folds the
+spec's output correction into them (``AdapterSpec.corrected``), gives an op
 that needs one its ticket buffer, and looks the kind's ``torch.ops.ranapass`` op up; a kind without
 one runs its reference math (eagerly here, traced into the graph by the FX pass).
 """
@@ -31,12 +32,14 @@ class BoundAdapter:
     ``buffers`` are the op's tensor arguments after ``x`` (``None`` for an absent bias; a neuron
     adapter's ``tickets`` are its decode kernel's workspace, which every call leaves zero); the FX pass
     registers them on the compiled graph, the eager path passes them directly. ``constants`` are the
-    non-tensor arguments after them (a gate activation).
+    non-tensor arguments after them (a gate activation). ``model_bias`` is the members' stacked bias as
+    bound (None if they have none), before any output correction: what the FX pass checks a graph's bias against.
     """
 
     def __init__(self, spec: AdapterSpec, op: Callable[..., torch.Tensor], buffers: dict[str, torch.Tensor | None],
-                 operand_names: Sequence[str]):
+                 operand_names: Sequence[str], model_bias: torch.Tensor | None):
         self.spec = spec
+        self.model_bias = model_bias
         self.op = op
         self.buffers = buffers
         self.constants: tuple[Any, ...] = spec.constants()
@@ -67,11 +70,12 @@ class BoundAdapter:
 def bind(spec: AdapterSpec, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]) -> BoundAdapter:
     """Make ``spec`` runnable for the model's member weights and biases (same device and dtype)."""
     spec.check_weights(weights)
-    buffers = spec.operands(weights, biases)
+    operands = spec.operands(weights, biases)
+    buffers = spec.corrected(operands)
     names = tuple(buffers)
     lowering = spec.lowering
     if lowering is None:
-        return BoundAdapter(spec, type(spec).reference, buffers, names)
+        return BoundAdapter(spec, type(spec).reference, buffers, names, operands["bias"])
     if lowering.tickets:
         buffers["tickets"] = ticket_buffer(spec.out_total, weights[0].device)
-    return BoundAdapter(spec, ranapass_op(lowering.op), buffers, names)
+    return BoundAdapter(spec, ranapass_op(lowering.op), buffers, names, operands["bias"])

@@ -99,7 +99,7 @@ def _should_rewrite(site: LinearSite, shared: dict[int, str]) -> tuple[bool, str
         return False, f"autocast: the linear returns {out.dtype}, the adapter {like.dtype}"
     if not site.bias_resolved:
         return False, "bias_computed: the bias is computed in the graph, not a parameter"
-    stacked = adapter.buffers.get("bias")
+    stacked = adapter.model_bias
     mine = None if stacked is None else stacked[adapter.member_slices()[ref.member]]
     if site.bias is None:
         if mine is not None and bool(mine.any()):

@@ -23,6 +23,7 @@ from ranapass.errors import RanapassError
 
 __all__ = ["UnitPlan", "Plan", "PlanMismatchError"]
 
+_CORRECTION = {"out_scale", "out_bias"}  # an adapter's optional output correction (AdapterSpec.correction)
 PLAN_FORMAT = storage.Format("ranapass.Plan", 1, "plan.json", "tensors.safetensors", "re-plan from the profile")
 
 
@@ -151,7 +152,7 @@ class Plan:
                      "predicted_error": u.predicted_error, "adapter": None}
             if u.adapter is not None:
                 entry["adapter"] = u.adapter.config()
-                for key, t in u.adapter.tensors().items():
+                for key, t in {**u.adapter.tensors(), **u.adapter.correction()}.items():
                     tensors[f"{i}.{key}"] = t.detach().to("cpu").contiguous()
             units.append(entry)
         self.check()
@@ -217,7 +218,7 @@ class Plan:
                           f"{a.members} ({a.out_features} x {a.in_features})")
             if not (math.isfinite(a.tau) and a.tau >= 0):
                 raise bad(f"unit {u.name!r} has threshold tau {a.tau}")
-            for name, t in a.tensors().items():
+            for name, t in {**a.tensors(), **a.correction()}.items():
                 if not t.is_floating_point():
                     raise bad(f"unit {u.name!r}: tensor {name} has dtype {t.dtype}, not floating point")
                 if name == "thresholds" and bool((t.isnan() | (t < 0)).any()):
@@ -238,8 +239,8 @@ def _saved_adapter(path: str | os.PathLike, index: int, entry: dict[str, Any],
     own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     in_json = {f.name for f in dataclasses.fields(AdapterSpec)} | set(entry["adapter"])
     want = {f.name for f in dataclasses.fields(spec)} - in_json
-    if set(own) != want:
-        raise RanapassError(f"{path}: unit {entry['name']!r} is a {kind!r} adapter, whose tensors are {sorted(want)}, "
-                            f"but {PLAN_FORMAT.tensors} holds {sorted(own)} for it: the JSON and the tensors do not "
-                            f"match; {PLAN_FORMAT.remedy}")
+    if set(own) - _CORRECTION != want or set(own) & _CORRECTION not in (set(), _CORRECTION):
+        raise RanapassError(f"{path}: unit {entry['name']!r} is a {kind!r} adapter, whose tensors are {sorted(want)} "
+                            f"(and optionally {sorted(_CORRECTION)}), but {PLAN_FORMAT.tensors} holds {sorted(own)} "
+                            f"for it: the JSON and the tensors do not match; {PLAN_FORMAT.remedy}")
     return spec.from_saved(entry["adapter"], own), {prefix + k for k in own}

@@ -32,6 +32,7 @@ class NeuronAdapterSpec(AdapterSpec):
     lowering: ClassVar[Lowering] = Lowering("neuron_adapter", tickets=True, gated_op="gated_neuron_adapter",
                                            pair_op="neuron_adapter_pair")
     reference = kernel_reference("neuron_adapter_reference")
+    output_operand: ClassVar[str] = "Wt"
     thresholds: torch.Tensor = None
 
     def __post_init__(self) -> None:

@@ -32,6 +32,7 @@ class RankAdapterSpec(AdapterSpec):
     kind: ClassVar[str] = "rank"
     lowering: ClassVar[Lowering] = Lowering("rank_adapter", pair_op="rank_adapter_pair")
     reference = kernel_reference("rank_adapter_reference")
+    output_operand: ClassVar[str] = "At"
     B: torch.Tensor = None
     At: torch.Tensor = None
     thresholds: torch.Tensor = None

@@ -12,6 +12,8 @@ holds everything kind-specific in one place:
 - its reference forward ``reference(x, *operands, *constants)`` and the ``operands`` it reads from
   the model's weights;
 - ``from_candidate``: the adapter of one candidate of a profile's curve of this kind;
+- an optional output correction (``out_scale``, ``out_bias``: ``y' = out_scale * y + out_bias`` per
+  output, fitted by ``ranapass.recovery``), folded into the operand named ``output_operand``;
 - its ``lowering``: the ``torch.ops.ranapass`` ops that run it, or None, in which case the FX pass
   traces the reference math into the graph.
 
@@ -111,14 +113,21 @@ class AdapterSpec:
         out_features: output width of each member.
         in_features: the shared input width.
         tau: the scalar threshold on the score (the per-entry thresholds derive from it).
+        out_scale, out_bias: an output correction ``[out_total]`` float32 (both or neither; None: none).
+            ``bind`` folds it into the operands: the scale into the columns of ``output_operand``
+            (whose last dimension is the stacked output), the bias into ``bias``. It costs no FLOPs.
     """
 
     kind: ClassVar[str] = ""
     lowering: ClassVar[Lowering | None] = None
+    output_operand: ClassVar[str | None] = None
+    """The operand whose last dimension is the stacked output (None: the kind takes no output correction)."""
     members: tuple[str, ...]
     out_features: tuple[int, ...]
     in_features: int
     tau: float
+    out_scale: torch.Tensor | None = None
+    out_bias: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.members = tuple(self.members)
@@ -126,6 +135,16 @@ class AdapterSpec:
         if len(self.members) != len(self.out_features) or not self.members:
             raise ValueError(f"{type(self).__name__}: members {self.members} and out_features "
                              f"{self.out_features} must be non-empty and of equal length")
+        if (self.out_scale is None) != (self.out_bias is None):
+            raise ValueError(f"{type(self).__name__} {self.members}: an output correction needs out_scale and "
+                             "out_bias, or neither")
+        if self.out_scale is not None:
+            if self.output_operand is None:
+                raise ValueError(f"adapter kind {self.kind!r} takes no output correction")
+            for name, t in (("out_scale", self.out_scale), ("out_bias", self.out_bias)):
+                if t.shape != (self.out_total,):
+                    raise ValueError(f"{type(self).__name__} {self.members}: {name} of shape {tuple(t.shape)}, "
+                                     f"expected ({self.out_total},)")
 
     # ------------------------------------------------------------------ data
     @property
@@ -145,8 +164,27 @@ class AdapterSpec:
         return flops.dense_linear(self.out_total, self.in_features)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Calibrated tensors, as saved in a plan."""
+        """Calibrated tensors, as saved in a plan (the output correction's are in ``correction``)."""
         raise NotImplementedError
+
+    def correction(self) -> dict[str, torch.Tensor]:
+        """The output correction's tensors, as saved in a plan (empty when there is none)."""
+        if self.out_scale is None:
+            return {}
+        return {"out_scale": self.out_scale, "out_bias": self.out_bias}
+
+    def corrected(self, operands: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
+        """``operands`` with the output correction folded in: ``W' = W * out_scale`` over the output
+        dimension of ``output_operand``, ``bias' = out_scale * bias + out_bias``, in the weights' dtype."""
+        if self.out_scale is None:
+            return operands
+        w = operands[self.output_operand]
+        scale = self.out_scale.to(w.device, torch.float32)
+        bias = self.out_bias.to(w.device, torch.float32)
+        if operands["bias"] is not None:
+            bias = bias + scale * operands["bias"].float()
+        return {**operands, self.output_operand: (w.float() * scale).to(w.dtype).contiguous(),
+                "bias": bias.to(w.dtype)}
 
     def config(self) -> dict[str, Any]:
         """JSON-able description, as saved in a plan."""

@@ -1,0 +1,169 @@
+"""Output recovery: fit a per-output scale and bias of every adapted unit by distillation from the dense model.
+
+An adapter drops the small contributions of its unit, which shrinks and shifts the unit's output; the
+blocks after it were trained on the dense output. ``recover`` fits, with the masks frozen, an output
+correction ``y' = out_scale * y + out_bias`` for every adapted unit (``AdapterSpec.out_scale`` and
+``out_bias``: folded into the adapter's operands when it is bound, so it costs no FLOPs and every path,
+eager, compiled and the kernels, runs it) that minimises the KL divergence of the adapted model's
+next-token distribution from the dense model's on calibration windows::
+
+    for each batch:  p = softmax(dense(x))                       # the same model, outside the adapters
+                     q = softmax(adapted(x; out_scale, out_bias))  # masks constant, gradients to the corrections
+                     step on KL(p || q) per token
+
+The correction moves the inputs of the units after it, and so their kept counts: every threshold is then
+fitted again on held-out windows (``fit_thresholds``) so each unit keeps the count its plan planned.
+This is a training step (minutes for SmolLM2 on a CPU, seconds on a GPU) made once per plan; budget
+queries (``Profile.plan``) stay instant. Measured gains: benchmarks/RESULTS.md, output recovery.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ranapass.attach import attach, attachment_of, detach
+from ranapass.data import check_token_ids
+from ranapass.evaluate import model_logits
+from ranapass.hooks import forward_hooks
+from ranapass.plan import Plan
+from ranapass.plan_check import check_plan_fits
+from ranapass.thresholds import fit_thresholds
+
+__all__ = ["recover"]
+
+log = logging.getLogger(__name__)
+
+
+def recover(model: torch.nn.Module, plan: Plan, windows: torch.Tensor, holdout: torch.Tensor, *,
+            epochs: int = 3, lr: float = 3e-3, batch_size: int = 2, seed: int = 0, progress: bool = True) -> Plan:
+    """A copy of ``plan`` whose adapters carry an output correction fitted on ``windows``, thresholds refitted.
+
+    Args:
+        model: the model ``plan`` was made for (a causal LM returning logits); left as it was.
+        plan: the plan to recover (not modified). Units of a kind without an output operand (the CATS-style
+            gated mask) stay as they are.
+        windows: training token windows ``[N, L]`` (calibration text, not the evaluation text).
+        holdout: token windows ``[M, L]`` the thresholds are refitted on (``Profile.holdout``).
+        epochs: passes over ``windows``.
+        lr: Adam's step size.
+        batch_size: windows per step.
+        seed: the order of the windows in each epoch.
+        progress: show a tqdm bar.
+
+    Example::
+
+        >>> plan = profile.plan(0.56)  # doctest: +SKIP
+        >>> plan = ranapass.recover(model, plan, calibration_windows(tokenizer), profile.holdout)  # doctest: +SKIP
+    """
+    check_plan_fits(model, plan)
+    if windows.dim() != 2 or holdout.dim() != 2:
+        raise ValueError(f"windows and holdout must be token windows [N, L], got shapes {tuple(windows.shape)} "
+                         f"and {tuple(holdout.shape)}")
+    if epochs < 1 or batch_size < 1 or not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"epochs ({epochs}) and batch_size ({batch_size}) must be >= 1 and lr ({lr}) positive")
+    check_token_ids(windows, model, "recovery windows")
+    check_token_ids(holdout, model, "held-out windows")
+    recovered = copy.deepcopy(plan)
+    units = [u for u in recovered.adapted if u.adapter.output_operand is not None]
+    if not units:
+        raise ValueError("the plan has no adapted unit whose output can be corrected: nothing to recover")
+    device = next(model.parameters()).device
+    corrections = {u.name: (torch.ones(u.adapter.out_total, device=device, requires_grad=True),
+                            torch.zeros(u.adapter.out_total, device=device, requires_grad=True)) for u in units}
+    kl = _distill(model, recovered, windows, corrections, epochs, lr, batch_size, seed, progress)
+    for u in units:
+        scale, bias = corrections[u.name]
+        u.adapter.out_scale, u.adapter.out_bias = scale.detach().cpu(), bias.detach().cpu()
+    fit_thresholds(model, recovered, holdout)
+    recovered.meta["recovery"] = {"windows": int(windows.shape[0]), "epochs": epochs, "lr": lr,
+                                  "batch_size": batch_size, "seed": seed, "kl_first_epoch": kl[0], "kl_last_epoch": kl[-1]}
+    recovered.meta["thresholds"] = f"fitted after output recovery on {holdout.shape[0]} held-out windows"
+    return recovered
+
+
+def _distill(model: torch.nn.Module, plan: Plan, windows: torch.Tensor,
+             corrections: dict[str, tuple[torch.Tensor, torch.Tensor]], epochs: int, lr: float, batch_size: int,
+             seed: int, progress: bool) -> list[float]:
+    """Train ``corrections`` (applied by forward hooks on the members) on KL(dense || adapted); the mean KL
+    per token of each epoch. The model's parameters, mode and attachment are restored afterwards."""
+    previous = attachment_of(model)
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    training = model.training
+    device = next(model.parameters()).device
+    hooks = []
+    for u in plan.adapted:
+        if u.name in corrections:
+            scale, bias = corrections[u.name]
+            start = 0
+            for path, m in zip(u.members, u.out_features):
+                hooks.append((model.get_submodule(path), _corrector(scale[start:start + m], bias[start:start + m])))
+                start += m
+    gen = torch.Generator().manual_seed(seed)
+    per_epoch = []
+    try:
+        for p, _ in grad_flags:
+            p.requires_grad_(False)
+        model.eval()
+        rms = _output_rms(model, plan, windows[:batch_size].to(device))
+        # Adam's steps are about lr in size whatever the gradient: the bias steps in units of its output's RMS
+        opt = torch.optim.Adam([{"params": [scale]} for scale, _ in corrections.values()]
+                               + [{"params": [bias], "lr": lr * rms[name]} for name, (_, bias) in corrections.items()],
+                               lr=lr)
+        attachment = attach(model, plan, check_fingerprint=False)
+        steps = epochs * math.ceil(len(windows) / batch_size)
+        with tqdm(total=steps, desc="recovery", unit="step", disable=not progress) as bar:
+            for _ in range(epochs):
+                total, tokens = 0.0, 0
+                for idx in torch.randperm(len(windows), generator=gen).split(batch_size):
+                    batch = windows[idx].to(device)
+                    with torch.no_grad():
+                        dense = F.log_softmax(model_logits(model(batch)).float(), dim=-1)
+                    with attachment.eager(), forward_hooks(hooks):
+                        adapted = F.log_softmax(model_logits(model(batch)).float(), dim=-1)
+                    loss = F.kl_div(adapted, dense, log_target=True, reduction="sum") / batch.numel()
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total += float(loss.detach()) * batch.numel()
+                    tokens += batch.numel()
+                    bar.update(1)
+                    bar.set_postfix(kl=f"{total / tokens:.4f}")
+                per_epoch.append(total / tokens)
+                log.info("recovery epoch %d: mean KL %.4f nats per token", len(per_epoch), per_epoch[-1])
+    finally:
+        detach(model)
+        if previous is not None:
+            attach(model, previous.plan, check_fingerprint=False)
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
+        model.train(training)
+    return per_epoch
+
+
+@torch.no_grad()
+def _output_rms(model: torch.nn.Module, plan: Plan, batch: torch.Tensor) -> dict[str, float]:
+    """Root mean square of each adapted unit's dense output on ``batch`` (its members' outputs together)."""
+    sums: dict[str, list[float]] = {u.name: [0.0, 0.0] for u in plan.adapted}
+
+    def record(name: str):
+        def hook(_module, _args, out):
+            sums[name][0] += float(out.float().pow(2).sum())
+            sums[name][1] += out.numel()
+        return hook
+
+    with forward_hooks([(model.get_submodule(path), record(u.name)) for u in plan.adapted for path in u.members]):
+        model(batch)
+    return {name: math.sqrt(total / max(count, 1)) or 1.0 for name, (total, count) in sums.items()}
+
+
+def _corrector(scale: torch.Tensor, bias: torch.Tensor):
+    """Forward hook: ``out * scale + bias`` in float32, returned in the output's dtype."""
+    def hook(_module, _args, out):
+        return (out.float() * scale + bias).to(out.dtype)
+    return hook

@@ -1,0 +1,116 @@
+"""Output recovery (``ranapass.recover``): the fitted correction lowers the KL from the dense model, keeps the
+plan's kept counts, leaves the model and the input plan as they were, and runs on every path (eager,
+saved and loaded, compiled); malformed corrections are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from plans import build_plan, fresh_dynamo, tiny_model  # noqa: F401
+
+import ranapass
+from ranapass.adapters import GatedMaskAdapterSpec, NeuronAdapterSpec
+from ranapass.errors import RanapassError
+from ranapass.fingerprint import weights_fingerprint
+from ranapass.plan import Plan
+
+VOCAB = 128
+
+
+def _windows(n: int, length: int = 24, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def _kl(model, plan: Plan, windows: torch.Tensor) -> float:
+    dense = F.log_softmax(model(windows).logits.float(), -1)
+    with ranapass.attach(model, plan).eager():
+        adapted = F.log_softmax(model(windows).logits.float(), -1)
+    ranapass.detach(model)
+    return float(F.kl_div(adapted, dense, log_target=True, reduction="sum") / windows.numel())
+
+
+@torch.no_grad()
+def _kept(model, plan: Plan, windows: torch.Tensor) -> dict[str, float]:
+    with ranapass.attach(model, plan).eager(), ranapass.FlopMeter() as meter:
+        model(windows)
+    ranapass.detach(model)
+    return {u.name: meter.mean_kept(u.name) for u in plan.adapted}
+
+
+@pytest.fixture(scope="module")
+def recovered():
+    model = tiny_model("LlamaForCausalLM")
+    with torch.no_grad():  # sharper predictions than a random init's near-uniform ones: a KL worth lowering
+        model.lm_head.weight.mul_(8)
+    train, holdout = _windows(8), _windows(2, seed=1)
+    plan = build_plan(model, holdout, keep=0.4, neuron="all")
+    fingerprint = weights_fingerprint(model)
+    out = ranapass.recover(model, plan, train, holdout, epochs=4, lr=3e-3, progress=False)
+    assert weights_fingerprint(model) == fingerprint and all(p.requires_grad for p in model.parameters())
+    return model, plan, out, train, holdout
+
+
+def test_recovery_lowers_the_kl_and_keeps_the_planned_counts(recovered):
+    model, plan, out, train, holdout = recovered
+    assert all(u.adapter.out_scale is None for u in plan.adapted), "the input plan was modified"
+    assert all(u.adapter.out_scale is not None for u in out.adapted)
+    assert _kl(model, out, train) < 0.9 * _kl(model, plan, train)
+    assert _kl(model, out, _windows(4, seed=2)) < _kl(model, plan, _windows(4, seed=2))
+    kept = _kept(model, out, holdout)
+    for u in out.adapted:  # fitted on the holdout: each unit keeps its planned count there
+        assert kept[u.name] == pytest.approx(u.expected_kept, rel=0.05, abs=0.5)
+    assert out.meta["recovery"]["kl_last_epoch"] < out.meta["recovery"]["kl_first_epoch"]
+
+
+def test_recovered_plan_round_trips_and_compiles_to_its_eager_output(recovered, tmp_path, fresh_dynamo):  # noqa: F811
+    model, _, out, _, _ = recovered
+    loaded = Plan.load(out.save(tmp_path / "plan"))
+    for a, b in zip(out.adapted, loaded.adapted):
+        assert torch.equal(a.adapter.out_scale, b.adapter.out_scale)
+        assert torch.equal(a.adapter.out_bias, b.adapter.out_bias)
+    ids = _windows(2, seed=3)
+    with torch.no_grad():
+        with ranapass.attach(model, loaded).eager():
+            eager = model(ids).logits
+        compiled = torch.compile(model, backend=ranapass.rana_backend)(ids).logits
+    ranapass.detach(model)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_the_correction_is_the_output_scale_and_bias():
+    w = torch.randn(6, 5)
+    scale, bias = torch.rand(6) + 0.5, torch.randn(6)
+    spec = NeuronAdapterSpec(("l",), (6,), 5, 0.1, thresholds=torch.full((5,), 0.2))
+    fixed = NeuronAdapterSpec(("l",), (6,), 5, 0.1, out_scale=scale, out_bias=bias, thresholds=torch.full((5,), 0.2))
+    x = torch.randn(3, 5)
+    plain = spec.reference(x, *spec.corrected(spec.operands([w], [None])).values())
+    torch.testing.assert_close(fixed.reference(x, *fixed.corrected(fixed.operands([w], [None])).values()),
+                               plain * scale + bias)
+
+
+def test_bad_corrections_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="out_scale and out_bias, or neither"):
+        NeuronAdapterSpec(("l",), (6,), 5, 0.1, out_scale=torch.ones(6), thresholds=torch.zeros(5))
+    with pytest.raises(ValueError, match="out_scale of shape"):
+        NeuronAdapterSpec(("l",), (6,), 5, 0.1, out_scale=torch.ones(5), out_bias=torch.zeros(5),
+                          thresholds=torch.zeros(5))
+    with pytest.raises(ValueError, match="takes no output correction"):
+        GatedMaskAdapterSpec(("g", "u"), (4, 4), 5, 0.1, out_scale=torch.ones(8), out_bias=torch.zeros(8),
+                             thresholds=torch.zeros(4))
+    model = tiny_model("LlamaForCausalLM")
+    plan = build_plan(model, _windows(2), keep=0.5, neuron="all")
+    with pytest.raises(ValueError, match="token windows"):
+        ranapass.recover(model, plan, _windows(2)[0], _windows(2))
+    with pytest.raises(ranapass.PlanMismatchError):
+        ranapass.recover(tiny_model("LlamaForCausalLM", seed=5), plan, _windows(2), _windows(2))
+    unit = plan.adapted[0]
+    unit.adapter.out_scale, unit.adapter.out_bias = torch.ones(unit.adapter.out_total), torch.zeros(unit.adapter.out_total)
+    folder = plan.save(tmp_path / "plan")
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(str(folder / "tensors.safetensors"))
+    del tensors[f"{plan.units.index(unit)}.out_bias"]
+    save_file(tensors, str(folder / "tensors.safetensors"))
+    with pytest.raises(RanapassError):
+        Plan.load(folder)
