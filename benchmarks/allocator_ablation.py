@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
         for text in texts:
             rows[DEFAULT][text]["vs_dense"] = paired(rows[DEFAULT][text]["window_nll"], res["dense"][text]["window_nll"])
         res["rows"][str(budget)] = rows
-        write(args.out, res)
+        write_results(args.out, "allocator_ablation", res, report(res))
         print(f"budget {budget} done", flush=True)
     print(report(res))
     return res
@@ -140,10 +140,11 @@ def protocol_windows(tokenizer, prepared: Path | None) -> tuple[torch.Tensor, di
             {t: ranapass.evaluation_windows(tokenizer, t, num_windows=n, window=512) for t, n in TEXTS.items()})
 
 
-def write(out: Path, res: dict) -> None:
-    """Both result files, each written whole (temporary name, then renamed into place)."""
+def write_results(out: Path, stem: str, res: dict, table: str) -> None:
+    """``<stem>.json`` (``res``) and ``<stem>.md`` (``table``) in ``out``, each written whole (temporary name,
+    then renamed into place)."""
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("allocator_ablation.json", json.dumps(res, indent=1)), ("allocator_ablation.md", report(res))):
+    for name, text in ((f"{stem}.json", json.dumps(res, indent=1)), (f"{stem}.md", table)):
         tmp = out / f".{name}.tmp"
         tmp.write_text(text)
         tmp.replace(out / name)

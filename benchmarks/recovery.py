@@ -22,7 +22,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see quality.py
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -30,7 +29,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from allocator_ablation import protocol_windows  # noqa: E402
+from allocator_ablation import protocol_windows, write_results  # noqa: E402
 from quality import evaluate, paired  # noqa: E402
 
 import ranapass  # noqa: E402
@@ -77,19 +76,10 @@ def main(argv: list[str] | None = None) -> dict:
             rec["vs_plan"] = paired(rec["window_nll"], rows[PLAN][text]["window_nll"])
             rec["vs_dense"] = paired(rec["window_nll"], res["dense"][text]["window_nll"])
         res["rows"][str(budget)] = rows
-        write(args.out, res)
+        write_results(args.out, "recovery", res, report(res))
         print(f"budget {budget} done", flush=True)
     print(report(res))
     return res
-
-
-def write(out: Path, res: dict) -> None:
-    """Both result files, each written whole (temporary name, then renamed into place)."""
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("recovery.json", json.dumps(res, indent=1)), ("recovery.md", report(res))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(out / name)
 
 
 def _pct(p: dict) -> str:

@@ -43,7 +43,7 @@ def test_report_shows_the_paired_differences(ablation):
 
 def test_results_are_written_whole(ablation, tmp_path):
     res = {"dense": {"docs": {"ppl": 9.0}}, "rows": {}}
-    ablation.write(tmp_path, res)
+    ablation.write_results(tmp_path, "allocator_ablation", res, ablation.report(res))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["allocator_ablation.json", "allocator_ablation.md"]
 
 
