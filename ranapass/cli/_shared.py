@@ -15,12 +15,13 @@ from typing import Any
 
 import torch
 
-from ranapass.data import calibration_windows
+from ranapass.data import calibration_windows, split_holdout
 from ranapass.errors import RanapassError
 from ranapass.models import DEFAULT_MODEL, load_model
 from ranapass.plan import Plan
 from ranapass.planning import PlanOptions, check_budget
 from ranapass.profiling import Profile, ProfileOptions, profile
+from ranapass.recovery import recover
 
 DEFAULT_CALIBRATION_WINDOWS = 32
 
@@ -156,7 +157,23 @@ def plan_from_args(args: argparse.Namespace, prof: Profile):
                      **objective_options(args))
 
 
-_POSITIVE = {"windows": 1, "window_len": 2, "calib_windows": 1, "calib_window_len": 2, "batch_size": 1, "tokens": 1}
+def recovered_from_args(args: argparse.Namespace, model: torch.nn.Module, tokenizer, prof: Profile, plan: Plan) -> Plan:
+    """``plan``, or with ``--recover EPOCHS`` its recovered copy (``ranapass.recover``), trained on the profile's
+    calibration windows less the held-out ones, which refit the thresholds."""
+    if not args.recover:
+        return plan
+    if args.data_free or prof.holdout is None:
+        raise RanapassError("--recover needs calibration text (a profile with held-out windows), not --data-free")
+    windows = calibration_windows(tokenizer, args.text, num_windows=args.calib_windows, window=args.calib_window_len)
+    train, holdout = split_holdout(windows, prof.holdout.shape[0])
+    if train is None or holdout is None or not torch.equal(holdout.to(prof.holdout.device), prof.holdout):
+        raise RanapassError("--recover: the profile's held-out windows are not those of this calibration text; "
+                            "profile again with --no-cache")
+    return recover(model, plan, train, holdout, epochs=args.recover)
+
+
+_POSITIVE = {"windows": 1, "window_len": 2, "calib_windows": 1, "calib_window_len": 2, "batch_size": 1, "tokens": 1,
+             "recover": 0}
 """Integer arguments and their least value."""
 
 

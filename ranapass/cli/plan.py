@@ -14,6 +14,7 @@ from ranapass.cli._shared import (
     model_from_args,
     objective_options,
     plan_from_args,
+    recovered_from_args,
 )
 
 
@@ -25,6 +26,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--curve", default=None, metavar="B1,B2,...",
                         help="also print the predicted error at these budgets")
     parser.add_argument("--plot", default=None, metavar="FILE.png", help="plot predicted error against budget")
+    parser.add_argument("--recover", type=int, default=0, metavar="EPOCHS",
+                        help="fit an output correction by distillation from the dense model over the calibration "
+                             "windows for this many epochs (ranapass.recover; 3 is the measured default): it pays "
+                             "under budget 0.6 and costs above, see docs/quality.md")
     parser.add_argument("--out", help="save the plan into this directory (plan.json + tensors.safetensors)")
     add_json_flag(parser)
     parser.set_defaults(func=run)
@@ -34,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     check_args(args)
     model, tokenizer = model_from_args(args)
     prof, _ = load_profile(args, model, tokenizer)
-    plan = plan_from_args(args, prof)
+    plan = recovered_from_args(args, model, tokenizer, prof, plan_from_args(args, prof))
     if args.out:
         plan.save(args.out)
     budgets = [float(b) for b in args.curve.split(",")] if args.curve else []

@@ -76,12 +76,20 @@ def test_profile_plan_and_adapted_eval(capsys, tmp_path, tiny_llama_dir, text_di
     assert main(["eval", *model, "--windows", "2", "--window-len", "16", "--budget", "0.7", *CALIB]) == 0
     assert "adapted    budget 0.700" in capsys.readouterr().out
 
+    recovered = tmp_path / "recovered"
+    assert main(["plan", *model, *CALIB, "--budget", "0.6", "--recover", "1", "--out", str(recovered), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["meta"]["recovery"]["epochs"] == 1
+    assert main(["eval", *model, "--windows", "3", "--window-len", "16", "--plan", str(recovered), "--json"]) == 0
+    assert math.isfinite(json.loads(capsys.readouterr().out)["adapted"]["ppl"])
+
     assert main(["plan", *model, "--data-free", "--budget", "0.7", "--json"]) == 0
     free = json.loads(capsys.readouterr().out)
     assert {u["kind"] for u in free["units"]} <= {"rank", "dense"} and free["expected_ratio"] <= 0.7
 
     assert main(["plan", *model, *CALIB, "--budget", "1.5"]) == 2
     assert "budget must be in (0, 1]" in capsys.readouterr().err
+    assert main(["plan", *model, "--data-free", "--budget", "0.7", "--recover", "1"]) == 2
+    assert "--recover needs calibration text" in capsys.readouterr().err
 
 
 @pytest.mark.slow
