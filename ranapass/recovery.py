@@ -11,8 +11,10 @@ next-token distribution from the dense model's on calibration windows::
                      q = softmax(adapted(x; out_scale, out_bias))  # masks constant, gradients to the corrections
                      step on KL(p || q) per token
 
-The correction moves the inputs of the units after it, and so their kept counts: every threshold is then
-fitted again on held-out windows (``fit_thresholds``) so each unit keeps the count its plan planned.
+After each epoch the KL on held-out windows is measured; the correction of the epoch with the lowest one
+is kept, and none if no epoch beats the plan itself (the plan comes back as it was, ``meta["recovery"]``
+says so). The correction moves the inputs of the units after it, and so their kept counts: every threshold
+is then fitted again on the held-out windows (``fit_thresholds``) so each unit keeps the count its plan planned.
 This is a training step (minutes for SmolLM2 on a CPU, seconds on a GPU) made once per plan; budget
 queries (``Profile.plan``) stay instant. Measured gains: benchmarks/RESULTS.md, output recovery.
 """
@@ -76,22 +78,30 @@ def recover(model: torch.nn.Module, plan: Plan, windows: torch.Tensor, holdout: 
     device = next(model.parameters()).device
     corrections = {u.name: (torch.ones(u.adapter.out_total, device=device, requires_grad=True),
                             torch.zeros(u.adapter.out_total, device=device, requires_grad=True)) for u in units}
-    kl = _distill(model, recovered, windows, corrections, epochs, lr, batch_size, seed, progress)
-    for u in units:
-        scale, bias = corrections[u.name]
-        u.adapter.out_scale, u.adapter.out_bias = scale.detach().cpu(), bias.detach().cpu()
-    fit_thresholds(model, recovered, holdout)
+    history = _distill(model, recovered, windows, holdout, corrections, epochs, lr, batch_size, seed, progress)
+    best = min(range(len(history)), key=lambda e: history[e]["holdout_kl"])
+    kept = [h.pop("correction", None) for h in history][best]
     recovered.meta["recovery"] = {"windows": int(windows.shape[0]), "epochs": epochs, "lr": lr,
-                                  "batch_size": batch_size, "seed": seed, "kl_first_epoch": kl[0], "kl_last_epoch": kl[-1]}
+                                  "batch_size": batch_size, "seed": seed, "history": history, "kept_epoch": best}
+    if kept is None:
+        log.warning("no epoch of output recovery lowered the held-out KL (%.4g nats per token without a "
+                    "correction): the plan is returned without one", history[0]["holdout_kl"])
+        return recovered
+    for u in units:
+        u.adapter.out_scale, u.adapter.out_bias = kept[u.name]
+    fit_thresholds(model, recovered, holdout)
     recovered.meta["thresholds"] = f"fitted after output recovery on {holdout.shape[0]} held-out windows"
     return recovered
 
 
-def _distill(model: torch.nn.Module, plan: Plan, windows: torch.Tensor,
+def _distill(model: torch.nn.Module, plan: Plan, windows: torch.Tensor, holdout: torch.Tensor,
              corrections: dict[str, tuple[torch.Tensor, torch.Tensor]], epochs: int, lr: float, batch_size: int,
-             seed: int, progress: bool) -> list[float]:
-    """Train ``corrections`` (applied by forward hooks on the members) on KL(dense || adapted); the mean KL
-    per token of each epoch. The model's parameters, mode and attachment are restored afterwards."""
+             seed: int, progress: bool) -> list[dict]:
+    """Train ``corrections`` (applied by forward hooks on the members) on KL(dense || adapted).
+
+    Returns one record per epoch, epoch 0 being the plan without a correction: the mean KL per token on
+    ``holdout`` and (from epoch 1) on the training windows, and a CPU copy of the correction after it. The
+    model's parameters, mode and attachment are restored afterwards."""
     previous = attachment_of(model)
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
     training = model.training
@@ -105,7 +115,7 @@ def _distill(model: torch.nn.Module, plan: Plan, windows: torch.Tensor,
                 hooks.append((model.get_submodule(path), _corrector(scale[start:start + m], bias[start:start + m])))
                 start += m
     gen = torch.Generator().manual_seed(seed)
-    per_epoch = []
+    history = []
     try:
         for p, _ in grad_flags:
             p.requires_grad_(False)
@@ -116,17 +126,14 @@ def _distill(model: torch.nn.Module, plan: Plan, windows: torch.Tensor,
                                + [{"params": [bias], "lr": lr * rms[name]} for name, (_, bias) in corrections.items()],
                                lr=lr)
         attachment = attach(model, plan, check_fingerprint=False)
+        history.append({"epoch": 0, "holdout_kl": _mean_kl(model, attachment, [], holdout, batch_size)})
         steps = epochs * math.ceil(len(windows) / batch_size)
         with tqdm(total=steps, desc="recovery", unit="step", disable=not progress) as bar:
-            for _ in range(epochs):
+            for epoch in range(1, epochs + 1):
                 total, tokens = 0.0, 0
                 for idx in torch.randperm(len(windows), generator=gen).split(batch_size):
                     batch = windows[idx].to(device)
-                    with torch.no_grad():
-                        dense = F.log_softmax(model_logits(model(batch)).float(), dim=-1)
-                    with attachment.eager(), forward_hooks(hooks):
-                        adapted = F.log_softmax(model_logits(model(batch)).float(), dim=-1)
-                    loss = F.kl_div(adapted, dense, log_target=True, reduction="sum") / batch.numel()
+                    loss = _kl_sum(model, attachment, hooks, batch) / batch.numel()
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -134,8 +141,12 @@ def _distill(model: torch.nn.Module, plan: Plan, windows: torch.Tensor,
                     tokens += batch.numel()
                     bar.update(1)
                     bar.set_postfix(kl=f"{total / tokens:.4f}")
-                per_epoch.append(total / tokens)
-                log.info("recovery epoch %d: mean KL %.4f nats per token", len(per_epoch), per_epoch[-1])
+                held = _mean_kl(model, attachment, hooks, holdout, batch_size)
+                history.append({"epoch": epoch, "train_kl": total / tokens, "holdout_kl": held,
+                                "correction": {name: (s.detach().cpu().clone(), b.detach().cpu().clone())
+                                               for name, (s, b) in corrections.items()}})
+                log.info("recovery epoch %d: mean KL %.4f (training) %.4f (held out) nats per token",
+                         epoch, total / tokens, held)
     finally:
         detach(model)
         if previous is not None:
@@ -143,7 +154,24 @@ def _distill(model: torch.nn.Module, plan: Plan, windows: torch.Tensor,
         for p, flag in grad_flags:
             p.requires_grad_(flag)
         model.train(training)
-    return per_epoch
+    return history
+
+
+def _kl_sum(model: torch.nn.Module, attachment, hooks: list, batch: torch.Tensor) -> torch.Tensor:
+    """KL(dense || adapted) summed over the tokens of ``batch``; the adapted pass runs ``hooks``."""
+    with torch.no_grad():
+        dense = F.log_softmax(model_logits(model(batch)).float(), dim=-1)
+    with attachment.eager(), forward_hooks(hooks):
+        adapted = F.log_softmax(model_logits(model(batch)).float(), dim=-1)
+    return F.kl_div(adapted, dense, log_target=True, reduction="sum")
+
+
+@torch.no_grad()
+def _mean_kl(model: torch.nn.Module, attachment, hooks: list, windows: torch.Tensor, batch_size: int) -> float:
+    """Mean KL(dense || adapted) per token over ``windows``."""
+    device = next(model.parameters()).device
+    total = sum(float(_kl_sum(model, attachment, hooks, batch.to(device))) for batch in windows.split(batch_size))
+    return total / windows.numel()
 
 
 @torch.no_grad()

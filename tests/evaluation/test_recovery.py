@@ -44,7 +44,7 @@ def recovered():
     model = tiny_model("LlamaForCausalLM")
     with torch.no_grad():  # sharper predictions than a random init's near-uniform ones: a KL worth lowering
         model.lm_head.weight.mul_(8)
-    train, holdout = _windows(8), _windows(2, seed=1)
+    train, holdout = _windows(32, 64), _windows(4, 64, seed=1)  # fewer tokens than parameters overfit
     plan = build_plan(model, holdout, keep=0.4, neuron="all")
     fingerprint = weights_fingerprint(model)
     out = ranapass.recover(model, plan, train, holdout, epochs=4, lr=3e-3, progress=False)
@@ -57,11 +57,13 @@ def test_recovery_lowers_the_kl_and_keeps_the_planned_counts(recovered):
     assert all(u.adapter.out_scale is None for u in plan.adapted), "the input plan was modified"
     assert all(u.adapter.out_scale is not None for u in out.adapted)
     assert _kl(model, out, train) < 0.9 * _kl(model, plan, train)
-    assert _kl(model, out, _windows(4, seed=2)) < _kl(model, plan, _windows(4, seed=2))
+    assert _kl(model, out, _windows(4, 64, seed=2)) < _kl(model, plan, _windows(4, 64, seed=2))
     kept = _kept(model, out, holdout)
     for u in out.adapted:  # fitted on the holdout: each unit keeps its planned count there
         assert kept[u.name] == pytest.approx(u.expected_kept, rel=0.05, abs=0.5)
-    assert out.meta["recovery"]["kl_last_epoch"] < out.meta["recovery"]["kl_first_epoch"]
+    history, kept_epoch = out.meta["recovery"]["history"], out.meta["recovery"]["kept_epoch"]
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3, 4] and kept_epoch > 0
+    assert history[kept_epoch]["holdout_kl"] == min(h["holdout_kl"] for h in history)
 
 
 def test_recovered_plan_round_trips_and_compiles_to_its_eager_output(recovered, tmp_path, fresh_dynamo):  # noqa: F811
@@ -88,6 +90,15 @@ def test_the_correction_is_the_output_scale_and_bias():
     plain = spec.reference(x, *spec.corrected(spec.operands([w], [None])).values())
     torch.testing.assert_close(fixed.reference(x, *fixed.corrected(fixed.operands([w], [None])).values()),
                                plain * scale + bias)
+
+
+def test_a_correction_that_lowers_no_held_out_kl_is_not_kept(caplog):
+    """An exact plan (everything kept) has no error to recover: the plan comes back without a correction."""
+    model = tiny_model("LlamaForCausalLM")
+    plan = build_plan(model, _windows(2), keep=1.0, neuron="all")
+    out = ranapass.recover(model, plan, _windows(4), _windows(2, seed=1), epochs=2, lr=1e-2, progress=False)
+    assert out.meta["recovery"]["kept_epoch"] == 0 and "returned without one" in caplog.text
+    assert all(u.adapter.out_scale is None for u in out.adapted)
 
 
 def test_bad_corrections_are_refused(tmp_path):
