@@ -117,8 +117,9 @@ def report(res: dict) -> str:
     dense = ", ".join(f"{t} {r['ppl']:.2f}" for t, r in res["dense"].items())
     lines = [f"Dense: {dense}. Calibration: {res.get('replica', PROTOCOL)}. Recovery: {res['epochs']} epoch(s) over "
              f"{res['train_windows']} windows, lr {res['lr']}, on {res['device']} (torch {res['torch']}).", "",
-             "| budget | plans | text | plan (ratio) | vs dense | recovered (ratio) | vs dense | vs plan | recovery s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| budget | plans | text | plan (ratio) | vs dense | recovered (ratio) | vs dense | vs plan | epoch kept | "
+             "recovery s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for budget in sorted(res["rows"], key=float):
         row = res["rows"][budget]
         for name, rec_name in PAIRS:
@@ -128,7 +129,7 @@ def report(res: dict) -> str:
                 p, r = row[name][text], row[rec_name][text]
                 lines.append(f"| {budget} | {name} | {text} | {p['ppl']:.2f} ({p['ratio']:.3f}) | {_pct(p['vs_dense'])} | "
                              f"{r['ppl']:.2f} ({r['ratio']:.3f}) | {_pct(r['vs_dense'])} | {_pct(r['vs_plan'])} | "
-                             f"{row[rec_name]['recover_seconds']:.0f} |")
+                             f"{row[rec_name]['meta'].get('kept_epoch', '-')} | {row[rec_name]['recover_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -13,7 +13,7 @@ def _paired(rel: float) -> dict:
 def test_report_has_a_row_per_budget_plans_and_text():
     texts = ("python-docs", "debian-handbook")
     plan = {t: {"ppl": 23.74, "ratio": 0.561, "vs_dense": _paired(0.127)} for t in texts}
-    recovered = {"recover_seconds": 17.0, **{t: {"ppl": 23.0, "ratio": 0.562, "vs_dense": _paired(0.092),
+    recovered = {"recover_seconds": 17.0, "meta": {"kept_epoch": 3}, **{t: {"ppl": 23.0, "ratio": 0.562, "vs_dense": _paired(0.092),
                                                  "vs_plan": _paired(-0.031)} for t in texts}}
     res = {"dense": {t: {"ppl": 21.06} for t in texts}, "epochs": 3, "lr": 3e-3, "train_windows": 30,
            "device": "cuda", "torch": "2.11", "rows": {"0.56": {bench.PLAN: plan, bench.RECOVERED: recovered},
@@ -23,7 +23,7 @@ def test_report_has_a_row_per_budget_plans_and_text():
     assert table.count("| 0.56 |") == 2 and table.count("| 0.4 |") == 4
     assert table.index("| 0.4 |") < table.index("| 0.56 |")
     assert (f"| 0.56 | {bench.PLAN} | python-docs | 23.74 (0.561) | +12.7 ± 0.4% | 23.00 (0.562) | +9.2 ± 0.4% | "
-            "-3.1 ± 0.4% | 17 |") in table
+            "-3.1 ± 0.4% | 3 | 17 |") in table
     assert f"| 0.4 | {bench.TEAL} | debian-handbook |" in table
 
 
