@@ -289,7 +289,8 @@ def teal(model: torch.nn.Module, windows: torch.Tensor, *, holdout_windows: int 
         outs = tuple(site.out_features)
 
         def make(tau, members=members, outs=outs, n=n):
-            return NeuronAdapterSpec(members, outs, n, tau, thresholds=torch.full((n,), tau, dtype=torch.float32))
+            return NeuronAdapterSpec(members, outs, n, tau, weighted=False,
+                                     thresholds=torch.full((n,), tau, dtype=torch.float32))
 
         name = members[0] if len(members) == 1 else stack_name(members)
         units.append(_SparseUnit(name, members, outs, n, _Quantiles.of(site.sample.abs()), make, n))
@@ -328,7 +329,7 @@ def cats(model: torch.nn.Module, windows: torch.Tensor, *, holdout_windows: int 
         def make_down(_tau, mlp=mlp, d=d, m=d_lin.out_features):
             # keep exactly the non-zero inputs: the units whose up row the gate kept
             tiny = torch.finfo(torch.float32).tiny
-            return NeuronAdapterSpec((mlp.down,), (m,), d, tiny, thresholds=torch.full((d,), tiny))
+            return NeuronAdapterSpec((mlp.down,), (m,), d, tiny, weighted=False, thresholds=torch.full((d,), tiny))
 
         units.append(_SparseUnit(stack_name((mlp.gate, mlp.up)), (mlp.gate, mlp.up), (d, d), n,
                                  _Quantiles.of(scores), make_gate, d))

@@ -230,7 +230,7 @@ class GreedySparsityBaseline(SparsityBaseline):
         for p in self.projections:
             s = per[p.path]
             tau = p.quantiles.threshold(s)
-            spec = NeuronAdapterSpec((p.path,), (p.out_features,), p.in_features, tau,
+            spec = NeuronAdapterSpec((p.path,), (p.out_features,), p.in_features, tau, weighted=False,
                                      thresholds=torch.full((p.in_features,), tau, dtype=torch.float32))
             units.append(UnitPlan(p.path, (p.path,), (p.out_features,), p.in_features, spec,
                                   (1.0 - s) * p.in_features))

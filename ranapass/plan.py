@@ -237,8 +237,7 @@ def _saved_adapter(path: str | os.PathLike, index: int, entry: dict[str, Any],
     spec = ADAPTER_KINDS[kind]
     prefix = f"{index}."
     own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    in_json = {f.name for f in dataclasses.fields(AdapterSpec)} | set(entry["adapter"])
-    want = {f.name for f in dataclasses.fields(spec)} - in_json
+    want = set(spec.tensor_names)
     if set(own) - _CORRECTION != want or set(own) & _CORRECTION not in (set(), _CORRECTION):
         raise RanapassError(f"{path}: unit {entry['name']!r} is a {kind!r} adapter, whose tensors are {sorted(want)} "
                             f"(and optionally {sorted(_CORRECTION)}), but {PLAN_FORMAT.tensors} holds {sorted(own)} "

@@ -69,10 +69,8 @@ def fit_thresholds(model: torch.nn.Module, plan: Plan, windows: Any, *, seed: in
 
         def pre(module, args):
             spec, buffers = unit.adapter, bound.buffers
-            norms = spec.entry_norms(buffers)
-            scores = spec.magnitudes(args[0].detach(), buffers) * norms
-            tau = _quantile_threshold(scores, unit.expected_kept / spec.width, seed)
-            thresholds = per_entry_thresholds(tau, norms)
+            tau = _quantile_threshold(spec.scores(args[0].detach(), buffers), unit.expected_kept / spec.width, seed)
+            thresholds = per_entry_thresholds(tau, spec.entry_norms(buffers))
             buffers["thresholds"].copy_(thresholds)
             spec.thresholds = thresholds.cpu()
             spec.tau = tau

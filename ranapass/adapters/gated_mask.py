@@ -61,6 +61,7 @@ class GatedMaskAdapterSpec(AdapterSpec):
 
     kind: ClassVar[str] = "gated_mask"
     reference = staticmethod(gated_mask_reference)
+    tensor_names: ClassVar[tuple[str, ...]] = ("thresholds",)
     activation: str = "silu"
     thresholds: torch.Tensor = None
 
@@ -81,9 +82,6 @@ class GatedMaskAdapterSpec(AdapterSpec):
     def flops(self, kept: float | Any) -> Any:
         d, n = self.width, self.in_features
         return flops.T * (2 * n * d + 2 * n * kept + flops.MASK_FLOPS_PER_SCORE * d)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"thresholds": self.thresholds}
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "activation": self.activation}

@@ -24,7 +24,10 @@ class NeuronAdapterSpec(AdapterSpec):
     """``y = W (keep * x) + b`` with ``keep = |x_j| >= thresholds_j``.
 
     Args:
-        thresholds: ``[in_features]`` float32, ``tau / ||W[:, j]||`` over the stacked members' weights.
+        weighted: the score ``tau`` cuts is ``|x_j| * ||W[:, j]||`` (RaNA's, True) or ``|x_j|`` alone (TEAL's,
+            False): threshold fitting keeps the plan's criterion.
+        thresholds: ``[in_features]`` float32, ``tau / ||W[:, j]||`` over the stacked members' weights
+            (``tau`` everywhere when not ``weighted``).
     The weight itself comes from the model when bound (transposed, input-major: operand ``Wt``).
     """
 
@@ -33,6 +36,8 @@ class NeuronAdapterSpec(AdapterSpec):
                                            pair_op="neuron_adapter_pair")
     reference = kernel_reference("neuron_adapter_reference")
     output_operand: ClassVar[str] = "Wt"
+    tensor_names: ClassVar[tuple[str, ...]] = ("thresholds",)
+    weighted: bool = True
     thresholds: torch.Tensor = None
 
     def __post_init__(self) -> None:
@@ -47,9 +52,6 @@ class NeuronAdapterSpec(AdapterSpec):
 
     def flops(self, kept: float | Any) -> Any:
         return flops.neuron_adapter(self.out_total, self.in_features, kept)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"thresholds": self.thresholds}
 
     @classmethod
     def from_candidate(cls, unit: UnitCandidates, index: int, weight: torch.Tensor) -> NeuronAdapterSpec:
@@ -69,4 +71,9 @@ class NeuronAdapterSpec(AdapterSpec):
         return x.float().abs()
 
     def entry_norms(self, operands: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        if not self.weighted:
+            return torch.ones(self.in_features, device=operands["thresholds"].device)
         return operands["Wt"].float().norm(dim=1)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "weighted": self.weighted}

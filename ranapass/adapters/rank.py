@@ -33,6 +33,7 @@ class RankAdapterSpec(AdapterSpec):
     lowering: ClassVar[Lowering] = Lowering("rank_adapter", pair_op="rank_adapter_pair")
     reference = kernel_reference("rank_adapter_reference")
     output_operand: ClassVar[str] = "At"
+    tensor_names: ClassVar[tuple[str, ...]] = ("B", "At", "thresholds")
     B: torch.Tensor = None
     At: torch.Tensor = None
     thresholds: torch.Tensor = None
@@ -56,9 +57,6 @@ class RankAdapterSpec(AdapterSpec):
 
     def flops(self, kept: float | Any) -> Any:
         return flops.rank_adapter(self.out_total, self.in_features, self.rank, kept)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"B": self.B, "At": self.At, "thresholds": self.thresholds}
 
     @classmethod
     def from_candidate(cls, unit: UnitCandidates, index: int, weight: torch.Tensor) -> RankAdapterSpec:

@@ -8,7 +8,7 @@ holds everything kind-specific in one place:
 - the spec: calibrated tensors (device-free, float32), config and FLOPs, as a plan saves them;
 - its scores: ``magnitudes`` (per entry, compared with the thresholds) and ``entry_norms`` (the
   weight of each entry in the score ``magnitude * norm``, so ``thresholds = tau / norm``), used by
-  threshold fitting and by the kept-count of the eager path;
+  threshold fitting;
 - its reference forward ``reference(x, *operands, *constants)`` and the ``operands`` it reads from
   the model's weights;
 - ``from_candidate``: the adapter of one candidate of a profile's curve of this kind;
@@ -121,6 +121,8 @@ class AdapterSpec:
     kind: ClassVar[str] = ""
     lowering: ClassVar[Lowering | None] = None
     output_operand: ClassVar[str | None] = None
+    tensor_names: ClassVar[tuple[str, ...]] = ()
+    """The calibrated tensor fields, as a plan saves them (the other fields are JSON settings)."""
     """The operand whose last dimension is the stacked output (None: the kind takes no output correction)."""
     members: tuple[str, ...]
     out_features: tuple[int, ...]
@@ -165,7 +167,7 @@ class AdapterSpec:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Calibrated tensors, as saved in a plan (the output correction's are in ``correction``)."""
-        raise NotImplementedError
+        return {name: getattr(self, name) for name in self.tensor_names}
 
     def correction(self) -> dict[str, torch.Tensor]:
         """The output correction's tensors, as saved in a plan (empty when there is none)."""

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from plan_damage import resave
 from plans import fresh_dynamo  # noqa: F401 (fixture)
 
 import ranapass
@@ -161,6 +162,27 @@ def test_cats_plan_save_load_roundtrip(model, cats_baseline, tmp_path):
     loaded = ranapass.Plan.load(tmp_path / "plan")
     assert loaded.unit("model.layers.1.mlp.{gate_proj,up_proj}").adapter.activation == "silu"
     assert torch.equal(_logits(model, loaded), _logits(model, plan))
+
+
+def test_teal_thresholds_refit_with_teal_criterion(model, teal_baseline, tmp_path):
+    """A TEAL-style unit cuts ``|x_j|`` with one cutoff: fitting its thresholds again keeps them uniform
+    (not ``tau / ||W[:, j]||``), and a saved plan says so."""
+    from ranapass.thresholds import fit_thresholds
+
+    plan = teal_baseline.plan_at(0.5)
+    fit_thresholds(model, plan, teal_baseline.holdout)
+    for u in plan.adapted:
+        assert not u.adapter.weighted
+        assert torch.equal(u.adapter.thresholds, torch.full_like(u.adapter.thresholds, u.adapter.tau))
+    loaded = ranapass.Plan.load(plan.save(tmp_path / "plan"))
+    assert [u.adapter.weighted for u in loaded.adapted] == [False] * len(plan.adapted)
+
+    def unstated(doc, _tensors):  # a plan saved before neuron adapters said their criterion: RaNA's
+        for u in doc["units"]:
+            if u["adapter"] is not None:
+                del u["adapter"]["weighted"]
+    resave(tmp_path / "plan", unstated)
+    assert [u.adapter.weighted for u in ranapass.Plan.load(tmp_path / "plan").adapted] == [True] * len(plan.adapted)
 
 
 def test_static_low_rank_uniform_has_no_masks(model, windows):
