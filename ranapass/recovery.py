@@ -14,7 +14,10 @@ next-token distribution from the dense model's on calibration windows::
 After each epoch the KL on held-out windows is measured; the correction of the epoch with the lowest one
 is kept, and none if no epoch beats the plan itself (the plan comes back as it was, ``meta["recovery"]``
 says so). The correction moves the inputs of the units after it, and so their kept counts: every threshold
-is then fitted again on the held-out windows (``fit_thresholds``) so each unit keeps the count its plan planned.
+is then fitted again on the held-out windows (``fit_thresholds``) so each unit keeps the count it kept there
+before the correction, which is also the recovered plan's ``expected_kept``. The FLOPs stay those of the plan
+as it ran, also for a plan whose ``expected_kept`` was not fitted on these windows (a TEAL-style plan's is
+its dense calibration quantile).
 This is a training step (minutes for SmolLM2 on a CPU, seconds on a GPU) made once per plan; budget
 queries (``Profile.plan``) stay instant. Measured gains: benchmarks/RESULTS.md, output recovery.
 """
@@ -29,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ranapass.attach import attach, attachment_of, detach
+from ranapass.attach import FlopMeter, attach, attachment_of, detach
 from ranapass.data import check_token_ids
 from ranapass.evaluate import model_logits
 from ranapass.hooks import forward_hooks
@@ -78,17 +81,20 @@ def recover(model: torch.nn.Module, plan: Plan, windows: torch.Tensor, holdout: 
     device = next(model.parameters()).device
     corrections = {u.name: (torch.ones(u.adapter.out_total, device=device, requires_grad=True),
                             torch.zeros(u.adapter.out_total, device=device, requires_grad=True)) for u in units}
-    history = _distill(model, recovered, windows, holdout, corrections, epochs, lr, batch_size, seed, progress)
+    history, kept_counts = _distill(model, recovered, windows, holdout, corrections, epochs, lr, batch_size, seed,
+                                    progress)
     best = min(range(len(history)), key=lambda e: history[e]["holdout_kl"])
-    kept = [h.pop("correction", None) for h in history][best]
+    correction = [h.pop("correction", None) for h in history][best]
     recovered.meta["recovery"] = {"windows": int(windows.shape[0]), "epochs": epochs, "lr": lr,
                                   "batch_size": batch_size, "seed": seed, "history": history, "kept_epoch": best}
-    if kept is None:
+    if correction is None:
         log.warning("no epoch of output recovery lowered the held-out KL (%.4g nats per token without a "
                     "correction): the plan is returned without one", history[0]["holdout_kl"])
         return recovered
     for u in units:
-        u.adapter.out_scale, u.adapter.out_bias = kept[u.name]
+        u.adapter.out_scale, u.adapter.out_bias = correction[u.name]
+    for u in recovered.adapted:
+        u.expected_kept = kept_counts.get(u.name, u.expected_kept)
     fit_thresholds(model, recovered, holdout)
     recovered.meta["thresholds"] = f"fitted after output recovery on {holdout.shape[0]} held-out windows"
     return recovered
@@ -96,12 +102,13 @@ def recover(model: torch.nn.Module, plan: Plan, windows: torch.Tensor, holdout: 
 
 def _distill(model: torch.nn.Module, plan: Plan, windows: torch.Tensor, holdout: torch.Tensor,
              corrections: dict[str, tuple[torch.Tensor, torch.Tensor]], epochs: int, lr: float, batch_size: int,
-             seed: int, progress: bool) -> list[dict]:
+             seed: int, progress: bool) -> tuple[list[dict], dict[str, float]]:
     """Train ``corrections`` (applied by forward hooks on the members) on KL(dense || adapted).
 
     Returns one record per epoch, epoch 0 being the plan without a correction: the mean KL per token on
-    ``holdout`` and (from epoch 1) on the training windows, and a CPU copy of the correction after it. The
-    model's parameters, mode and attachment are restored afterwards."""
+    ``holdout`` and (from epoch 1) on the training windows, and a CPU copy of the correction after it; and
+    the mean kept count per token of every adapted unit on ``holdout`` without a correction. The model's
+    parameters, mode and attachment are restored afterwards."""
     previous = attachment_of(model)
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
     training = model.training
@@ -126,7 +133,9 @@ def _distill(model: torch.nn.Module, plan: Plan, windows: torch.Tensor, holdout:
                                + [{"params": [bias], "lr": lr * rms[name]} for name, (_, bias) in corrections.items()],
                                lr=lr)
         attachment = attach(model, plan, check_fingerprint=False)
-        history.append({"epoch": 0, "holdout_kl": _mean_kl(model, attachment, [], holdout, batch_size)})
+        with FlopMeter() as meter:
+            history.append({"epoch": 0, "holdout_kl": _mean_kl(model, attachment, [], holdout, batch_size)})
+        kept_counts = {name: meter.mean_kept(name) for name in meter.tokens}
         steps = epochs * math.ceil(len(windows) / batch_size)
         with tqdm(total=steps, desc="recovery", unit="step", disable=not progress) as bar:
             for epoch in range(1, epochs + 1):
@@ -154,7 +163,7 @@ def _distill(model: torch.nn.Module, plan: Plan, windows: torch.Tensor, holdout:
         for p, flag in grad_flags:
             p.requires_grad_(flag)
         model.train(training)
-    return history
+    return history, kept_counts
 
 
 def _kl_sum(model: torch.nn.Module, attachment, hooks: list, batch: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@ from plans import build_plan, fresh_dynamo, tiny_model  # noqa: F401
 
 import ranapass
 from ranapass.adapters import GatedMaskAdapterSpec, NeuronAdapterSpec
+from ranapass.baselines import teal
+from ranapass.data import split_holdout
 from ranapass.errors import RanapassError
 from ranapass.fingerprint import weights_fingerprint
 from ranapass.plan import Plan
@@ -79,6 +81,27 @@ def test_recovered_plan_round_trips_and_compiles_to_its_eager_output(recovered, 
         compiled = torch.compile(model, backend=ranapass.rana_backend)(ids).logits
     ranapass.detach(model)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_a_teal_plan_keeps_the_counts_it_ran_with_and_its_criterion():
+    """A TEAL-style plan's ``expected_kept`` is its dense calibration quantile, not what it keeps once
+    earlier units are sparse: recovery refits to the counts the plan kept on the held-out windows."""
+    model = tiny_model("LlamaForCausalLM")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8)
+    calibration = _windows(34, 64)
+    baseline = teal(model, calibration, holdout_windows=2, sample_tokens=512)
+    plan = baseline.plan(0.5)
+    train, holdout = split_holdout(calibration, 2)
+    assert torch.equal(holdout, baseline.holdout)
+    before = _kept(model, plan, holdout)
+    out = ranapass.recover(model, plan, train, holdout, epochs=3, lr=3e-3, progress=False)
+    assert out.meta["recovery"]["kept_epoch"] > 0
+    after = _kept(model, out, holdout)
+    for u in out.adapted:
+        assert u.expected_kept == before[u.name]
+        assert after[u.name] == pytest.approx(before[u.name], rel=0.05, abs=0.5)
+        assert torch.equal(u.adapter.thresholds, torch.full_like(u.adapter.thresholds, u.adapter.tau))
 
 
 def test_the_correction_is_the_output_scale_and_bias():
