@@ -121,9 +121,9 @@ class AdapterSpec:
     kind: ClassVar[str] = ""
     lowering: ClassVar[Lowering | None] = None
     output_operand: ClassVar[str | None] = None
+    """The operand whose last dimension is the stacked output (None: the kind takes no output correction)."""
     tensor_names: ClassVar[tuple[str, ...]] = ()
     """The calibrated tensor fields, as a plan saves them (the other fields are JSON settings)."""
-    """The operand whose last dimension is the stacked output (None: the kind takes no output correction)."""
     members: tuple[str, ...]
     out_features: tuple[int, ...]
     in_features: int
