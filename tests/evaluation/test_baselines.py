@@ -195,3 +195,15 @@ def test_static_low_rank_uniform_has_no_masks(model, windows):
     assert plan.expected_ratio() <= 0.6 + 1e-9
     # the reference recipe keeps its neuron adapters on the narrow (down) projections
     assert "neuron" in {u.kind for u in prof.plan(0.6, allocation="uniform", fit=False).units}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with pytest -m gpu)")
+@pytest.mark.parametrize("make", [teal, cats], ids=["teal", "cats"])
+def test_baselines_calibrate_a_model_on_the_gpu(make, windows):
+    gpu = tiny_llama().cuda()
+    baseline = make(gpu, windows, sample_tokens=512)
+    plan = baseline.plan(0.75, tolerance=0.005)
+    assert measured_ratio(gpu, plan, baseline.holdout) == pytest.approx(0.75, abs=0.005)
+    assert plan.meta["sparsity"] == pytest.approx(make(tiny_llama(), windows, sample_tokens=512).plan(
+        0.75, tolerance=0.005).meta["sparsity"], abs=0.02)
