@@ -223,7 +223,9 @@ class Run:
         self.model_name = model_name
         s = settings
         if prepared is not None:
-            if (s.calibration_windows, s.eval_windows, s.window) != (32, EVAL_NUM_WINDOWS, EVAL_WINDOW):
+            full = Settings()
+            if (s.calibration_windows, s.eval_windows, s.window) != (full.calibration_windows, full.eval_windows,
+                                                                      full.window):
                 raise SystemExit("--prepared holds the protocol's windows: it cannot be combined with --quick")
             from allocator_ablation import protocol_windows  # imported here: allocator_ablation imports this module
             self.calibration, self.windows = protocol_windows(self.tokenizer, prepared)

@@ -40,7 +40,14 @@ def test_quick_run_writes_table_plot_and_json(quality, tiny_llama_dir, tmp_path,
     assert "| ranapass (global) |" in table and "Total wall time" in table
     assert "| TEAL-style (greedy per block) |" in table and table.count("Paired against ranapass (global)") == 2
     assert (tmp_path / "quality.png").stat().st_size > 10_000
+    assert not (tmp_path / "quality.partial.json").exists()  # the rows measured so far, gone once the run ends
+    assert result["command"].endswith("--threads 1")
     rerun_only_replaces_its_method(quality, tiny_llama_dir, tmp_path, result)
+
+
+def test_prepared_windows_are_the_protocols_only(quality, tiny_llama_dir, tmp_path):
+    with pytest.raises(SystemExit, match="cannot be combined with --quick"):
+        quality.main(["--quick", "--prepared", str(tmp_path), "--model", str(tiny_llama_dir), "--out", str(tmp_path)])
 
 
 def rerun_only_replaces_its_method(quality, model_dir, out, before):
