@@ -36,11 +36,10 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from calibration_spread import PROTOCOL, TEXTS, WINDOWS_FILE  # noqa: E402
+from prepared_windows import protocol_windows  # noqa: E402
 from quality import evaluate, paired  # noqa: E402
 
 import ranapass  # noqa: E402
@@ -129,15 +128,6 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"budget {budget} done", flush=True)
     print(report(res))
     return res
-
-
-def protocol_windows(tokenizer, prepared: Path | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The protocol's 32 calibration windows and each text's evaluation windows, from the texts or ``prepared``."""
-    if prepared is not None:
-        tensors = load_file(str(prepared / WINDOWS_FILE))
-        return tensors[PROTOCOL], {t: tensors[f"eval:{t}"] for t in TEXTS}
-    return (ranapass.calibration_windows(tokenizer, num_windows=32, window=512),
-            {t: ranapass.evaluation_windows(tokenizer, t, num_windows=n, window=512) for t, n in TEXTS.items()})
 
 
 def write_results(out: Path, stem: str, res: dict, table: str) -> None:

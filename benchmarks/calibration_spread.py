@@ -46,20 +46,17 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from prepared_windows import PROTOCOL, TEXTS, WINDOWS_FILE, prepare, replicas  # noqa: E402
 from quality import evaluate  # noqa: E402
 
 import ranapass  # noqa: E402
 from ranapass.planning import PlanOptions  # noqa: E402
 from ranapass.profiling import ProfileOptions  # noqa: E402
 
-TEXTS = {"python-docs": 32, "debian-handbook": 16}
-"""Evaluation windows per text (the protocol's, as in benchmarks/quality.py)."""
-PROTOCOL = "protocol"
-WINDOWS_FILE = "windows.safetensors"
 RESULTS_FILE = "calibration_spread.jsonl"
 
 
@@ -82,25 +79,6 @@ def parse_spec(spec: str, options: type, reserved: tuple[str, ...] = ()) -> tupl
 def plan_label(overrides: dict[str, Any]) -> str:
     """A plan variant's name: its overrides, or "default"."""
     return ",".join(f"{k}={v}" for k, v in overrides.items()) or "default"
-
-
-def prepare(out: Path, replicas: int, windows: int, window: int, model: str) -> None:
-    """The token windows of every replica and of the evaluation texts, in one file."""
-    _, tokenizer = ranapass.load_model(model)
-    tensors = {PROTOCOL: ranapass.calibration_windows(tokenizer, num_windows=windows, window=window),
-               "pool": ranapass.calibration_windows(tokenizer, num_windows=windows * replicas, window=window)}
-    for text, count in TEXTS.items():
-        tensors[f"eval:{text}"] = ranapass.evaluation_windows(tokenizer, text, num_windows=count, window=window)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{WINDOWS_FILE}.tmp"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"replicas": str(replicas)})
-    tmp.replace(out / WINDOWS_FILE)
-
-
-def replicas(tensors: dict[str, torch.Tensor], count: int) -> dict[str, tuple[torch.Tensor, int]]:
-    """``{replica: (calibration windows, sampling seed)}``: the protocol's, then ``count`` disjoint draws."""
-    pool = tensors["pool"]
-    return {PROTOCOL: (tensors[PROTOCOL], 0)} | {f"draw{k}": (pool[k::count], k) for k in range(count)}
 
 
 def run(args: argparse.Namespace) -> None:

@@ -62,6 +62,9 @@ from ranapass.evaluate import EVAL_NUM_WINDOWS, EVAL_WINDOW, protocol  # noqa: E
 from ranapass.plan import Plan  # noqa: E402
 from ranapass.profiling import Profile, ProfileOptions  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prepared_windows import protocol_windows  # noqa: E402
+
 log = logging.getLogger("quality")
 
 BUDGETS = (0.4, 0.5, 0.56, 0.6, 0.7, 0.8, 0.9)
@@ -227,7 +230,6 @@ class Run:
             if (s.calibration_windows, s.eval_windows, s.window) != (full.calibration_windows, full.eval_windows,
                                                                       full.window):
                 raise SystemExit("--prepared holds the protocol's windows: it cannot be combined with --quick")
-            from allocator_ablation import protocol_windows  # imported here: allocator_ablation imports this module
             self.calibration, self.windows = protocol_windows(self.tokenizer, prepared)
         else:
             self.calibration = self.timer("windows", lambda: ranapass.calibration_windows(
