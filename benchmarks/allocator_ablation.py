@@ -30,7 +30,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see quality.py
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -40,7 +39,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from prepared_windows import protocol_windows  # noqa: E402
-from quality import evaluate, paired  # noqa: E402
+from quality import evaluate, paired, write_results  # noqa: E402
 
 import ranapass  # noqa: E402
 from ranapass import baselines, baselines_greedy  # noqa: E402
@@ -128,16 +127,6 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"budget {budget} done", flush=True)
     print(report(res))
     return res
-
-
-def write_results(out: Path, stem: str, res: dict, table: str) -> None:
-    """``<stem>.json`` (``res``) and ``<stem>.md`` (``table``) in ``out``, each written whole (temporary name,
-    then renamed into place)."""
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in ((f"{stem}.json", json.dumps(res, indent=1)), (f"{stem}.md", table)):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(out / name)
 
 
 def report(res: dict) -> str:

@@ -214,6 +214,20 @@ def mask_free_budget(profile: Profile, budget: float) -> float:
     return lo
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``path`` whole: a temporary name beside it, then renamed into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_results(out: Path, stem: str, res: dict, table: str) -> None:
+    """``<stem>.json`` (``res``) and ``<stem>.md`` (``table``) in ``out``, each written whole."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / f"{stem}.json", json.dumps(res, indent=1))
+    write_atomic(out / f"{stem}.md", table)
+
+
 # ---------------------------------------------------------------------------------------- the run
 class Run:
     """Everything one benchmark run holds: model, windows, profiles, baselines, timings, results."""
@@ -327,9 +341,7 @@ class Run:
             f"{t}: ppl {r['ppl']:.3f} @ {r['ratio']:.4f}" for t, r in row["texts"].items()))
         self.rows.append(row)
         if self.checkpoint is not None and self.dense is not None:
-            tmp = self.checkpoint.with_name(f".{self.checkpoint.name}.tmp")
-            tmp.write_text(json.dumps(self.report(self.dense), indent=1))
-            tmp.replace(self.checkpoint)
+            write_atomic(self.checkpoint, json.dumps(self.report(self.dense), indent=1))
 
     def run(self) -> dict[str, Any]:
         s = self.settings

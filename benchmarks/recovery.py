@@ -32,9 +32,8 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from allocator_ablation import write_results  # noqa: E402
 from prepared_windows import PROTOCOL, WINDOWS_FILE, protocol_windows, replicas  # noqa: E402
-from quality import evaluate, paired  # noqa: E402
+from quality import evaluate, paired, write_results  # noqa: E402
 
 import ranapass  # noqa: E402
 from ranapass import baselines  # noqa: E402
