@@ -76,7 +76,7 @@ class GatedMLP:
 @torch.no_grad()
 def find_gated_mlps(model: torch.nn.Module, batch: Any, linears: dict[str, LinearModule] | None = None,
                     ) -> list[GatedMLP]:
-    """Find gated MLPs by what the linears compute on one batch (on the model's device), not by their names.
+    """Find gated MLPs by what the linears compute on one batch (moved to the model's device), not by their names.
 
     Two linears that read the same input with equal widths, followed (next in call order among the
     linears of that width) by a linear whose input equals ``act(a) * b`` for a known activation, are
@@ -90,6 +90,8 @@ def find_gated_mlps(model: torch.nn.Module, batch: Any, linears: dict[str, Linea
             calls.append((name, args[0], out))  # the input object itself: identity marks shared inputs
         return fwd
 
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else batch.to(device)
     with forward_hooks([(lm.module, hook(n)) for n, lm in linears.items()]):
         run_model(model, batch)
     found, used = [], set()
@@ -311,7 +313,7 @@ def cats(model: torch.nn.Module, windows: torch.Tensor, *, holdout_windows: int 
     data, holdout = _split(windows, holdout_windows)
     model.eval()
     linears, stats, order = _activation_stats(model, data, sample_tokens, batch_size)
-    mlps = find_gated_mlps(model, data[:1, :64].to(next(model.parameters()).device), linears)
+    mlps = find_gated_mlps(model, data[:1, :64], linears)
     if not mlps:
         raise ValueError(f"{type(model).__name__} has no gated MLP (act(gate x) * up x -> down): CATS needs one")
     site_of = {m: s for s in stats.sites for m in s.members}
