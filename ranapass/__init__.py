@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from ranapass.adapters import AdapterSpec, NeuronAdapterSpec, RankAdapterSpec, register_adapter
     from ranapass.attach import Attachment, FlopMeter, attach, detach
     from ranapass.backend import RanaBackend, rana_backend
+    from ranapass.bias_step import bias_step
     from ranapass.data import calibration_windows, evaluation_windows, load_texts, token_windows
     from ranapass.diff import GraphDiff, diff
     from ranapass.evaluate import AdaptedResult, PerplexityResult, adapted_perplexity, perplexity
@@ -57,6 +58,7 @@ _EXPORTS: dict[str, str] = {
     "attach": "ranapass.attach",
     "calibrate_lora": "ranapass.lora",
     "calibration_windows": "ranapass.data",
+    "bias_step": "ranapass.bias_step",
     "compress_lora": "ranapass.lora",
     "detach": "ranapass.attach",
     "diff": "ranapass.diff",

@@ -24,9 +24,11 @@ queries (``Profile.plan``) stay instant. Measured gains: benchmarks/RESULTS.md, 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -66,18 +68,9 @@ def recover(model: torch.nn.Module, plan: Plan, windows: torch.Tensor, holdout: 
         >>> plan = profile.plan(0.56)  # doctest: +SKIP
         >>> plan = ranapass.recover(model, plan, calibration_windows(tokenizer), profile.holdout)  # doctest: +SKIP
     """
-    check_plan_fits(model, plan)
-    if windows.dim() != 2 or holdout.dim() != 2:
-        raise ValueError(f"windows and holdout must be token windows [N, L], got shapes {tuple(windows.shape)} "
-                         f"and {tuple(holdout.shape)}")
     if epochs < 1 or batch_size < 1 or not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"epochs ({epochs}) and batch_size ({batch_size}) must be >= 1 and lr ({lr}) positive")
-    check_token_ids(windows, model, "recovery windows")
-    check_token_ids(holdout, model, "held-out windows")
-    recovered = copy.deepcopy(plan)
-    units = [u for u in recovered.adapted if u.adapter.output_operand is not None]
-    if not units:
-        raise ValueError("the plan has no adapted unit whose output can be corrected: nothing to recover")
+    recovered, units = correctable_copy(model, plan, windows, holdout)
     device = next(model.parameters()).device
     corrections = {u.name: (torch.ones(u.adapter.out_total, device=device, requires_grad=True),
                             torch.zeros(u.adapter.out_total, device=device, requires_grad=True)) for u in units}
@@ -91,13 +84,58 @@ def recover(model: torch.nn.Module, plan: Plan, windows: torch.Tensor, holdout: 
         log.warning("no epoch of output recovery lowered the held-out KL (%.4g nats per token without a "
                     "correction): the plan is returned without one", history[0]["holdout_kl"])
         return recovered
-    for u in units:
-        u.adapter.out_scale, u.adapter.out_bias = correction[u.name]
-    for u in recovered.adapted:
-        u.expected_kept = kept_counts.get(u.name, u.expected_kept)
-    fit_thresholds(model, recovered, holdout)
-    recovered.meta["thresholds"] = f"fitted after output recovery on {holdout.shape[0]} held-out windows"
+    install_correction(model, recovered, correction, kept_counts, holdout)
     return recovered
+
+
+def install_correction(model: torch.nn.Module, plan: Plan, correction: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                       kept_counts: dict[str, float], holdout: torch.Tensor) -> None:
+    """Give ``plan``'s units their ``(out_scale, out_bias)`` and refit every threshold on ``holdout`` to the
+    count its unit kept there before the correction (``kept_counts``), so the FLOPs stay those of the plan as
+    it ran. Mutates ``plan``."""
+    for u in plan.adapted:
+        if u.name in correction:
+            u.adapter.out_scale, u.adapter.out_bias = correction[u.name]
+        u.expected_kept = kept_counts.get(u.name, u.expected_kept)
+    fit_thresholds(model, plan, holdout)
+    plan.meta["thresholds"] = f"fitted after the output correction on {holdout.shape[0]} held-out windows"
+
+
+def correctable_copy(model: torch.nn.Module, plan: Plan, windows: torch.Tensor, holdout: torch.Tensor
+                     ) -> tuple[Plan, list]:
+    """Check the arguments of an output correction; return a copy of ``plan`` and its units that take one."""
+    check_plan_fits(model, plan)
+    if windows.dim() != 2 or holdout.dim() != 2:
+        raise ValueError(f"windows and holdout must be token windows [N, L], got shapes {tuple(windows.shape)} "
+                         f"and {tuple(holdout.shape)}")
+    check_token_ids(windows, model, "calibration windows")
+    check_token_ids(holdout, model, "held-out windows")
+    corrected = copy.deepcopy(plan)
+    units = [u for u in corrected.adapted if u.adapter.output_operand is not None]
+    if not units:
+        raise ValueError("the plan has no adapted unit whose output can be corrected: nothing to correct")
+    return corrected, units
+
+
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode with its parameters frozen inside the block; its flags, mode and attachment
+    restored after it."""
+    previous = attachment_of(model)
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    training = model.training
+    try:
+        for p, _ in grad_flags:
+            p.requires_grad_(False)
+        model.eval()
+        yield
+    finally:
+        detach(model)
+        if previous is not None:
+            attach(model, previous.plan, check_fingerprint=False)
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
+        model.train(training)
 
 
 def _distill(model: torch.nn.Module, plan: Plan, windows: torch.Tensor, holdout: torch.Tensor,
@@ -109,32 +147,19 @@ def _distill(model: torch.nn.Module, plan: Plan, windows: torch.Tensor, holdout:
     ``holdout`` and (from epoch 1) on the training windows, and a CPU copy of the correction after it; and
     the mean kept count per token of every adapted unit on ``holdout`` without a correction. The model's
     parameters, mode and attachment are restored afterwards."""
-    previous = attachment_of(model)
-    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
-    training = model.training
     device = next(model.parameters()).device
-    hooks = []
-    for u in plan.adapted:
-        if u.name in corrections:
-            scale, bias = corrections[u.name]
-            start = 0
-            for path, m in zip(u.members, u.out_features):
-                hooks.append((model.get_submodule(path), _corrector(scale[start:start + m], bias[start:start + m])))
-                start += m
+    hooks = correction_hooks(model, plan, corrections)
     gen = torch.Generator().manual_seed(seed)
     history = []
-    try:
-        for p, _ in grad_flags:
-            p.requires_grad_(False)
-        model.eval()
-        rms = _output_rms(model, plan, windows[:batch_size].to(device))
+    with frozen(model):
+        rms = output_rms(model, plan, windows[:batch_size].to(device))
         # Adam's steps are about lr in size whatever the gradient: the bias steps in units of its output's RMS
         opt = torch.optim.Adam([{"params": [scale]} for scale, _ in corrections.values()]
                                + [{"params": [bias], "lr": lr * rms[name]} for name, (_, bias) in corrections.items()],
                                lr=lr)
         attachment = attach(model, plan, check_fingerprint=False)
         with FlopMeter() as meter:
-            history.append({"epoch": 0, "holdout_kl": _mean_kl(model, attachment, [], holdout, batch_size)})
+            history.append({"epoch": 0, "holdout_kl": mean_kl(model, attachment, [], holdout, batch_size)})
         kept_counts = {name: meter.mean_kept(name) for name in meter.tokens}
         steps = epochs * math.ceil(len(windows) / batch_size)
         with tqdm(total=steps, desc="recovery", unit="step", disable=not progress) as bar:
@@ -142,7 +167,7 @@ def _distill(model: torch.nn.Module, plan: Plan, windows: torch.Tensor, holdout:
                 total, tokens = 0.0, 0
                 for idx in torch.randperm(len(windows), generator=gen).split(batch_size):
                     batch = windows[idx].to(device)
-                    loss = _kl_sum(model, attachment, hooks, batch) / batch.numel()
+                    loss = kl_sum(model, attachment, hooks, batch) / batch.numel()
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -150,23 +175,30 @@ def _distill(model: torch.nn.Module, plan: Plan, windows: torch.Tensor, holdout:
                     tokens += batch.numel()
                     bar.update(1)
                     bar.set_postfix(kl=f"{total / tokens:.4f}")
-                held = _mean_kl(model, attachment, hooks, holdout, batch_size)
+                held = mean_kl(model, attachment, hooks, holdout, batch_size)
                 history.append({"epoch": epoch, "train_kl": total / tokens, "holdout_kl": held,
                                 "correction": {name: (s.detach().cpu().clone(), b.detach().cpu().clone())
                                                for name, (s, b) in corrections.items()}})
                 log.info("recovery epoch %d: mean KL %.4f (training) %.4f (held out) nats per token",
                          epoch, total / tokens, held)
-    finally:
-        detach(model)
-        if previous is not None:
-            attach(model, previous.plan, check_fingerprint=False)
-        for p, flag in grad_flags:
-            p.requires_grad_(flag)
-        model.train(training)
     return history, kept_counts
 
 
-def _kl_sum(model: torch.nn.Module, attachment, hooks: list, batch: torch.Tensor) -> torch.Tensor:
+def correction_hooks(model: torch.nn.Module, plan: Plan, corrections: dict[str, tuple[torch.Tensor, torch.Tensor]]
+                     ) -> list:
+    """``(member module, hook)`` pairs that apply each unit's ``(scale, bias)`` to its members' outputs."""
+    hooks = []
+    for u in plan.adapted:
+        if u.name in corrections:
+            scale, bias = corrections[u.name]
+            start = 0
+            for path, m in zip(u.members, u.out_features):
+                hooks.append((model.get_submodule(path), corrector(scale[start:start + m], bias[start:start + m])))
+                start += m
+    return hooks
+
+
+def kl_sum(model: torch.nn.Module, attachment, hooks: list, batch: torch.Tensor) -> torch.Tensor:
     """KL(dense || adapted) summed over the tokens of ``batch``; the adapted pass runs ``hooks``."""
     with torch.no_grad():
         dense = F.log_softmax(model_logits(model(batch)).float(), dim=-1)
@@ -176,15 +208,15 @@ def _kl_sum(model: torch.nn.Module, attachment, hooks: list, batch: torch.Tensor
 
 
 @torch.no_grad()
-def _mean_kl(model: torch.nn.Module, attachment, hooks: list, windows: torch.Tensor, batch_size: int) -> float:
+def mean_kl(model: torch.nn.Module, attachment, hooks: list, windows: torch.Tensor, batch_size: int) -> float:
     """Mean KL(dense || adapted) per token over ``windows``."""
     device = next(model.parameters()).device
-    total = sum(float(_kl_sum(model, attachment, hooks, batch.to(device))) for batch in windows.split(batch_size))
+    total = sum(float(kl_sum(model, attachment, hooks, batch.to(device))) for batch in windows.split(batch_size))
     return total / windows.numel()
 
 
 @torch.no_grad()
-def _output_rms(model: torch.nn.Module, plan: Plan, batch: torch.Tensor) -> dict[str, float]:
+def output_rms(model: torch.nn.Module, plan: Plan, batch: torch.Tensor) -> dict[str, float]:
     """Root mean square of each adapted unit's dense output on ``batch`` (its members' outputs together)."""
     sums: dict[str, list[float]] = {u.name: [0.0, 0.0] for u in plan.adapted}
 
@@ -199,7 +231,7 @@ def _output_rms(model: torch.nn.Module, plan: Plan, batch: torch.Tensor) -> dict
     return {name: math.sqrt(total / max(count, 1)) or 1.0 for name, (total, count) in sums.items()}
 
 
-def _corrector(scale: torch.Tensor, bias: torch.Tensor):
+def corrector(scale: torch.Tensor, bias: torch.Tensor):
     """Forward hook: ``out * scale + bias`` in float32, returned in the output's dtype."""
     def hook(_module, _args, out):
         return (out.float() * scale + bias).to(out.dtype)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ranapass.bias_step import bias_step
 from ranapass.data import calibration_windows, split_holdout
 from ranapass.errors import RanapassError
 from ranapass.models import DEFAULT_MODEL, load_model
@@ -157,18 +158,24 @@ def plan_from_args(args: argparse.Namespace, prof: Profile):
                      **objective_options(args))
 
 
-def recovered_from_args(args: argparse.Namespace, model: torch.nn.Module, tokenizer, prof: Profile, plan: Plan) -> Plan:
-    """``plan``, or with ``--recover EPOCHS`` its recovered copy (``ranapass.recover``), trained on the profile's
-    calibration windows less the held-out ones, which refit the thresholds."""
-    if not args.recover:
+def corrected_from_args(args: argparse.Namespace, model: torch.nn.Module, tokenizer, prof: Profile, plan: Plan) -> Plan:
+    """``plan``, or its output-corrected copy: with ``--recover EPOCHS`` recovered (``ranapass.recover``), with
+    ``--bias-step`` given the bias step (``ranapass.bias_step``); either on the profile's calibration windows less
+    the held-out ones, which choose the correction and refit the thresholds."""
+    if not (args.recover or args.bias_step):
         return plan
+    flag = "--bias-step" if args.bias_step else "--recover"
+    if args.recover and args.bias_step:
+        raise RanapassError("--recover and --bias-step both correct the adapters' outputs: give one of them")
     if args.data_free or prof.holdout is None:
-        raise RanapassError("--recover needs calibration text (a profile with held-out windows), not --data-free")
+        raise RanapassError(f"{flag} needs calibration text (a profile with held-out windows), not --data-free")
     windows = calibration_windows(tokenizer, args.text, num_windows=args.calib_windows, window=args.calib_window_len)
     train, holdout = split_holdout(windows, prof.holdout.shape[0])
     if train is None or holdout is None or not torch.equal(holdout.to(prof.holdout.device), prof.holdout):
-        raise RanapassError("--recover: the profile's held-out windows are not those of this calibration text; "
+        raise RanapassError(f"{flag}: the profile's held-out windows are not those of this calibration text; "
                             "profile again with --no-cache")
+    if args.bias_step:
+        return bias_step(model, plan, train, holdout)
     return recover(model, plan, train, holdout, epochs=args.recover)
 
 

@@ -9,12 +9,12 @@ from ranapass.cli._shared import (
     add_model_calibration_args,
     add_plan_args,
     check_args,
+    corrected_from_args,
     emit,
     load_profile,
     model_from_args,
     objective_options,
     plan_from_args,
-    recovered_from_args,
 )
 
 
@@ -30,6 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="fit an output correction by distillation from the dense model over the calibration "
                              "windows for this many epochs (ranapass.recover; 3 is the measured default): it pays "
                              "under budget 0.6 and costs above, see docs/quality.md")
+    parser.add_argument("--bias-step", action="store_true",
+                        help="give the adapters an output bias from one Gauss-Newton step on the KL from the dense "
+                             "model over the calibration windows (ranapass.bias_step; seconds on a GPU, minutes on "
+                             "a CPU): it pays from budget 0.7 down, and plans nearer the dense model get none")
     parser.add_argument("--out", help="save the plan into this directory (plan.json + tensors.safetensors)")
     add_json_flag(parser)
     parser.set_defaults(func=run)
@@ -39,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     check_args(args)
     model, tokenizer = model_from_args(args)
     prof, _ = load_profile(args, model, tokenizer)
-    plan = recovered_from_args(args, model, tokenizer, prof, plan_from_args(args, prof))
+    plan = corrected_from_args(args, model, tokenizer, prof, plan_from_args(args, prof))
     if args.out:
         plan.save(args.out)
     budgets = [float(b) for b in args.curve.split(",")] if args.curve else []

@@ -81,6 +81,9 @@ def test_profile_plan_and_adapted_eval(capsys, tmp_path, tiny_llama_dir, text_di
     assert json.loads(capsys.readouterr().out)["meta"]["recovery"]["epochs"] == 1
     assert main(["eval", *model, "--windows", "3", "--window-len", "16", "--plan", str(recovered), "--json"]) == 0
     assert math.isfinite(json.loads(capsys.readouterr().out)["adapted"]["ppl"])
+    assert main(["plan", *model, *CALIB, "--budget", "0.6", "--bias-step", "--json"]) == 0
+    step = json.loads(capsys.readouterr().out)["meta"]["bias_step"]
+    assert step["searched"][0][0] == 0 and step["min_plan_kl"] > 0
 
     assert main(["plan", *model, "--data-free", "--budget", "0.7", "--json"]) == 0
     free = json.loads(capsys.readouterr().out)
@@ -90,6 +93,8 @@ def test_profile_plan_and_adapted_eval(capsys, tmp_path, tiny_llama_dir, text_di
     assert "budget must be in (0, 1]" in capsys.readouterr().err
     assert main(["plan", *model, "--data-free", "--budget", "0.7", "--recover", "1"]) == 2
     assert "--recover needs calibration text" in capsys.readouterr().err
+    assert main(["plan", *model, *CALIB, "--budget", "0.6", "--recover", "1", "--bias-step"]) == 2
+    assert "give one of them" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -1,8 +1,11 @@
-"""Output recovery (``ranapass.recover``): the fitted correction lowers the KL from the dense model, keeps the
-plan's kept counts, leaves the model and the input plan as they were, and runs on every path (eager,
-saved and loaded, compiled); malformed corrections are refused."""
+"""Output corrections: recovery (``ranapass.recover``) and the bias step (``ranapass.bias_step``) lower the KL
+from the dense model, keep the plan's kept counts, leave the model and the input plan as they were, and run on
+every path (eager, saved and loaded, compiled); the bias step's gradient is the bias's; malformed corrections
+are refused."""
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
@@ -11,7 +14,9 @@ from plans import build_plan, fresh_dynamo, tiny_model  # noqa: F401
 
 import ranapass
 from ranapass.adapters import GatedMaskAdapterSpec, NeuronAdapterSpec
+from ranapass.attach import attachment_of
 from ranapass.baselines import teal
+from ranapass.bias_step import gradient_and_fisher
 from ranapass.data import split_holdout
 from ranapass.errors import RanapassError
 from ranapass.fingerprint import weights_fingerprint
@@ -148,3 +153,88 @@ def test_bad_corrections_are_refused(tmp_path):
     save_file(tensors, str(folder / "tensors.safetensors"))
     with pytest.raises(RanapassError):
         Plan.load(folder)
+
+
+@pytest.fixture(scope="module")
+def stepped():
+    model = tiny_model("LlamaForCausalLM")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8)
+    train, holdout = _windows(32, 64), _windows(4, 64, seed=1)
+    plan = build_plan(model, holdout, keep=0.25, neuron="all")  # a held-out KL over bias_step's MIN_PLAN_KL
+    fingerprint = weights_fingerprint(model)
+    out = ranapass.bias_step(model, plan, train, holdout, progress=False)
+    assert weights_fingerprint(model) == fingerprint and all(p.requires_grad for p in model.parameters())
+    assert attachment_of(model) is None
+    return model, plan, out, train, holdout
+
+
+def test_the_bias_step_lowers_the_held_out_kl_and_keeps_the_planned_counts(stepped):
+    model, plan, out, train, holdout = stepped
+    assert all(u.adapter.out_bias is None for u in plan.adapted), "the input plan was modified"
+    meta = out.meta["bias_step"]
+    assert meta["alpha"] > 0 and min(meta["searched"], key=lambda s: s[1])[0] == meta["alpha"]
+    assert meta["searched"][0][0] == 0 and all(b[0] > a[0] for a, b in zip(meta["searched"], meta["searched"][1:]))
+    for u in out.adapted:
+        assert torch.equal(u.adapter.out_scale, torch.ones(u.adapter.out_total))
+        assert u.adapter.out_bias.abs().sum() > 0
+    assert _kl(model, out, holdout) < _kl(model, plan, holdout)
+    assert _kl(model, out, train) < _kl(model, plan, train)
+    kept = _kept(model, out, holdout)
+    for u in out.adapted:
+        assert kept[u.name] == pytest.approx(u.expected_kept, rel=0.05, abs=0.5)
+
+
+def test_the_bias_steps_gradient_is_that_of_a_bias_on_each_output():
+    """``gradient_and_fisher``'s gradient, against autograd through a bias parameter added to every member."""
+    model = tiny_model("LlamaForCausalLM")
+    plan = build_plan(model, _windows(2), keep=0.5, neuron="all")
+    windows = _windows(4, 32, seed=4)
+    grad, fisher = gradient_and_fisher(model, ranapass.attach(model, plan), plan, plan.adapted, windows, 2, 0, False)
+    ranapass.detach(model)
+    biases = {path: torch.zeros(m, requires_grad=True)
+              for u in plan.adapted for path, m in zip(u.members, u.out_features)}
+    handles = [model.get_submodule(path).register_forward_hook(lambda _m, _a, out, b=b: out + b)
+               for path, b in biases.items()]
+    with torch.no_grad():
+        dense = F.log_softmax(model(windows).logits.float(), -1)
+    with ranapass.attach(model, plan).eager():
+        adapted = F.log_softmax(model(windows).logits.float(), -1)
+    ranapass.detach(model)
+    for h in handles:
+        h.remove()
+    (F.kl_div(adapted, dense, log_target=True, reduction="sum") / windows.numel()).backward()
+    for u in plan.adapted:
+        expected = torch.cat([biases[path].grad for path in u.members])
+        torch.testing.assert_close(grad[u.name], expected, rtol=1e-4, atol=1e-8)
+        assert fisher[u.name].shape == expected.shape and (fisher[u.name] >= 0).all() and fisher[u.name].sum() > 0
+
+
+def test_no_bias_step_for_a_plan_near_the_dense_model(caplog):
+    """An exact plan has nothing to correct, and a plan under ``min_plan_kl`` gets no step (and no gradient
+    pass); a step that lowers the held-out KL by less than 1% is not kept either."""
+    model = tiny_model("LlamaForCausalLM")
+    exact = build_plan(model, _windows(2), keep=1.0, neuron="all")
+    with caplog.at_level(logging.INFO, logger="ranapass.bias_step"):
+        out = ranapass.bias_step(model, exact, _windows(4), _windows(2, seed=1), progress=False)
+    assert out.meta["bias_step"]["alpha"] == 0 and len(out.meta["bias_step"]["searched"]) == 1
+    assert "no bias step" in caplog.text and all(u.adapter.out_bias is None for u in out.adapted)
+    plan = build_plan(model, _windows(2), keep=0.5, neuron="all")
+    out = ranapass.bias_step(model, plan, _windows(4), _windows(2, seed=1), min_plan_kl=0.0, progress=False)
+    searched = out.meta["bias_step"]["searched"]
+    assert len(searched) > 1
+    if min(kl for _, kl in searched) >= 0.99 * searched[0][1]:
+        assert out.meta["bias_step"]["alpha"] == 0 and all(u.adapter.out_bias is None for u in out.adapted)
+    else:
+        assert out.meta["bias_step"]["alpha"] > 0
+
+
+def test_bad_bias_step_arguments_are_refused():
+    model = tiny_model("LlamaForCausalLM")
+    plan = build_plan(model, _windows(2), keep=0.5, neuron="all")
+    with pytest.raises(ValueError, match="damping"):
+        ranapass.bias_step(model, plan, _windows(2), _windows(2), damping=0.0)
+    with pytest.raises(ValueError, match="token windows"):
+        ranapass.bias_step(model, plan, _windows(2)[0], _windows(2))
+    with pytest.raises(ranapass.PlanMismatchError):
+        ranapass.bias_step(tiny_model("LlamaForCausalLM", seed=5), plan, _windows(2), _windows(2))
