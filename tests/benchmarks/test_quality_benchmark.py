@@ -21,6 +21,7 @@ def test_quick_run_writes_table_plot_and_json(quality, tiny_llama_dir, tmp_path,
     windows = quality.Settings.quick().eval_windows
     for text in quality.TEXTS:
         assert len(result["dense"][text]["window_nll"]) == windows
+        assert f" {windows} non-overlapping windows" in result["protocol"]["texts"][text]  # the count scored
     for row in result["rows"]:
         if row["feasible"]:
             for text in quality.TEXTS:
