@@ -22,7 +22,8 @@ windows themselves (real masks): dense; ranapass with global and with uniform al
 data-aware low rank (no masks; global and uniform); data-free static low rank from the weights'
 spectra (``ranapass.profile(model, None)``, global); TEAL-style and CATS-style activation sparsity
 (``ranapass.baselines``), and TEAL-style with TEAL's own greedy per-block allocation over the
-projections (``ranapass.baselines_greedy``). Ablations of ranapass (global): relative instead of output-gradient
+projections (``ranapass.baselines_greedy``); ranapass (global) and TEAL-style plans given the bias step
+(``ranapass.bias_step``). Ablations of ranapass (global): relative instead of output-gradient
 (Fisher) error weights, mask cost not counted during allocation, curves not calibrated to the loss
 (``ProfileOptions.loss_calibration``), the additive objective (``PlanOptions.error_exponent`` 1),
 sequential calibration.
@@ -58,6 +59,7 @@ import transformers  # noqa: E402
 import ranapass  # noqa: E402
 from ranapass import baselines, baselines_greedy  # noqa: E402
 from ranapass.cost_model import dense_flops, per_token_at  # noqa: E402
+from ranapass.data import split_holdout  # noqa: E402
 from ranapass.evaluate import EVAL_NUM_WINDOWS, EVAL_WINDOW, protocol  # noqa: E402
 from ranapass.plan import Plan  # noqa: E402
 from ranapass.profiling import Profile, ProfileOptions  # noqa: E402
@@ -106,9 +108,15 @@ METHODS: dict[str, str] = {
     "teal": "TEAL-style",
     "teal-greedy": "TEAL-style (greedy per block)",
     "cats": "CATS-style (MLP only)",
+    "ranapass-global+bias-step": "ranapass (global) + bias step",
+    "teal+bias-step": "TEAL-style + bias step",
 }
 NEEDS: dict[str, str] = {"relative-weighting": "relative", "uncalibrated": "uncalibrated",
-                         "datafree-global": "data-free", "teal": "teal", "teal-greedy": "teal-greedy", "cats": "cats"}
+                         "datafree-global": "data-free", "teal": "teal", "teal-greedy": "teal-greedy", "cats": "cats",
+                         "teal+bias-step": "teal"}
+BIAS_STEP = "+bias-step"
+"""A method name ending so is that method's plan given ``ranapass.bias_step`` (gradient over the calibration
+windows the profile does not hold out)."""
 """The calibration each method needs, when not the output-gradient profile."""
 REFERENCE = "ranapass-global"
 """The method every other one is paired against."""
@@ -177,8 +185,8 @@ def paired(window_nll: list[float], reference: list[float]) -> dict[str, Any]:
 
 
 def add_paired(result: dict[str, Any]) -> None:
-    """Pair every row against ranapass (global) at its budget, and ranapass (global) against dense, per text
-    (rows without window losses, from older runs, are left unpaired)."""
+    """Pair every row against ranapass (global) at its budget, and ranapass (global) and its bias step against
+    dense, per text (rows without window losses, from older runs, are left unpaired)."""
     reference = {r["budget"]: r for r in result["rows"] if r["method"] == REFERENCE and r["feasible"]}
     for row in result["rows"]:
         ref = reference.get(row["budget"])
@@ -190,7 +198,7 @@ def add_paired(result: dict[str, Any]) -> None:
                 continue
             r["vs_global"] = paired(mine, theirs)
             dense = result["dense"][text].get("window_nll")
-            if row is ref and dense is not None:
+            if row["method"] in (REFERENCE, REFERENCE + BIAS_STEP) and dense is not None:
                 r["vs_dense"] = paired(mine, dense)
 
 
@@ -288,6 +296,10 @@ class Run:
                 m, self.calibration, holdout_windows=holdout, batch_size=opts.batch_size))
 
     def plan(self, method: str, budget: float) -> Plan:
+        if method.endswith(BIAS_STEP):
+            train, holdout = split_holdout(self.calibration, self.settings.profile_options.holdout_windows)
+            return ranapass.bias_step(self.model, self.plan(method[:-len(BIAS_STEP)], budget), train, holdout,
+                                      progress=False)
         fisher = self.profiles["fisher"]
         if method == "ranapass-global":
             return fisher.plan(budget)
@@ -330,6 +342,8 @@ class Run:
         row.update(feasible=True, expected_ratio=plan.expected_ratio(), composition=composition(plan))
         if "sparsity" in plan.meta:
             row["sparsity"] = plan.meta["sparsity"]
+        if "bias_step" in plan.meta:
+            row["bias_step"] = plan.meta["bias_step"]
         if method == "mask-cost-free":
             # planned at a lower nominal budget so the real FLOPs (masks included) meet the budget; planned at
             # the budget itself it would overspend by the masks it did not pay for
@@ -450,18 +464,45 @@ def _paired_table(found: dict[tuple[str, float], dict[str, Any]], text: str, bud
              "| method | " + " | ".join(f"{b:g}" for b in budgets) + " |", "|---|" + "---|" * len(budgets),
              f"| {METHODS[REFERENCE]} over dense | " + " | ".join(
                  _paired_cell(ref[b], text, "vs_dense", tag=False) for b in budgets) + " |"]
-    met = {b: ref[b] is not None and ref[b]["feasible"] for b in budgets}
+    stepped = [found.get((REFERENCE + BIAS_STEP, b)) for b in budgets]
+    if any(r and r["feasible"] for r in stepped):
+        lines.append(f"| {METHODS[REFERENCE + BIAS_STEP]} over dense | "
+                     + " | ".join(_paired_cell(r, text, "vs_dense", tag=False) for r in stepped) + " |")
     for method, label in METHODS.items():
         if method == REFERENCE:
             continue
         rows = [found.get((method, b)) for b in budgets]
         lines.append(f"| {label} | " + " | ".join(_paired_cell(r, text, "vs_global", tag=True) for r in rows) + " |")
-        for b, r in zip(budgets, rows, strict=True):
-            p = r["texts"][text].get("vs_global") if r is not None and r["feasible"] else None
-            met[b] = met[b] and (p is None or p["verdict"] in ("higher", "tie"))
-    lines += ["", f"{METHODS[REFERENCE]} lowest of all methods, each margin beyond one paired standard error or "
-                  f"within {TIE:.1%}: " + ", ".join(f"{b:g} {'yes' if ok else 'no'}" for b, ok in met.items()), ""]
+    lines.append("")
+    for method in (REFERENCE, REFERENCE + BIAS_STEP):
+        met = _lowest(found, method, text, budgets)
+        if met:
+            lines += [f"{METHODS[method]} lowest of all methods but its own plan or step, each margin beyond one "
+                      f"paired standard error or within {TIE:.1%}: "
+                      + ", ".join(f"{b:g} {'yes' if ok else 'no'}" for b, ok in met.items()), ""]
     return lines
+
+
+def _lowest(found: dict[tuple[str, float], dict[str, Any]], method: str, text: str, budgets: list[float]
+            ) -> dict[float, bool]:
+    """Per budget, whether ``method`` beats every other method (the other of ranapass (global) and its bias step
+    aside) by a paired standard error or ties it; empty when ``method`` was not measured."""
+    own = {REFERENCE, REFERENCE + BIAS_STEP}
+    met = {}
+    for b in budgets:
+        mine = found.get((method, b))
+        if mine is None or not mine["feasible"]:
+            continue
+        met[b] = True
+        for other in METHODS:
+            row = found.get((other, b))
+            if other in own or row is None or not row["feasible"]:
+                continue
+            if "window_nll" not in row["texts"][text] or "window_nll" not in mine["texts"][text]:
+                continue  # an older run's row: no paired comparison
+            p = paired(row["texts"][text]["window_nll"], mine["texts"][text]["window_nll"])
+            met[b] = met[b] and p["verdict"] in ("higher", "tie")
+    return met
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -40,6 +40,8 @@ def test_quick_run_writes_table_plot_and_json(quality, tiny_llama_dir, tmp_path,
     table = (tmp_path / "quality.md").read_text()
     assert "| ranapass (global) |" in table and "Total wall time" in table
     assert "| TEAL-style (greedy per block) |" in table and table.count("Paired against ranapass (global)") == 2
+    assert table.count("ranapass (global) + bias step lowest of all methods but its own plan or step") == 2
+    assert all("bias_step" in r for r in result["rows"] if r["method"].endswith("+bias-step") and r["feasible"])
     assert (tmp_path / "quality.png").stat().st_size > 10_000
     assert not (tmp_path / "quality.partial.json").exists()  # the rows measured so far, gone once the run ends
     assert result["command"].endswith("--threads 1")
