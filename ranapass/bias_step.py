@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 FIRST_STEP = 1e-3
 """The first step length tried: the largest unit's step RMS this fraction of its output RMS."""
 MAX_DOUBLINGS = 12
+"""The longest step tried is 2**11 times the first."""
 OVERSHOOT = 1.5
 """The search stops at a step whose held-out KL is this many times the plan's: past the minimum for good. It
 does not stop at the first rise, since the masks' hard thresholds make the held-out KL jitter by about 1% under
@@ -121,11 +122,10 @@ def bias_step(model: torch.nn.Module, plan: Plan, windows: torch.Tensor, holdout
                     break
                 alpha *= 2
     best_alpha, best_kl = min(searched, key=lambda s: s[1])
-    if not best_kl < (1 - MIN_GAIN) * searched[0][1]:
+    if not (searched[0][1] > 0 and best_kl < (1 - MIN_GAIN) * searched[0][1]):
         best_alpha = 0.0
     corrected.meta["bias_step"] = {"windows": int(windows.shape[0]), "min_plan_kl": min_plan_kl, "damping": damping,
-                                   "seed": seed,
-                                   "alpha": best_alpha, "searched": [list(s) for s in searched]}
+                                   "seed": seed, "alpha": best_alpha, "searched": [list(s) for s in searched]}
     if searched[0][1] < min_plan_kl:
         log.info("no bias step: the plan's held-out KL (%.4g nats per token) is under %g, where a step toward the "
                  "dense model costs perplexity", searched[0][1], min_plan_kl)

@@ -219,6 +219,8 @@ def test_no_bias_step_for_a_plan_near_the_dense_model(caplog):
         out = ranapass.bias_step(model, exact, _windows(4), _windows(2, seed=1), progress=False)
     assert out.meta["bias_step"]["alpha"] == 0 and len(out.meta["bias_step"]["searched"]) == 1
     assert "no bias step" in caplog.text and all(u.adapter.out_bias is None for u in out.adapted)
+    out = ranapass.bias_step(model, exact, _windows(4), _windows(2, seed=1), min_plan_kl=0.0, progress=False)
+    assert out.meta["bias_step"]["alpha"] == 0, "rounding under a KL of zero is no gain"
     plan = build_plan(model, _windows(2), keep=0.5, neuron="all")
     out = ranapass.bias_step(model, plan, _windows(4), _windows(2, seed=1), min_plan_kl=0.0, progress=False)
     searched = out.meta["bias_step"]["searched"]
