@@ -185,10 +185,13 @@ def test_the_bias_step_lowers_the_held_out_kl_and_keeps_the_planned_counts(stepp
         assert kept[u.name] == pytest.approx(u.expected_kept, rel=0.05, abs=0.5)
 
 
-def test_the_bias_steps_gradient_is_that_of_a_bias_on_each_output():
-    """``gradient_and_fisher``'s gradient, against autograd through a bias parameter added to every member."""
-    model = tiny_model("LlamaForCausalLM")
-    plan = build_plan(model, _windows(2), keep=0.5, neuron="all")
+@pytest.mark.parametrize("arch, neuron", [("LlamaForCausalLM", "all"), ("LlamaForCausalLM", "none"),
+                                          ("Qwen2ForCausalLM", "wide"), ("GPTNeoXForCausalLM", "wide")])
+def test_the_bias_steps_gradient_is_that_of_a_bias_on_each_output(arch, neuron):
+    """``gradient_and_fisher``'s gradient, against autograd through a bias parameter added to every member:
+    neuron and rank units, grouped q/k/v and gate/up, linears with biases, a fused qkv projection."""
+    model = tiny_model(arch)
+    plan = build_plan(model, _windows(2), keep=0.5, neuron=neuron)
     windows = _windows(4, 32, seed=4)
     grad, fisher = gradient_and_fisher(model, ranapass.attach(model, plan), plan, plan.adapted, windows, 2, 0, False)
     ranapass.detach(model)
