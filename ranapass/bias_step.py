@@ -20,8 +20,8 @@ largest unit's output RMS up, doubling until the held-out KL is well past its mi
 the plan itself by more than 1%, the plan comes back unchanged (``meta["bias_step"]`` says so). The biases
 are folded into the adapters' output operands (``AdapterSpec.out_bias``), so they cost no FLOPs; thresholds
 are then refitted on the held-out windows as for ``recover``. Cost: one forward and two backward passes over
-``windows`` and a dozen forward passes over ``holdout``: seconds on a GPU, a minute or two for SmolLM2 on two
-CPU cores. Measured: benchmarks/RESULTS.md, the bias step.
+``windows`` and a dozen forward passes over ``holdout``: seconds on a GPU, about 4 minutes for SmolLM2 (30
+windows) on two CPU cores. Measured: benchmarks/RESULTS.md, the bias step.
 """
 
 from __future__ import annotations

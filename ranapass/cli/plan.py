@@ -60,13 +60,30 @@ def run(args: argparse.Namespace) -> int:
                           "dense_flops": u.dense_flops, "flops": u.flops(), "predicted_error": u.predicted_error}
                          for u in plan.units],
                "meta": plan.meta, "curve": curve, "saved_to": args.out}
-    text = plan.summary()
+    text = plan.summary() + _correction_line(plan)
     if curve:
         text += "\n\npredicted error by budget:\n" + "\n".join(
             f"  {c['budget']:.2f}: expected ratio {c['expected_ratio']:.4f}, predicted error {c['predicted_error']:.4g}"
             for c in curve)
     emit(args, payload, text)
     return 0
+
+
+def _correction_line(plan) -> str:
+    """What ``--recover`` or ``--bias-step`` did, in one line (empty without either)."""
+    if "recovery" in plan.meta:
+        rec = plan.meta["recovery"]
+        history = rec["history"]
+        return (f"\noutput recovery: held-out KL {history[0]['holdout_kl']:.4f} -> "
+                f"{history[rec['kept_epoch']]['holdout_kl']:.4f} nats per token (epoch {rec['kept_epoch']} kept)")
+    if "bias_step" in plan.meta:
+        step = plan.meta["bias_step"]
+        before = step["searched"][0][1]
+        if not step["alpha"]:
+            return f"\nbias step: none (held-out KL {before:.4f} nats per token)"
+        after = min(kl for _, kl in step["searched"])
+        return f"\nbias step: held-out KL {before:.4f} -> {after:.4f} nats per token (step length {step['alpha']:.3g})"
+    return ""
 
 
 def _plot(curve: list[dict], path: str, allocation: str) -> None:

@@ -79,11 +79,15 @@ def test_profile_plan_and_adapted_eval(capsys, tmp_path, tiny_llama_dir, text_di
     recovered = tmp_path / "recovered"
     assert main(["plan", *model, *CALIB, "--budget", "0.6", "--recover", "1", "--out", str(recovered), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["meta"]["recovery"]["epochs"] == 1
+    assert main(["plan", *model, *CALIB, "--budget", "0.6", "--recover", "1"]) == 0
+    assert "output recovery: held-out KL " in capsys.readouterr().out
     assert main(["eval", *model, "--windows", "3", "--window-len", "16", "--plan", str(recovered), "--json"]) == 0
     assert math.isfinite(json.loads(capsys.readouterr().out)["adapted"]["ppl"])
     assert main(["plan", *model, *CALIB, "--budget", "0.6", "--bias-step", "--json"]) == 0
     step = json.loads(capsys.readouterr().out)["meta"]["bias_step"]
     assert step["searched"][0][0] == 0 and step["min_plan_kl"] > 0
+    assert main(["plan", *model, *CALIB, "--budget", "0.6", "--bias-step"]) == 0
+    assert "bias step: " in capsys.readouterr().out
 
     assert main(["plan", *model, "--data-free", "--budget", "0.7", "--json"]) == 0
     free = json.loads(capsys.readouterr().out)
