@@ -20,6 +20,9 @@ as it ran, also for a plan whose ``expected_kept`` was not fitted on these windo
 its dense calibration quantile).
 This is a training step (minutes for SmolLM2 on a CPU, seconds on a GPU) made once per plan; budget
 queries (``Profile.plan``) stay instant. Measured gains: benchmarks/RESULTS.md, output recovery.
+
+The argument checks, the frozen model, the correction hooks and the install-and-refit step are shared with
+the bias step (``ranapass.bias_step``), the one-pass correction of the biases alone.
 """
 
 from __future__ import annotations
