@@ -263,6 +263,8 @@ class Run:
         self.rows: list[dict[str, Any]] = []
         self.profiles: dict[str, Profile] = {}
         self.sparsity: dict[str, baselines.SparsityBaseline] = {}
+        self.last_plans: dict[str, tuple[float, Plan]] = {}
+        """The latest (budget, plan) of each method that has a bias-step row, which that row starts from."""
 
     def calibrate(self, methods: list[str]) -> None:
         """What ``methods`` need: profiles (output-gradient, relative, data-free) and baseline statistics."""
@@ -297,9 +299,11 @@ class Run:
 
     def plan(self, method: str, budget: float) -> Plan:
         if method.endswith(BIAS_STEP):
+            base = method[:-len(BIAS_STEP)]
+            last = self.last_plans.get(base)
+            plan = last[1] if last is not None and last[0] == budget else self.plan(base, budget)
             train, holdout = split_holdout(self.calibration, self.settings.profile_options.holdout_windows)
-            return ranapass.bias_step(self.model, self.plan(method[:-len(BIAS_STEP)], budget), train, holdout,
-                                      progress=False)
+            return ranapass.bias_step(self.model, plan, train, holdout, progress=False)
         fisher = self.profiles["fisher"]
         if method == "ranapass-global":
             return fisher.plan(budget)
@@ -339,6 +343,8 @@ class Run:
             self.rows.append(row)
             return
         row["plan_seconds"] = round(time.perf_counter() - start, 1)
+        if method + BIAS_STEP in METHODS:
+            self.last_plans[method] = (budget, plan)
         row.update(feasible=True, expected_ratio=plan.expected_ratio(), composition=composition(plan))
         if "sparsity" in plan.meta:
             row["sparsity"] = plan.meta["sparsity"]
